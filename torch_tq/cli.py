@@ -1,0 +1,115 @@
+"""The ``torch-tq`` command line: ``serve`` a storage node, or run the ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+
+from torch_tq._config import DEFAULT_SHUTDOWN_GRACE_S, parse_size
+from torch_tq._version import __version__
+from torch_tq.errors import TQError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from torch_tq.server import serve
+
+    serve(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        storage=args.storage,
+        durable=args.fsync,
+        chunk_bytes=args.chunk_bytes,
+        max_matrix_bytes=args.max_matrix_bytes,
+        shutdown_grace=args.shutdown_grace,
+        _watch_stdin=args.watch_stdin,
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from torch_tq.client import Client
+    from torch_tq.launch import start_server
+
+    shape = tuple(int(d) for d in args.shape.split(","))
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="torch_tq-demo-")
+    print(f"torch_tq {__version__} demo")
+    try:
+        with start_server(data_dir=data_dir, storage=args.storage) as srv:
+            print(f"server    {srv.location}  ({args.storage} store in {data_dir}, pid {srv.pid})")
+            client = Client(srv.location)
+            tensor = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+            size = tensor.numel() * tensor.element_size()
+            desc = f"index_id=12345 type=prompt float32{list(shape)} {size / 2**20:.1f} MiB"
+            t0 = time.perf_counter()
+            client.put(12345, "prompt", tensor)
+            t_put = time.perf_counter() - t0
+            print(f"put       {desc} in {t_put:.3f} s ({size / t_put / 1e9:.2f} GB/s)")
+            t0 = time.perf_counter()
+            back = client.get(12345, "prompt")
+            t_get = time.perf_counter() - t0
+            same = torch.equal(back, tensor)
+            print(f"get       {desc} in {t_get:.3f} s ({size / t_get / 1e9:.2f} GB/s), "
+                  f"bit-exact: {'yes' if same else 'NO'}")
+            meta = client.metadata(12345)
+            print(f"metadata  types={meta['types']} dimensions={json.dumps(meta['dimensions'])}")
+            client.close()
+            return 0 if same else 1
+    finally:
+        if not args.data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torch-tq", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"torch_tq {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run a storage server until SIGINT/SIGTERM")
+    s.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="gRPC port (default 8080; 0: any free)")
+    s.add_argument("--data-dir", default=None, help="store directory (default: embedded default)")
+    s.add_argument("--storage", choices=["disk", "memory"], default=None, help="default disk")
+    fsync = s.add_mutually_exclusive_group()
+    fsync.add_argument("--fsync", dest="fsync", action="store_true", default=None,
+                       help="fsync before acknowledging (default for disk)")
+    fsync.add_argument("--no-fsync", dest="fsync", action="store_false",
+                       help="acknowledge without fsync (faster, not crash-safe against power loss)")
+    s.add_argument("--chunk-bytes", type=parse_size, default=None, help="record batch size (4MiB)")
+    s.add_argument("--max-matrix-bytes", type=parse_size, default=None,
+                   help="per-matrix limit (default 10GB)")
+    s.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
+                   help="seconds in-flight calls get at shutdown (default 5)")
+    s.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(func=_serve)
+
+    d = sub.add_parser("demo", help="start a server, write and read a matrix, print timings")
+    d.add_argument("--shape", default="32,512,4096", help="matrix shape (default 32,512,4096)")
+    d.add_argument("--storage", choices=["disk", "memory"], default="disk")
+    d.add_argument("--data-dir", default=None, help="default: a temporary directory")
+    d.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except TQError as e:
+        print(f"torch-tq: {e.code}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,283 @@
+"""``torch_tq.Client``: put and get torch tensors on a storage server.
+
+One Flight connection per client and process, reused for every call; the connection is
+rebuilt lazily after a ``fork()`` (a Flight client must not cross one) and when the client
+is unpickled (it pickles as its recipe: location and settings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any, NamedTuple
+
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import xxhash
+
+from torch_tq import codec, protocol
+from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_PORT, DEFAULT_TIMEOUT_S, parse_size, resolve
+from torch_tq.errors import InternalError, InvalidArgument, TQError
+from torch_tq.protocol import Key
+
+if TYPE_CHECKING:
+    import torch
+
+
+class MatrixInfo(NamedTuple):
+    """One stored matrix, as listed by :meth:`Client.list`."""
+
+    index_id: int
+    matrix_type: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+def normalize_location(location: str) -> str:
+    """``host:port``, ``grpc://host:port`` or ``grpc+tcp://host:port`` -> ``grpc://host:port``."""
+    if not isinstance(location, str) or not location:
+        raise InvalidArgument(f"location must be a string like grpc://HOST:PORT, got {location!r}")
+    if "://" not in location:
+        location = "grpc://" + location
+    scheme, rest = location.split("://", 1)
+    if scheme not in ("grpc", "grpc+tcp"):
+        raise InvalidArgument(f"unsupported location scheme {scheme!r} (use grpc://HOST:PORT)")
+    if not rest:
+        raise InvalidArgument(f"location {location!r} names no host")
+    has_port = ":" in rest and not rest.endswith("]") and rest.rsplit(":", 1)[1].isdigit()
+    if not has_port:
+        rest = f"{rest}:{DEFAULT_PORT}"
+    return f"grpc://{rest}"
+
+
+def _key(index_id: Any, matrix_type: Any) -> Key:
+    return Key(protocol.validate_index_id(index_id), protocol.validate_matrix_type(matrix_type))
+
+
+class Client:
+    """A connection to one torch_tq storage server.
+
+    Args:
+        location: ``grpc://HOST:PORT`` (or ``HOST:PORT``); default ``TORCH_TQ_LOCATION`` or
+            ``grpc://127.0.0.1:8080``.
+        timeout: seconds each call may take (``None``: no limit); default 60.
+        chunk_bytes: record batch size for uploads (default 4MiB).
+        checksum: send an XXH3-64 digest with each upload, checked by the server before it
+            publishes (end-to-end integrity at the cost of one more pass over the data).
+
+    Example:
+        >>> client = torch_tq.Client("grpc://127.0.0.1:8080")  # doctest: +SKIP
+        >>> client.put(12345, "prompt", torch.randn(32, 512, 4096))
+        >>> t = client.get(12345, "prompt")
+    """
+
+    def __init__(
+        self,
+        location: str | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        chunk_bytes: int | str | None = None,
+        checksum: bool = False,
+    ) -> None:
+        self.location = normalize_location(
+            resolve(location, "LOCATION", f"grpc://127.0.0.1:{DEFAULT_PORT}")
+        )
+        self.timeout = timeout
+        self.chunk_bytes = parse_size(resolve(chunk_bytes, "CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+        self.checksum = checksum
+        self._lock = threading.Lock()
+        self._conn: flight.FlightClient | None = None
+        self._pid = -1
+
+    # ------------------------------------------------------------------ plumbing
+
+    def __reduce__(self):
+        return (_rebuild, (self.location, self.timeout, self.chunk_bytes, self.checksum))
+
+    def __repr__(self) -> str:
+        return f"Client({self.location!r})"
+
+    @property
+    def _flight(self) -> flight.FlightClient:
+        pid = os.getpid()
+        if self._conn is None or self._pid != pid:
+            with self._lock:
+                if self._conn is None or self._pid != pid:
+                    # After a fork the inherited connection belongs to the parent: drop it
+                    # without closing (closing would touch the parent's gRPC state).
+                    self._conn = flight.FlightClient(self.location)
+                    self._pid = pid
+        return self._conn
+
+    def _options(self) -> flight.FlightCallOptions:
+        return flight.FlightCallOptions(timeout=self.timeout)
+
+    def close(self) -> None:
+        """Closes the connection (a later call opens a new one)."""
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _action(self, name: str, body: dict[str, Any], what: str) -> dict[str, Any]:
+        try:
+            results = list(
+                self._flight.do_action(flight.Action(name, protocol.dumps(body)), self._options())
+            )
+        except Exception as e:
+            raise protocol.from_flight_error(e, what) from None
+        if len(results) != 1:
+            raise InternalError(f"{what}: expected one result, got {len(results)}")
+        return json.loads(results[0].body.to_pybytes())
+
+    # ------------------------------------------------------------------ data
+
+    def put(self, index_id: int, matrix_type: str, tensor: torch.Tensor) -> None:
+        """Stores ``tensor`` under ``(index_id, matrix_type)``, replacing any previous value.
+
+        Returns once the server has durably published the matrix (the write is atomic:
+        readers see the old value or the new one, never a mix).
+
+        Args:
+            index_id: an integer in ``[0, 2**64 - 1]``.
+            matrix_type: a name such as ``prompt`` (case-insensitive).
+            tensor: any shape (0-d included), dtype bool, (u)int8, int16/32/64,
+                float16, bfloat16, float32 or float64; any device and layout.
+
+        Raises:
+            InvalidArgument: bad key, dtype, or a matrix over the server's size limit.
+            Unavailable: the server is unreachable or out of space.
+            InternalError: the server failed.
+        """
+        key = _key(index_id, matrix_type)
+        dtype, shape, flat = codec.tensor_values(tensor)
+        nbytes = flat.nbytes
+        digest = None
+        if self.checksum:
+            digest = xxhash.xxh3_64_hexdigest(memoryview(flat.view("uint8")))
+        command = protocol.write_command(key, shape, dtype.name, nbytes, digest)
+        schema = codec.wire_schema(dtype, shape)
+        what = f"put {key}"
+        try:
+            writer, acks = self._flight.do_put(
+                flight.FlightDescriptor.for_command(command), schema, self._options()
+            )
+        except Exception as e:
+            raise protocol.from_flight_error(e, what) from None
+        ack = None
+        try:
+            try:
+                for arr in codec.values_to_arrays(dtype, flat, self.chunk_bytes):
+                    writer.write_batch(pa.RecordBatch.from_arrays([arr], schema=schema))
+                writer.done_writing()
+                ack = acks.read()
+            finally:
+                # close() reports the server's status when the call failed.
+                writer.close()
+        except Exception as e:
+            raise protocol.from_flight_error(e, what) from None
+        if ack is None:
+            raise InternalError(f"{what}: the server closed the upload without acknowledging it")
+        reply = json.loads(ack.to_pybytes())
+        if not reply.get("success"):
+            raise InternalError(f"{what}: {reply.get('message', 'not acknowledged')}")
+
+    def get(
+        self,
+        index_id: int,
+        matrix_type: str,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Reads a matrix as a CPU tensor.
+
+        A matrix that arrives in one buffer becomes a tensor without a copy; a larger one is
+        copied once, as it streams in, into a tensor allocated for it (or into ``out``).
+
+        Args:
+            index_id, matrix_type: the key.
+            out: a contiguous CPU tensor of the matrix's exact dtype and shape to fill.
+
+        Raises:
+            NotFound: no such matrix.
+            InvalidArgument: bad key, or ``out`` does not match the matrix.
+            Unavailable: the server is unreachable.
+            InternalError: the stored data failed its checksum, or the server failed.
+        """
+        key = _key(index_id, matrix_type)
+        what = f"get {key}"
+        try:
+            reader = self._flight.do_get(flight.Ticket(protocol.read_command(key)), self._options())
+            dtype, shape = codec.parse_wire_schema(reader.schema)
+            assembler = codec.TensorAssembler(dtype, shape, out)
+            while True:
+                try:
+                    chunk = reader.read_chunk()
+                except StopIteration:
+                    break
+                if chunk.data is not None:
+                    assembler.add(chunk.data.column(0))
+            return assembler.finish()
+        except TQError:
+            raise
+        except Exception as e:
+            raise protocol.from_flight_error(e, what) from None
+
+    # ------------------------------------------------------------------ catalog
+
+    def delete(self, index_id: int, matrix_type: str | None = None) -> list[str]:
+        """Deletes one matrix, or every type of ``index_id`` when ``matrix_type`` is None.
+
+        Returns:
+            The matrix types deleted.
+
+        Raises:
+            NotFound: nothing to delete.
+        """
+        body: dict[str, Any] = {"index_id": protocol.validate_index_id(index_id)}
+        if matrix_type is not None and matrix_type != "":
+            body["matrix_type"] = protocol.validate_matrix_type(matrix_type)
+        return self._action(protocol.DELETE_MATRIX, body, f"delete index_id={index_id}")["deleted"]
+
+    def metadata(self, index_id: int) -> dict[str, Any]:
+        """The seed's GetMetadata response: ``types``, ``dimensions``, ``created_at`` (ms), ...
+
+        Raises:
+            NotFound: no matrix is stored under ``index_id``.
+        """
+        body = {"index_id": protocol.validate_index_id(index_id)}
+        return self._action(protocol.GET_METADATA, body, f"metadata index_id={index_id}")
+
+    def list(self, index_id: int | None = None) -> list[MatrixInfo]:
+        """Every stored matrix (of ``index_id`` only, when given), sorted by key."""
+        criteria = b""
+        if index_id is not None:
+            criteria = protocol.dumps({"index_id": protocol.validate_index_id(index_id)})
+        try:
+            infos = list(self._flight.list_flights(criteria, self._options()))
+        except Exception as e:
+            raise protocol.from_flight_error(e, "list") from None
+        out = []
+        for info in infos:
+            key = protocol.parse_ticket(info.endpoints[0].ticket.ticket)
+            dtype, shape = codec.parse_wire_schema(info.schema)
+            out.append(MatrixInfo(key.index_id, key.matrix_type, shape, dtype.name, info.total_bytes))
+        return out
+
+    def health(self) -> dict[str, Any]:
+        """The server's Health action: status, matrices and bytes stored, version."""
+        return self._action(protocol.HEALTH, {}, "health")
+
+
+def _rebuild(location: str, timeout: float | None, chunk_bytes: int, checksum: bool) -> Client:
+    return Client(location, timeout=timeout, chunk_bytes=chunk_bytes, checksum=checksum)

@@ -1,0 +1,62 @@
+"""The error model: one exception class per seed error code.
+
+Every class subclasses :class:`TQError` and a builtin that users already catch, so
+``except KeyError`` works for a missing matrix just as ``except torch_tq.NotFound`` does.
+The ``code`` attribute is the seed's code string (``NOT_FOUND``, ``INVALID_ARGUMENT``,
+``UNAVAILABLE``, ``INTERNAL_ERROR``).
+"""
+
+from __future__ import annotations
+
+
+class TQError(Exception):
+    """Base class of every torch_tq error.
+
+    Attributes:
+        code: the seed error code (``NOT_FOUND``, ``INVALID_ARGUMENT``, ``UNAVAILABLE`` or
+            ``INTERNAL_ERROR``).
+        message: the human-readable message, e.g.
+            ``matrix not found: index_id=12345, type=prompt``.
+    """
+
+    code = "INTERNAL_ERROR"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        # KeyError would otherwise print the message with quotes around it.
+        return self.message
+
+    def __reduce__(self):  # keep the message when pickled across processes
+        return (type(self), (self.message,))
+
+
+class NotFound(TQError, KeyError):
+    """The matrix (or index_id) does not exist."""
+
+    code = "NOT_FOUND"
+
+
+class InvalidArgument(TQError, ValueError):
+    """The request was malformed; nothing was changed."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class Unavailable(TQError, ConnectionError):
+    """The server cannot serve the request now (unreachable, full, shutting down); retry later."""
+
+    code = "UNAVAILABLE"
+
+
+class InternalError(TQError, RuntimeError):
+    """The server failed (for example a stored file failed its checksum); see the server log."""
+
+    code = "INTERNAL_ERROR"
+
+
+ERROR_CLASSES: dict[str, type[TQError]] = {
+    cls.code: cls for cls in (NotFound, InvalidArgument, Unavailable, InternalError)
+}

@@ -1,0 +1,162 @@
+"""A server in its own process, for notebooks, tests and single-machine pipelines.
+
+gRPC and ``fork()`` do not mix (RELIABILITY.md §9), so the server runs in a fresh
+interpreter (``python -m torch_tq serve``), never in a forked copy of the caller. The child
+watches its stdin: when the parent dies, the pipe closes and the server shuts down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from torch_tq.errors import Unavailable
+
+_LISTENING = re.compile(r"listening on (grpc://\S+)")
+
+
+class ServerHandle:
+    """A running background server.
+
+    Attributes:
+        location: ``grpc://HOST:PORT`` to give to :class:`torch_tq.Client`.
+        port: the port it listens on.
+        pid: the server process id.
+        data_dir: its data directory (``None``: the default or a temporary memory store).
+    """
+
+    def __init__(self, proc: subprocess.Popen, location: str, data_dir: str | None) -> None:
+        self._proc = proc
+        self.location = location
+        self.port = int(location.rsplit(":", 1)[1])
+        self.pid = proc.pid
+        self.data_dir = data_dir
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Stops the server (SIGTERM, then SIGKILL after ``timeout``); returns its exit code."""
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._close_pipes()
+        return self._proc.returncode
+
+    def kill(self) -> None:
+        """Kills the server at once (SIGKILL), as a crash would."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.alive else f"exited({self._proc.returncode})"
+        return f"ServerHandle({self.location}, pid={self.pid}, {state})"
+
+
+def start_server(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    data_dir: str | None = None,
+    storage: str = "disk",
+    *,
+    durable: bool | None = None,
+    chunk_bytes: int | str | None = None,
+    max_matrix_bytes: int | str | None = None,
+    startup_timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    stderr=None,
+) -> ServerHandle:
+    """Starts a storage server in its own process and waits until it accepts calls.
+
+    Args:
+        host, port, data_dir, storage, durable, chunk_bytes, max_matrix_bytes: as for
+            :func:`torch_tq.serve` (``port`` defaults to 0: a free port).
+        startup_timeout: seconds to wait for the server to listen.
+        env: extra environment variables for the server process.
+        stderr: where the server's log goes (default: this process's stderr).
+
+    Returns:
+        A :class:`ServerHandle`; use it as a context manager to stop the server.
+
+    Raises:
+        Unavailable: the server did not start (its exit code and output are in the message).
+
+    Example:
+        >>> with torch_tq.start_server(storage="memory") as srv:  # doctest: +SKIP
+        ...     client = torch_tq.Client(srv.location)
+    """
+    cmd = [sys.executable, "-m", "torch_tq", "serve", "--host", host, "--port", str(port),
+           "--storage", storage, "--watch-stdin"]
+    if data_dir is not None:
+        cmd += ["--data-dir", os.fspath(data_dir)]
+    if durable is not None:
+        cmd += ["--fsync" if durable else "--no-fsync"]
+    if chunk_bytes is not None:
+        cmd += ["--chunk-bytes", str(chunk_bytes)]
+    if max_matrix_bytes is not None:
+        cmd += ["--max-matrix-bytes", str(max_matrix_bytes)]
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=child_env,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    found: list[str] = []
+    ready = threading.Event()
+
+    stdout = proc.stdout  # a pipe: stdout=PIPE above
+
+    def pump() -> None:
+        # Reads the child's stdout for the whole of its life, so the pipe never fills.
+        for raw in stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if not found:
+                lines.append(line)
+                match = _LISTENING.search(line)
+                if match:
+                    found.append(match.group(1))
+                    ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True, name=f"torch_tq-server-{proc.pid}").start()
+    deadline = time.monotonic() + startup_timeout
+    while not ready.wait(0.05):
+        if time.monotonic() > deadline:
+            break
+    if not found:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        tail = "\n".join(lines[-20:])
+        raise Unavailable(
+            f"torch_tq server did not start (exit code {proc.returncode}); output:\n{tail}"
+        )
+    return ServerHandle(proc, found[0], data_dir)

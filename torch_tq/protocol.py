@@ -1,0 +1,441 @@
+"""The wire protocol: command and action bodies, their strict validation, and error codes.
+
+Everything a client sends is parsed here before it reaches the store. Bodies are JSON
+objects; parsing rejects duplicate keys, NaN/Infinity, non-integer ids (``true``, ``1.0``,
+``"12"``), ids outside ``[0, 2**64 - 1]``, unknown keys and over-long input, so nothing
+that reaches a file path or the catalog is unchecked (RELIABILITY.md §11).
+
+Forms accepted for a matrix address (DoPut descriptor, GetFlightInfo descriptor, DoGet ticket):
+
+* the seed's JSON: ``{"action": "WriteMatrix", "index_id": 12345, "matrix_type": "prompt"}``
+  (``action`` may be left out; ``ReadMatrix``/``read_matrix`` spellings both work);
+* the seed's command envelope: ``{"command": "write_matrix", "body": {...}}`` (``body`` an
+  object or a JSON string);
+* a path descriptor ``["12345", "prompt"]``.
+
+Errors travel as ``"<CODE>: <message>"`` in the Flight status message, with the closest
+gRPC status (NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE, INTERNAL).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from torch_tq.errors import (
+    ERROR_CLASSES,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    TQError,
+    Unavailable,
+)
+
+WRITE_MATRIX = "WriteMatrix"
+READ_MATRIX = "ReadMatrix"
+DELETE_MATRIX = "DeleteMatrix"
+GET_METADATA = "GetMetadata"
+HEALTH = "Health"
+
+ACTION_DESCRIPTIONS = {
+    DELETE_MATRIX: 'Delete one matrix, or every type of an index_id: {"index_id": N, "matrix_type": "prompt"|""}',
+    GET_METADATA: 'Types, dimensions, dtypes, sizes and timestamps of an index_id: {"index_id": N}',
+    HEALTH: "Server status: matrices and bytes stored, uptime",
+}
+
+_ACTION_SPELLINGS = {
+    "writematrix": WRITE_MATRIX,
+    "write_matrix": WRITE_MATRIX,
+    "readmatrix": READ_MATRIX,
+    "read_matrix": READ_MATRIX,
+}
+
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_INDEX_ID = 2**64 - 1
+MAX_DIMS = 32
+_MATRIX_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}", re.ASCII)
+_DECIMAL_RE = re.compile(r"0|[1-9][0-9]{0,19}", re.ASCII)
+_HEX64_RE = re.compile(r"[0-9a-f]{16}", re.ASCII)
+
+
+class Key(NamedTuple):
+    """The address of one matrix."""
+
+    index_id: int
+    matrix_type: str
+
+    def __str__(self) -> str:
+        return f"index_id={self.index_id}, type={self.matrix_type}"
+
+
+@dataclass(frozen=True)
+class PutCommand:
+    """A parsed WriteMatrix command: the key and what the client declares is coming."""
+
+    key: Key
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    nbytes: int | None = None
+    xxh3: str | None = None
+
+
+def not_found(key: Key) -> NotFound:
+    return NotFound(f"matrix not found: {key}")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidArgument(f"JSON constant {name} is not allowed")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise InvalidArgument(f"duplicate key {k!r} in JSON object")
+        out[k] = v
+    return out
+
+
+def parse_json_object(raw: bytes | str, what: str) -> dict[str, Any]:
+    """Parses ``raw`` as one strict JSON object.
+
+    Raises:
+        InvalidArgument: not UTF-8, not JSON, not an object, too long, duplicate keys, NaN.
+    """
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise InvalidArgument(f"{what} is {len(raw)} bytes; the limit is {MAX_COMMAND_BYTES}")
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{what} is not valid UTF-8") from None
+    else:
+        text = raw
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except InvalidArgument:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise InvalidArgument(f"{what} is not valid JSON: {_short(e)}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _short(e: BaseException) -> str:
+    text = str(e)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def validate_index_id(value: Any) -> int:
+    """Returns ``value`` if it is a JSON integer in ``[0, 2**64 - 1]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(
+            f"index_id must be an integer in [0, 2**64-1], got {type(value).__name__}"
+        )
+    if value < 0 or value > MAX_INDEX_ID:
+        raise InvalidArgument(f"index_id {value} is outside [0, 2**64-1]")
+    return value
+
+
+def validate_matrix_type(value: Any) -> str:
+    """Returns the canonical (lower-case) matrix type name.
+
+    Names match ``[A-Za-z][A-Za-z0-9_]{0,63}`` (ASCII only, checked before lowering so
+    look-alikes such as the Kelvin sign never become ASCII letters).
+    """
+    if not isinstance(value, str):
+        raise InvalidArgument(f"matrix_type must be a string, got {type(value).__name__}")
+    if not _MATRIX_TYPE_RE.fullmatch(value):
+        raise InvalidArgument(
+            f"invalid matrix_type {value[:80]!r}: use 1-64 ASCII letters, digits or '_', "
+            "starting with a letter"
+        )
+    return value.lower()
+
+
+def validate_shape(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise InvalidArgument(f"shape must be a list of integers, got {type(value).__name__}")
+    if len(value) > MAX_DIMS:
+        raise InvalidArgument(f"shape has {len(value)} dimensions; the limit is {MAX_DIMS}")
+    dims = []
+    for d in value:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0 or d > 2**62:
+            raise InvalidArgument(f"shape entries must be integers >= 0, got {d!r}")
+        dims.append(d)
+    if math.prod(dims) > 2**62:
+        raise InvalidArgument(f"shape {dims} has too many elements")
+    return tuple(dims)
+
+
+def _check_keys(body: dict[str, Any], allowed: set[str], required: set[str], what: str) -> None:
+    unknown = set(body) - allowed
+    if unknown:
+        raise InvalidArgument(
+            f"unknown field(s) {sorted(unknown)} in {what}; allowed: {sorted(allowed)}"
+        )
+    missing = required - set(body)
+    if missing:
+        raise InvalidArgument(f"missing field(s) {sorted(missing)} in {what}")
+
+
+def _unwrap_envelope(body: dict[str, Any], what: str) -> tuple[dict[str, Any], str | None]:
+    """Handles the seed's ``{"command": ..., "body": ...}`` envelope.
+
+    Returns the inner body and the action it names (or None when it names none).
+    """
+    if "command" not in body:
+        action = body.get("action")
+        return body, action
+    _check_keys(body, {"command", "body"}, {"command", "body"}, what)
+    inner = body["body"]
+    if isinstance(inner, str):
+        inner = parse_json_object(inner, f"{what} body")
+    if not isinstance(inner, dict):
+        raise InvalidArgument(f"{what} body must be a JSON object")
+    if "command" in inner:
+        raise InvalidArgument(f"{what} body must not nest another command envelope")
+    if "action" in inner and _spelling(inner["action"]) != _spelling(body["command"]):
+        raise InvalidArgument(f"{what}: body action {inner['action']!r} contradicts command")
+    inner = {k: v for k, v in inner.items() if k != "action"}
+    return inner, body["command"]
+
+
+def _spelling(action: Any) -> str | None:
+    return _ACTION_SPELLINGS.get(action.lower()) if isinstance(action, str) else None
+
+
+def _check_action(action: Any, expected: str, what: str) -> None:
+    if action is None:
+        return
+    if _spelling(action) != expected:
+        raise InvalidArgument(f"{what} expects action {expected!r}, got {action!r}")
+
+
+def _key_from_path(path: list[bytes], what: str) -> Key:
+    if len(path) != 2:
+        raise InvalidArgument(
+            f"{what}: a path descriptor must be [index_id, matrix_type], got {len(path)} part(s)"
+        )
+    try:
+        raw_id, raw_type = (p.decode("utf-8") for p in path)
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{what}: path is not valid UTF-8") from None
+    if not _DECIMAL_RE.fullmatch(raw_id):
+        raise InvalidArgument(f"{what}: index_id {raw_id[:40]!r} is not a plain decimal integer")
+    return Key(validate_index_id(int(raw_id)), validate_matrix_type(raw_type))
+
+
+_PUT_FIELDS = {"action", "index_id", "matrix_type", "shape", "dtype", "nbytes", "xxh3"}
+_READ_FIELDS = {"action", "index_id", "matrix_type"}
+
+
+def parse_put_descriptor(descriptor: flight.FlightDescriptor) -> PutCommand:
+    """Parses a DoPut descriptor into a :class:`PutCommand`."""
+    what = "WriteMatrix command"
+    if descriptor.descriptor_type == flight.DescriptorType.PATH:
+        return PutCommand(_key_from_path(list(descriptor.path), what))
+    if descriptor.descriptor_type != flight.DescriptorType.CMD:
+        raise InvalidArgument(f"{what}: unsupported descriptor type")
+    body, action = _unwrap_envelope(parse_json_object(descriptor.command, what), what)
+    _check_action(action, WRITE_MATRIX, what)
+    _check_keys(body, _PUT_FIELDS, {"index_id", "matrix_type"}, what)
+    key = Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"]))
+    shape = validate_shape(body["shape"]) if body.get("shape") is not None else None
+    dtype = body.get("dtype")
+    if dtype is not None:
+        from torch_tq.codec import DTYPES  # the dtype table lives with the codec
+
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise InvalidArgument(f"unsupported dtype {dtype!r}; supported: {sorted(DTYPES)}")
+    nbytes = body.get("nbytes")
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
+        raise InvalidArgument(f"nbytes must be an integer >= 0, got {nbytes!r}")
+    digest = body.get("xxh3")
+    if digest is not None and (not isinstance(digest, str) or not _HEX64_RE.fullmatch(digest)):
+        raise InvalidArgument("xxh3 must be 16 lower-case hex digits (XXH3-64 of the raw bytes)")
+    return PutCommand(key, shape, dtype, nbytes, digest)
+
+
+def parse_read_body(raw: bytes, what: str) -> Key:
+    body, action = _unwrap_envelope(parse_json_object(raw, what), what)
+    _check_action(action, READ_MATRIX, what)
+    _check_keys(body, _READ_FIELDS, {"index_id", "matrix_type"}, what)
+    return Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"]))
+
+
+def parse_read_descriptor(descriptor: flight.FlightDescriptor) -> Key:
+    what = "ReadMatrix descriptor"
+    if descriptor.descriptor_type == flight.DescriptorType.PATH:
+        return _key_from_path(list(descriptor.path), what)
+    if descriptor.descriptor_type != flight.DescriptorType.CMD:
+        raise InvalidArgument(f"{what}: unsupported descriptor type")
+    return parse_read_body(descriptor.command, what)
+
+
+def parse_ticket(raw: bytes) -> Key:
+    return parse_read_body(raw, "ticket")
+
+
+def parse_delete_body(raw: bytes) -> tuple[int, str | None]:
+    """Returns ``(index_id, matrix_type or None for every type)``."""
+    what = "DeleteMatrix body"
+    body = parse_json_object(raw, what)
+    _check_keys(body, {"index_id", "matrix_type"}, {"index_id"}, what)
+    index_id = validate_index_id(body["index_id"])
+    mtype = body.get("matrix_type")
+    if mtype is None or mtype == "":
+        return index_id, None
+    return index_id, validate_matrix_type(mtype)
+
+
+def parse_metadata_body(raw: bytes) -> int:
+    what = "GetMetadata body"
+    body = parse_json_object(raw, what)
+    _check_keys(body, {"index_id"}, {"index_id"}, what)
+    return validate_index_id(body["index_id"])
+
+
+def parse_list_criteria(raw: bytes) -> int | None:
+    """ListFlights criteria: empty for everything, or ``{"index_id": N}``."""
+    if not raw:
+        return None
+    what = "ListFlights criteria"
+    body = parse_json_object(raw, what)
+    _check_keys(body, {"index_id"}, set(), what)
+    if body.get("index_id") is None:
+        return None
+    return validate_index_id(body["index_id"])
+
+
+def parse_empty_body(raw: bytes, what: str) -> None:
+    if raw and parse_json_object(raw, what):
+        raise InvalidArgument(f"{what} takes no fields")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def read_command(key: Key) -> bytes:
+    """The ReadMatrix command, used as both descriptor command and ticket."""
+    return dumps({"action": READ_MATRIX, "index_id": key.index_id, "matrix_type": key.matrix_type})
+
+
+def write_command(
+    key: Key,
+    shape: tuple[int, ...],
+    dtype: str,
+    nbytes: int,
+    xxh3: str | None = None,
+) -> bytes:
+    body: dict[str, Any] = {
+        "action": WRITE_MATRIX,
+        "index_id": key.index_id,
+        "matrix_type": key.matrix_type,
+        "shape": list(shape),
+        "dtype": dtype,
+        "nbytes": nbytes,
+    }
+    if xxh3 is not None:
+        body["xxh3"] = xxh3
+    return dumps(body)
+
+
+# --------------------------------------------------------------------------- errors on the wire
+
+
+class _WireNotFound(pa.ArrowKeyError):
+    """Travels as gRPC NOT_FOUND (Arrow's KeyError status)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _WireInvalid(pa.ArrowInvalid):
+    """Travels as gRPC INVALID_ARGUMENT (Arrow's Invalid status)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _WireUnimplemented(pa.ArrowNotImplementedError):
+    """Travels as gRPC UNIMPLEMENTED."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+WIRE_ERRORS = (_WireNotFound, _WireInvalid, _WireUnimplemented)
+
+
+def to_wire_error(err: TQError) -> Exception:
+    """The exception a Flight handler raises for ``err``.
+
+    The server process sets ``sys.tracebacklimit = 0`` (see ``server``), so the Arrow
+    status built from these carries no traceback, only the class name and message.
+    """
+    text = f"{err.code}: {err.message}"
+    extra = dumps({"code": err.code, "message": err.message})
+    if isinstance(err, NotFound):
+        return _WireNotFound(text)
+    if isinstance(err, InvalidArgument):
+        return _WireInvalid(text)
+    if isinstance(err, Unavailable):
+        return flight.FlightUnavailableError(text, extra_info=extra)
+    return flight.FlightInternalError(text, extra_info=extra)
+
+
+def unimplemented(what: str) -> Exception:
+    return _WireUnimplemented(f"INVALID_ARGUMENT: {what} is not supported by torch_tq")
+
+
+_CODE_RE = re.compile(r"(NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR): (.*)", re.DOTALL)
+
+
+def _strip_detail(text: str) -> str:
+    # Arrow appends ". Detail: ..." and gRPC adds a debug context; neither is ours.
+    for marker in (". Detail: ", ". gRPC client debug context: "):
+        cut = text.find(marker)
+        if cut >= 0:
+            text = text[:cut]
+    return text
+
+
+def from_flight_error(exc: BaseException, what: str = "") -> TQError:
+    """Maps an exception raised by a pyarrow Flight call to a typed torch_tq error."""
+    if isinstance(exc, TQError):
+        return exc
+    text = _strip_detail(str(exc))
+    match = _CODE_RE.search(text)
+    if match:
+        return ERROR_CLASSES[match.group(1)](match.group(2))
+    prefix = f"{what}: " if what else ""
+    if isinstance(exc, flight.FlightTimedOutError):
+        return Unavailable(f"{prefix}call timed out ({text}); retry or raise the timeout")
+    if isinstance(exc, (flight.FlightUnavailableError, flight.FlightCancelledError, ConnectionError)):
+        return Unavailable(f"{prefix}server unavailable ({text}); check that it runs and retry")
+    if isinstance(exc, pa.ArrowKeyError):
+        return NotFound(prefix + text)
+    if isinstance(exc, pa.ArrowInvalid):
+        return InvalidArgument(prefix + text)
+    if isinstance(exc, OSError) and "connect" in text.lower():
+        return Unavailable(f"{prefix}{text}")
+    return InternalError(prefix + text)

@@ -1,0 +1,362 @@
+"""The Flight storage server and the ways to run it.
+
+:class:`TQFlightServer` maps the seed's Flight methods onto the :mod:`~torch_tq.store`:
+DoPut (WriteMatrix), DoGet (ReadMatrix ticket), GetFlightInfo, GetSchema, ListFlights,
+DoAction (DeleteMatrix, GetMetadata, Health) and ListActions.
+
+Every handler runs inside :func:`_guard`: torch_tq errors leave as Flight statuses that carry
+the seed code and message; anything unexpected is logged here with its traceback and leaves
+as a bare ``INTERNAL_ERROR`` with a reference number. ``serve()`` sets
+``sys.tracebacklimit = 0`` so that even the Arrow status built from our NOT_FOUND and
+INVALID_ARGUMENT exceptions holds no traceback (RELIABILITY.md §4).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from torch_tq import codec, protocol
+from torch_tq._config import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_HOST,
+    DEFAULT_MAX_MATRIX_BYTES,
+    DEFAULT_PORT,
+    DEFAULT_SHUTDOWN_GRACE_S,
+    parse_bool,
+    parse_size,
+    resolve,
+)
+from torch_tq._version import __version__
+from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
+from torch_tq.protocol import Key
+from torch_tq.store import Entry, Store
+
+log = logging.getLogger(__name__)
+
+
+def format_exception(e: BaseException) -> str:
+    """A full traceback, whatever ``sys.tracebacklimit`` says (the server sets it to 0)."""
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=100))
+
+
+def _wire(e: BaseException, where: str) -> Exception:
+    if isinstance(e, TQError):
+        return protocol.to_wire_error(e)
+    if isinstance(e, (flight.FlightError, *protocol.WIRE_ERRORS)):
+        # pyarrow's own Flight errors (e.g. a cancelled call) carry no traceback.
+        return e
+    ref = uuid.uuid4().hex[:12]
+    log.error("%s failed (ref %s):\n%s", where, ref, format_exception(e))
+    return protocol.to_wire_error(InternalError(f"internal server error (ref {ref}); see the server log"))
+
+
+def _guard(method):
+    """Runs a handler so that only clean Flight errors reach the client."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            raise _wire(e, method.__name__) from None
+
+    return wrapper
+
+
+def _guard_iter(it: Iterator, where: str) -> Iterator:
+    try:
+        yield from it
+    except Exception as e:
+        raise _wire(e, where) from None
+
+
+_ACTIONS = {
+    "deletematrix": protocol.DELETE_MATRIX,
+    "delete_matrix": protocol.DELETE_MATRIX,
+    "getmetadata": protocol.GET_METADATA,
+    "get_metadata": protocol.GET_METADATA,
+    "health": protocol.HEALTH,
+}
+
+
+class TQFlightServer(flight.FlightServerBase):
+    """A torch_tq storage server on one gRPC location.
+
+    Args:
+        location: ``grpc://HOST:PORT`` (port 0 picks a free one; see :attr:`port`).
+        store: the storage engine it serves.
+    """
+
+    def __init__(self, location: str, store: Store, **kwargs) -> None:
+        super().__init__(location, **kwargs)
+        self.store = store
+        self.started = time.monotonic()
+
+    # ------------------------------------------------------------------ DoPut
+
+    @_guard
+    def do_put(self, context, descriptor, reader, writer):
+        cmd = protocol.parse_put_descriptor(descriptor)
+        decoder = codec.UploadDecoder(reader.schema, cmd.dtype, cmd.shape)
+        dtype = decoder.dtype
+        shape = decoder.declared_shape
+        expected = codec.numel(shape) if shape is not None else None
+        if cmd.nbytes is not None:
+            if cmd.nbytes % dtype.itemsize:
+                raise InvalidArgument(
+                    f"nbytes {cmd.nbytes} is not a multiple of the {dtype.name} item size"
+                )
+            by_bytes = cmd.nbytes // dtype.itemsize
+            if expected is not None and by_bytes != expected:
+                raise InvalidArgument(
+                    f"nbytes {cmd.nbytes} contradicts shape {list(shape)} of {dtype.name}"
+                )
+            expected = by_bytes
+        declared = expected is not None
+        session = self.store.begin_put(cmd.key, dtype, expected, cmd.xxh3)
+        try:
+            batches = 0
+            for chunk in reader:
+                batch = chunk.data
+                if batch is None:
+                    continue
+                batches += 1
+                if not declared and batches > 1:
+                    raise InvalidArgument(
+                        f"upload of {cmd.key} sent more than one record batch without declaring "
+                        "its size: add 'shape' (or 'nbytes') to the command"
+                    )
+                session.append(decoder.flatten(batch.column(0)))
+            if context.is_cancelled():
+                raise Unavailable(f"upload of {cmd.key} was cancelled by the client")
+            if not declared:
+                if batches == 0:
+                    raise InvalidArgument(
+                        f"upload of {cmd.key} carried no record batch: send the matrix as one "
+                        "batch or declare its 'shape'"
+                    )
+                shape = decoder.shape_for(session.count)
+            entry = session.commit(shape)
+        finally:
+            session.abort()  # no-op after a commit
+        ack = {"success": True, "message": "success", "index_id": entry.key.index_id,
+               "matrix_type": entry.key.matrix_type, **entry.describe()}
+        writer.write(pa.py_buffer(protocol.dumps(ack)))
+
+    # ------------------------------------------------------------------ reads
+
+    @_guard
+    def do_get(self, context, ticket):
+        key = protocol.parse_ticket(ticket.ticket)
+        matrix = self.store.open(key)
+        try:
+            schema = matrix.schema()
+        except BaseException:
+            matrix.close()
+            raise
+        return flight.GeneratorStream(schema, _guard_iter(matrix.batches(), "do_get"))
+
+    def _flight_info(self, entry: Entry, descriptor=None) -> flight.FlightInfo:
+        command = protocol.read_command(entry.key)
+        schema = codec.wire_schema(codec.DTYPES[entry.dtype], entry.shape)
+        return flight.FlightInfo(
+            schema,
+            descriptor or flight.FlightDescriptor.for_command(command),
+            [flight.FlightEndpoint(command, [])],
+            codec.numel(entry.shape),
+            entry.nbytes,
+        )
+
+    @_guard
+    def get_flight_info(self, context, descriptor):
+        key = protocol.parse_read_descriptor(descriptor)
+        return self._flight_info(self.store.get(key), descriptor)
+
+    @_guard
+    def get_schema(self, context, descriptor):
+        key = protocol.parse_read_descriptor(descriptor)
+        entry = self.store.get(key)
+        return flight.SchemaResult(codec.wire_schema(codec.DTYPES[entry.dtype], entry.shape))
+
+    @_guard
+    def list_flights(self, context, criteria):
+        index_id = protocol.parse_list_criteria(criteria)
+        entries = sorted(self.store.entries(index_id), key=lambda e: e.key)
+        # Built eagerly: errors must surface inside the guard, not while gRPC iterates.
+        return iter([self._flight_info(e) for e in entries])
+
+    # ------------------------------------------------------------------ actions
+
+    @_guard
+    def do_action(self, context, action):
+        name = _ACTIONS.get(action.type.lower()) if len(action.type) <= 64 else None
+        body = action.body.to_pybytes() if action.body is not None else b""
+        if name == protocol.DELETE_MATRIX:
+            index_id, mtype = protocol.parse_delete_body(body)
+            deleted = self.store.delete(index_id, mtype)
+            result = {"success": True, "message": "success", "index_id": index_id, "deleted": deleted}
+        elif name == protocol.GET_METADATA:
+            result = self.store.metadata(protocol.parse_metadata_body(body))
+        elif name == protocol.HEALTH:
+            protocol.parse_empty_body(body, "Health body")
+            result = self.health()
+        else:
+            raise InvalidArgument(
+                f"unknown action {action.type[:64]!r}; available: "
+                f"{', '.join(protocol.ACTION_DESCRIPTIONS)}"
+            )
+        return [flight.Result(pa.py_buffer(protocol.dumps(result)))]
+
+    def health(self) -> dict:
+        return {
+            "success": True,
+            "message": "success",
+            "status": "SERVING",
+            "version": __version__,
+            "storage": self.store.storage,
+            "matrices": self.store.count(),
+            "bytes": self.store.total_bytes(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+        }
+
+    @_guard
+    def list_actions(self, context):
+        return list(protocol.ACTION_DESCRIPTIONS.items())
+
+    @_guard
+    def do_exchange(self, context, descriptor, reader, writer):
+        raise protocol.unimplemented("DoExchange")
+
+
+# ---------------------------------------------------------------------- running it
+
+
+def _location(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"grpc://{host}:{port}"
+
+
+def make_server(
+    host: str | None = None,
+    port: int | None = None,
+    data_dir: str | None = None,
+    storage: str | None = None,
+    *,
+    durable: bool | None = None,
+    chunk_bytes: int | str | None = None,
+    max_matrix_bytes: int | str | None = None,
+) -> TQFlightServer:
+    """Builds a running server (it serves from construction on); see :func:`serve`."""
+    host = resolve(host, "HOST", DEFAULT_HOST)
+    port = resolve(port, "PORT", DEFAULT_PORT, int)
+    storage = resolve(storage, "STORAGE", "disk")
+    durable = resolve(durable, "FSYNC", None, parse_bool)
+    chunk = parse_size(resolve(chunk_bytes, "CHUNK_BYTES", DEFAULT_CHUNK_BYTES, parse_size))
+    cap = parse_size(resolve(max_matrix_bytes, "MAX_MATRIX_BYTES", DEFAULT_MAX_MATRIX_BYTES, parse_size))
+    if chunk < 1024 or chunk > (1 << 30):
+        raise InvalidArgument(f"chunk_bytes must be within [1KiB, 1GiB], got {chunk}")
+    store = Store(data_dir, storage, durable=durable, chunk_bytes=chunk, max_matrix_bytes=cap)
+    try:
+        return TQFlightServer(_location(host, port), store)
+    except BaseException:
+        store.close()
+        raise
+
+
+def serve(
+    host: str | None = None,
+    port: int | None = None,
+    data_dir: str | None = None,
+    storage: str | None = None,
+    *,
+    durable: bool | None = None,
+    chunk_bytes: int | str | None = None,
+    max_matrix_bytes: int | str | None = None,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S,
+    _watch_stdin: bool = False,
+) -> None:
+    """Runs a storage server until SIGINT/SIGTERM, then shuts it down within a deadline.
+
+    Prints one line ``listening on grpc://HOST:PORT`` once it accepts calls.
+
+    Args:
+        host: address to bind (default ``127.0.0.1``; ``TORCH_TQ_HOST``).
+        port: gRPC port (default 8080; 0 picks a free one; ``TORCH_TQ_PORT``).
+        data_dir: the store's directory (default: the embedded default directory, see
+            README; ``TORCH_TQ_DATA_DIR``).
+        storage: ``"disk"`` (durable, default) or ``"memory"`` (``TORCH_TQ_STORAGE``).
+        durable: fsync before acknowledging (default: on for ``disk``; ``TORCH_TQ_FSYNC``).
+        chunk_bytes: record batch size of stored matrices (default 4MiB).
+        max_matrix_bytes: per-matrix limit (default 10 GB).
+        shutdown_grace: seconds in-flight calls get to finish before the process exits hard
+            (safe: uploads are published atomically).
+
+    Example:
+        >>> import torch_tq
+        >>> torch_tq.serve(port=8080, data_dir="/nvme/tq")  # doctest: +SKIP
+    """
+    # No traceback may reach a client: Arrow formats the exceptions our handlers raise with
+    # the traceback module, which honours this limit. Our own logs use format_exception().
+    sys.tracebacklimit = 0
+    server = make_server(
+        host, port, data_dir, storage, durable=durable, chunk_bytes=chunk_bytes,
+        max_matrix_bytes=max_matrix_bytes,
+    )
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: stop.set())
+    if _watch_stdin:
+        threading.Thread(target=_wait_stdin_eof, args=(stop,), daemon=True).start()
+    host_used = resolve(host, "HOST", DEFAULT_HOST)
+    print(f"listening on {_location(host_used, server.port)}", flush=True)
+    log.info("torch_tq %s serving %s store at %s", __version__, server.store.storage, server.store.root)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        _shutdown(server, shutdown_grace)
+
+
+def _wait_stdin_eof(stop: threading.Event) -> None:
+    """The parent of a background server holds our stdin: EOF means it is gone."""
+    # os.read on the raw descriptor: a buffered sys.stdin read would hold a lock that
+    # interpreter shutdown then waits on.
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    stop.set()
+
+
+def _shutdown(server: TQFlightServer, grace: float) -> None:
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            server.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="torch_tq-shutdown").start()
+    if not done.wait(grace):
+        log.warning("calls still running %.1fs after shutdown began; exiting hard", grace)
+        server.store.close()
+        sys.stdout.flush()
+        os._exit(0)
+    server.store.close()
+    log.info("server stopped")
