@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -15,8 +16,15 @@ from torch_tq._version import __version__
 from torch_tq.errors import TQError
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from torch_tq.server import serve
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
+    from torch_tq.server import ALLOCATOR_ENV, serve
+
+    if ALLOCATOR_ENV not in os.environ:
+        # The allocator is fixed when pyarrow loads (already done): start again with jemalloc
+        # (same process id), which keeps server memory bounded (see server._check_allocator).
+        os.environ[ALLOCATOR_ENV] = "jemalloc"
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "torch_tq", *argv])
 
     serve(
         host=args.host,
@@ -32,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
     from torch_tq.client import Client
@@ -100,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -107,9 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return args.func(args)
+        return args.func(args, argv)
     except TQError as e:
         print(f"torch-tq: {e.code}: {e}", file=sys.stderr)
+        if getattr(args, "watch_stdin", False):
+            # launched by start_server(): it reads stdout and re-raises this, typed.
+            print(f"error: {e.code}: {e}", flush=True)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -339,8 +339,10 @@ class TensorAssembler:
                 buf = arr.buffers()[1]
                 start = buf.address + arr.offset * width
                 if _aligned(start, width):
+                    # through a memoryview: torch.frombuffer rejects some pa.Buffers directly;
+                    # the view keeps the Arrow buffer (and its receive memory) alive.
                     self.result = torch.frombuffer(
-                        buf, dtype=self.dtype.torch, count=n, offset=arr.offset * width
+                        memoryview(buf), dtype=self.dtype.torch, count=n, offset=arr.offset * width
                     ).reshape(self.shape)
                     self.count = n
                     return

@@ -15,9 +15,10 @@ import sys
 import threading
 import time
 
-from torch_tq.errors import Unavailable
+from torch_tq.errors import ERROR_CLASSES, Unavailable
 
 _LISTENING = re.compile(r"listening on (grpc://\S+)")
+_ERROR = re.compile(r"error: (NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR): (.*)")
 
 
 class ServerHandle:
@@ -124,6 +125,7 @@ def start_server(
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
+    child_env.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")  # see server._check_allocator
     proc = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=child_env,
         start_new_session=True,
@@ -155,6 +157,10 @@ def start_server(
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        for line in lines:
+            match = _ERROR.fullmatch(line)
+            if match:
+                raise ERROR_CLASSES[match.group(1)](match.group(2))
         tail = "\n".join(lines[-20:])
         raise Unavailable(
             f"torch_tq server did not start (exit code {proc.returncode}); output:\n{tail}"

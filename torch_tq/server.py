@@ -311,6 +311,7 @@ def serve(
     # No traceback may reach a client: Arrow formats the exceptions our handlers raise with
     # the traceback module, which honours this limit. Our own logs use format_exception().
     sys.tracebacklimit = 0
+    _check_allocator()
     server = make_server(
         host, port, data_dir, storage, durable=durable, chunk_bytes=chunk_bytes,
         max_matrix_bytes=max_matrix_bytes,
@@ -329,6 +330,20 @@ def serve(
             pass
     finally:
         _shutdown(server, shutdown_grace)
+
+
+ALLOCATOR_ENV = "ARROW_DEFAULT_MEMORY_POOL"
+
+
+def _check_allocator() -> None:
+    """Received batches are allocated from Arrow's default pool, chosen when pyarrow loads.
+    mimalloc (pyarrow's default) was measured keeping ~400 MiB after a 2 GiB upload;
+    jemalloc stays near 100 MiB at the same speed. The CLI and start_server() select it
+    through ARROW_DEFAULT_MEMORY_POOL; an embedding program can do the same."""
+    backend = pa.default_memory_pool().backend_name
+    if backend == "mimalloc" and not os.environ.get(ALLOCATOR_ENV):
+        log.info("Arrow allocator is mimalloc; set %s=jemalloc before Python starts for a "
+                 "smaller server footprint", ALLOCATOR_ENV)
 
 
 def _wait_stdin_eof(stop: threading.Event) -> None:
