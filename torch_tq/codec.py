@@ -346,7 +346,7 @@ class TensorAssembler:
                     ).reshape(self.shape)
                     self.count = n
                     return
-            self.result = torch.empty(self.shape, dtype=self.dtype.torch)
+            self.result = empty_tensor(self.dtype, self.shape)
             self._dst = _byte_view(self.result)
         if self.dtype.name == "bool":
             src = arr.to_numpy(zero_copy_only=False).view(np.uint8)
@@ -369,6 +369,22 @@ class TensorAssembler:
 
             self.result = torch.empty(self.shape, dtype=self.dtype.torch)
         return self.result
+
+
+def empty_tensor(dtype: DType, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised tensor whose memory comes from Arrow's default pool.
+
+    A fresh 256 MiB ``torch.empty`` is filled at ~1.7 GB/s here (every page faults in anew);
+    the pool (mimalloc by default) hands back memory freed by earlier results, filled at
+    ~12 GB/s. The tensor keeps the pool buffer alive through a writable memoryview.
+    """
+    import torch
+
+    nbytes = numel(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype.torch)
+    buf = pa.allocate_buffer(nbytes)
+    return torch.frombuffer(memoryview(buf), dtype=torch.uint8).view(dtype.torch).reshape(shape)
 
 
 def check_out(out: torch.Tensor, dtype: DType, shape: tuple[int, ...]) -> None:

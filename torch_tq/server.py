@@ -324,7 +324,7 @@ def serve(
         threading.Thread(target=_wait_stdin_eof, args=(stop,), daemon=True).start()
     host_used = resolve(host, "HOST", DEFAULT_HOST)
     print(f"listening on {_location(host_used, server.port)}", flush=True)
-    log.info("torch_tq %s serving %s store at %s", __version__, server.store.storage, server.store.root)
+    log.info("torch_tq %s serving: %s", __version__, server.store.describe())
     try:
         while not stop.wait(0.5):
             pass

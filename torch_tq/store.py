@@ -1,58 +1,42 @@
-"""The storage engine: one Arrow IPC file per matrix, published atomically, verified on read.
+"""The storage engine: the catalog, atomic uploads, and verified reads.
 
-Layout under the data directory::
+A matrix is stored as record batches of bounded size (in an Arrow IPC file, or in RAM; see
+:mod:`torch_tq.backends`). Every batch carries the XXH3-64 digest of its element bytes in
+its custom metadata; the last batch also carries the trailer (shape, dtype, sizes,
+timestamps) with a digest of its own. A reader verifies each batch before handing it on, so
+a flipped bit is an :class:`~torch_tq.errors.InternalError`, never wrong data.
 
-    FORMAT                         "torch_tq-store 1"
-    LOCK                           flock()ed by the one server that owns the directory
-    objects/<index_id>/<type>.arrow            a published matrix
-    objects/<index_id>/.<type>.<random>.tmp    an upload in progress (removed at start)
-
-Each file is an Arrow IPC *file* with one column ``data`` of flattened values in record
-batches of bounded size. Every batch carries the XXH3-64 digest of its element bytes in its
-custom metadata; the last batch also carries the trailer (shape, dtype, sizes, timestamps)
-with a digest of its own. A reader verifies each batch before handing it on, so a flipped
-bit is an :class:`~torch_tq.errors.InternalError`, never wrong data.
-
-Publishing is temp file -> fsync -> rename over the final name -> fsync of the directory;
-a published file is never modified in place (truncating a memory-mapped file would kill the
-server with SIGBUS). The catalog is rebuilt from the files at start, so nothing else needs
-to survive a restart.
-
-This module knows nothing of Flight; it raises torch_tq errors only.
+An upload is invisible until :meth:`PutSession.commit` publishes it in one step (a rename on
+disk); the catalog is rebuilt from the files at start, so nothing else needs to survive a
+restart. This module knows nothing of Flight; it raises torch_tq errors only.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
-import os
-import shutil
-import tempfile
+import queue
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import xxhash
 
 from torch_tq import codec
 from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MATRIX_BYTES, default_data_dir
+from torch_tq.backends import FileBackend, MemoryBackend, first_line, io_error
 from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError, Unavailable
 from torch_tq.protocol import Key, not_found
 
 log = logging.getLogger(__name__)
 
-FORMAT_LINE = "torch_tq-store 1\n"
 DIGEST_KEY = b"xxh3"
 TRAILER_KEY = b"torch_tq.trailer"
 TRAILER_DIGEST_KEY = b"torch_tq.trailer.xxh3"
-_SUFFIX = ".arrow"
 _STRIPES = 64
+_PIPELINE_DEPTH = 4  # received arrays waiting for the writer thread of one upload
 _SPACE_MARGIN = 1 << 20
 
 
@@ -85,52 +69,21 @@ class Entry:
         }
 
 
-def _io_error(e: BaseException, what: str) -> TQError:
-    """Maps an OS/Arrow I/O failure to UNAVAILABLE (space) or INTERNAL_ERROR."""
-    code = getattr(e, "errno", None)
-    text = str(e)
-    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "quota" in text.lower():
-        return Unavailable(f"{what}: storage is full; free space or retry later")
-    log.error("%s failed", what, exc_info=e)
-    return InternalError(f"{what}: storage I/O error")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _default_memory_root() -> str:
-    shm = "/dev/shm"
-    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    return tempfile.mkdtemp(prefix="torch_tq-mem-", dir=base)
-
-
 class Store:
     """The storage engine and its catalog.
 
     Args:
-        data_dir: the directory to own; ``None`` means the embedded default (``disk``) or a
-            fresh RAM-backed directory that is removed on :meth:`close` (``memory``).
-        storage: ``"disk"`` (durable) or ``"memory"`` (same engine on /dev/shm, no fsync).
-        durable: fsync files and directories before acknowledging (default: ``disk`` only).
-        chunk_bytes: the size of the record batches files are cut into.
+        data_dir: the directory to own (``disk``); ``None`` means the embedded default.
+            ``memory`` keeps no files and takes no directory.
+        storage: ``"disk"`` (files, durable) or ``"memory"`` (the received Arrow buffers in
+            RAM: no copy, lost on restart).
+        durable: ``disk`` only: fsync files and directories before acknowledging (default on).
+        chunk_bytes: the size of the record batches matrices are cut into.
         max_matrix_bytes: the per-matrix limit (the seed's 10 GB).
 
     Raises:
         Unavailable: the directory is owned by another running server.
-        InvalidArgument: an unknown ``storage``.
+        InvalidArgument: an unknown ``storage``, or a ``data_dir`` for ``memory``.
     """
 
     def __init__(
@@ -141,62 +94,36 @@ class Store:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_matrix_bytes: int = DEFAULT_MAX_MATRIX_BYTES,
     ) -> None:
-        if storage not in ("disk", "memory"):
+        if storage == "disk":
+            self.backend: FileBackend | MemoryBackend = FileBackend(
+                data_dir if data_dir is not None else default_data_dir(),
+                True if durable is None else durable,
+            )
+        elif storage == "memory":
+            if data_dir is not None:
+                raise InvalidArgument("storage='memory' keeps no files: leave data_dir unset")
+            self.backend = MemoryBackend()
+        else:
             raise InvalidArgument(f"storage must be 'disk' or 'memory', got {storage!r}")
         self.storage = storage
-        self._owns_root = False
-        if data_dir is None:
-            if storage == "memory":
-                data_dir = _default_memory_root()
-                self._owns_root = True
-            else:
-                data_dir = default_data_dir()
-        self.root = os.path.abspath(data_dir)
-        self.durable = (storage == "disk") if durable is None else durable
         self.chunk_bytes = chunk_bytes
         self.max_matrix_bytes = max_matrix_bytes
-        self.objects = os.path.join(self.root, "objects")
-        os.makedirs(self.objects, exist_ok=True)
-        self._lock_fd = self._take_lock()
-        self._write_format()
         self._lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._entries: dict[int, dict[str, Entry]] = {}
         self._bytes = 0
         self._closed = False
-        self._scan()
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def _take_lock(self) -> int:
-        fd = os.open(os.path.join(self.root, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise Unavailable(
-                f"data directory {self.root} is in use by another torch_tq server"
-            ) from None
-        return fd
-
-    def _write_format(self) -> None:
-        path = os.path.join(self.root, "FORMAT")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                if f.read() != FORMAT_LINE:
-                    raise InvalidArgument(f"{self.root} holds a store of another format")
-            return
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(FORMAT_LINE)
+            self._scan()
+        except BaseException:
+            self.backend.close()
+            raise
 
     def close(self) -> None:
-        """Releases the directory (and removes it if it was a temporary memory store)."""
-        if self._closed:
-            return
-        self._closed = True
-        os.close(self._lock_fd)
-        if self._owns_root:
-            shutil.rmtree(self.root, ignore_errors=True)
+        """Releases the directory (or the memory) of the store."""
+        if not self._closed:
+            self._closed = True
+            self.backend.close()
 
     def __enter__(self) -> Store:
         return self
@@ -204,42 +131,24 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def describe(self) -> str:
+        return self.backend.describe()
+
     def _scan(self) -> None:
-        """Rebuilds the catalog from the files; removes temporaries left by a crash."""
-        removed = 0
-        for id_name in os.listdir(self.objects):
-            id_dir = os.path.join(self.objects, id_name)
-            if not id_name.isdigit() or not os.path.isdir(id_dir):
+        """Rebuilds the catalog from what the backend holds."""
+        for key, source in self.backend.scan():
+            if isinstance(source, TQError):
+                log.error("skipping damaged matrix %s: %s", key, source)
                 continue
-            index_id = int(id_name)
-            for name in os.listdir(id_dir):
-                path = os.path.join(id_dir, name)
-                if name.startswith(".") and name.endswith(".tmp"):
-                    os.unlink(path)
-                    removed += 1
-                    continue
-                if not name.endswith(_SUFFIX):
-                    continue
-                key = Key(index_id, name[: -len(_SUFFIX)])
-                try:
-                    with _open_ipc(path) as (_, reader):
-                        entry = _read_trailer(key, reader)
-                except (TQError, OSError) as e:
-                    log.error("skipping damaged matrix file %s: %s", path, e)
-                    continue
-                self._entries.setdefault(index_id, {})[key.matrix_type] = entry
-                self._bytes += entry.nbytes
-        if removed:
-            log.info("removed %d unfinished upload(s) left by an earlier run", removed)
-        log.info("store %s (%s): %d matrices", self.root, self.storage, self.count())
-
-    # ------------------------------------------------------------------ paths
-
-    def _dir(self, index_id: int) -> str:
-        return os.path.join(self.objects, str(index_id))
-
-    def path(self, key: Key) -> str:
-        return os.path.join(self._dir(key.index_id), key.matrix_type + _SUFFIX)
+            try:
+                entry = read_trailer(key, source)
+            except TQError as e:
+                log.error("skipping damaged matrix %s: %s", key, e)
+                continue
+            finally:
+                source.close()
+            self._set(entry)
+        log.info("%s: %d matrices", self.describe(), self.count())
 
     def _stripe(self, index_id: int) -> threading.Lock:
         return self._stripes[index_id % _STRIPES]
@@ -314,7 +223,7 @@ class Store:
         if expected_numel is not None:
             nbytes = expected_numel * dtype.itemsize
             self.check_size(key, nbytes)
-            free = self.free_bytes()
+            free = self.backend.free_bytes()
             if nbytes + _SPACE_MARGIN > free:
                 raise Unavailable(
                     f"not enough space for {key}: {nbytes} bytes declared, {free} free"
@@ -328,16 +237,9 @@ class Store:
                 f"{self.max_matrix_bytes} bytes per matrix"
             )
 
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
-
-    def _publish(self, session: PutSession, entry: Entry) -> None:
-        final = self.path(session.key)
-        with self._stripe(session.key.index_id):
-            os.replace(session.tmp_path, final)
-            if self.durable:
-                _fsync_dir(session.dir)
+    def _publish(self, key: Key, sink, entry: Entry) -> None:
+        with self._stripe(key.index_id):
+            self.backend.publish(key, sink)
             self._set(entry)
 
     def delete(self, index_id: int, matrix_type: str | None = None) -> list[str]:
@@ -349,23 +251,21 @@ class Store:
         with self._stripe(index_id):
             if matrix_type is None:
                 types = sorted(e.key.matrix_type for e in self.entries(index_id))
-                if not types:
-                    raise NotFound(f"index_id not found: index_id={index_id}")
             else:
                 types = [matrix_type]
             deleted = []
             for t in types:
                 key = Key(index_id, t)
                 try:
-                    os.unlink(self.path(key))
-                except FileNotFoundError:
-                    self._drop(key)
-                    continue
+                    if self.backend.delete(key):
+                        deleted.append(t)
                 except OSError as e:
-                    raise _io_error(e, f"delete {key}") from None
-                deleted.append(t)
-            if deleted and self.durable:
-                _fsync_dir(self._dir(index_id))
+                    raise io_error(e, f"delete {key}") from None
+            if deleted:
+                try:
+                    self.backend.sync(index_id)
+                except OSError as e:
+                    raise io_error(e, f"delete index_id={index_id}") from None
             for t in types:
                 self._drop(Key(index_id, t))
         if not deleted:
@@ -381,13 +281,13 @@ class Store:
 
         Raises:
             NotFound: no such matrix.
-            InternalError: the file is damaged.
+            InternalError: the stored matrix is damaged.
         """
-        return MatrixReader(self.path(key), key)
+        return MatrixReader(self.backend.open(key), key, self.backend.digests)
 
 
 class PutSession:
-    """One upload in progress: a temporary file that becomes visible only on commit."""
+    """One upload in progress; it becomes visible only on :meth:`commit`."""
 
     def __init__(
         self,
@@ -408,22 +308,27 @@ class PutSession:
         self._pending: pa.Array | None = None
         self._step = codec.chunk_elements(dtype, store.chunk_bytes)
         self._done = False
-        self.dir = store._dir(key.index_id)
-        self.tmp_path = os.path.join(self.dir, f".{key.matrix_type}.{uuid.uuid4().hex}.tmp")
         self._schema = pa.schema([pa.field("data", dtype.arrow, nullable=False)])
         try:
-            if not os.path.isdir(self.dir):
-                os.makedirs(self.dir, exist_ok=True)
-                if store.durable:
-                    _fsync_dir(store.objects)
-            self._sink = pa.OSFile(self.tmp_path, "wb")
-            self._writer = ipc.new_file(self._sink, self._schema)
+            self._sink = store.backend.begin(key, self._schema)
         except (OSError, pa.ArrowException) as e:
-            self._cleanup()
-            raise _io_error(e, f"write {key}") from None
+            self._done = True
+            raise io_error(e, f"write {key}") from None
+        # Digesting and writing run on a thread of their own, overlapping the receipt of
+        # the next batches; the queue bounds what an upload holds in memory.
+        self._queue: queue.Queue[pa.Array | None] = queue.Queue(_PIPELINE_DEPTH)
+        self._failure: BaseException | None = None
+        self._worker = threading.Thread(target=self._drain, name=f"torch_tq-put-{key}", daemon=True)
+        self._worker.start()
 
     def append(self, values: pa.Array) -> None:
-        """Adds flat values (of the session's Arrow type) at the end of the matrix."""
+        """Adds flat values (of the session's Arrow type) at the end of the matrix.
+
+        Raises:
+            InvalidArgument: more values than declared, or over the size limit.
+            Unavailable / InternalError: an earlier batch could not be stored.
+        """
+        self._raise_failure()
         n = len(values)
         total = self.count + n
         if self.expected_numel is not None and total > self.expected_numel:
@@ -432,26 +337,51 @@ class PutSession:
                 "elements it declared"
             )
         self.store.check_size(self.key, total * self.dtype.itemsize)
-        for start in range(0, n, self._step):
-            piece = values.slice(start, self._step)
-            if self._pending is not None:
-                self._write(self._pending, None)
-            self._pending = piece
         self.count = total
+        self._queue.put(values)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _drain(self) -> None:
+        while True:
+            values = self._queue.get()
+            if values is None:
+                return
+            if self._failure is not None:
+                continue  # keep taking items so append() never blocks on a full queue
+            try:
+                n = len(values)
+                for start in range(0, n, self._step):
+                    piece = values if (start == 0 and n <= self._step) else values.slice(start, self._step)
+                    if self._pending is not None:
+                        self._write(self._pending, None)
+                    self._pending = piece
+            except BaseException as e:  # handed to the receiving thread
+                self._failure = e
+
+    def _stop_worker(self) -> None:
+        if self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join()
 
     def _write(self, piece: pa.Array, trailer: bytes | None) -> None:
-        data = codec.element_bytes(piece)
-        if self._hasher is not None:
-            self._hasher.update(data)
-        metadata = {DIGEST_KEY: _digest(data).encode()}
+        metadata = {}
+        if self._hasher is not None or self.store.backend.digests:
+            data = codec.element_bytes(piece)
+            if self._hasher is not None:
+                self._hasher.update(data)
+            if self.store.backend.digests:
+                metadata[DIGEST_KEY] = _digest(data).encode()
         if trailer is not None:
             metadata[TRAILER_KEY] = trailer
             metadata[TRAILER_DIGEST_KEY] = _digest(trailer).encode()
         batch = pa.RecordBatch.from_arrays([piece], schema=self._schema)
         try:
-            self._writer.write_batch(batch, custom_metadata=metadata)
+            self._sink.write_batch(batch, custom_metadata=metadata)
         except (OSError, pa.ArrowException) as e:
-            raise _io_error(e, f"write {self.key}") from None
+            raise io_error(e, f"write {self.key}") from None
         self.batches += 1
 
     def commit(self, shape: tuple[int, ...]) -> Entry:
@@ -462,6 +392,8 @@ class PutSession:
             Unavailable: storage full.
         """
         try:
+            self._stop_worker()
+            self._raise_failure()
             if codec.numel(shape) != self.count:
                 raise InvalidArgument(
                     f"upload of {self.key} ended after {self.count} of "
@@ -471,9 +403,9 @@ class PutSession:
             if piece is None:
                 piece = pa.array([], type=self.dtype.arrow)
             if self._hasher is not None:
-                self._hasher.update(codec.element_bytes(piece))
-                actual = self._hasher.hexdigest()
-                self._hasher = None
+                last, self._hasher = self._hasher, None
+                last.update(codec.element_bytes(piece))
+                actual = last.hexdigest()
                 if actual != self.expected_xxh3:
                     raise InvalidArgument(
                         f"checksum mismatch for {self.key}: declared xxh3 "
@@ -500,18 +432,12 @@ class PutSession:
             ).encode()
             self._write(piece, trailer)
             self._pending = None
-            try:
-                self._writer.close()
-                self._sink.close()
-                if self.store.durable:
-                    _fsync_file(self.tmp_path)
-            except (OSError, pa.ArrowException) as e:
-                raise _io_error(e, f"write {self.key}") from None
             entry = Entry(self.key, self.dtype.name, tuple(shape), nbytes, created, stamp)
             try:
-                self.store._publish(self, entry)
-            except OSError as e:
-                raise _io_error(e, f"publish {self.key}") from None
+                self._sink.finish()
+                self.store._publish(self.key, self._sink, entry)
+            except (OSError, pa.ArrowException) as e:
+                raise io_error(e, f"publish {self.key}") from None
             self._done = True
             return entry
         except BaseException:
@@ -519,62 +445,17 @@ class PutSession:
             raise
 
     def abort(self) -> None:
-        """Drops the upload; safe to call more than once."""
+        """Drops the upload; safe to call more than once, a no-op after a commit."""
         if self._done:
             return
         self._done = True
+        self._failure = self._failure or InvalidArgument("upload aborted")
+        self._stop_worker()
         self._pending = None
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        for closer in ("_writer", "_sink"):
-            obj = getattr(self, closer, None)
-            if obj is not None:
-                try:
-                    obj.close()
-                except (OSError, pa.ArrowException):
-                    pass
-        try:
-            os.unlink(self.tmp_path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("could not remove %s: %s", self.tmp_path, e)
+        self._sink.abort()
 
 
-class _open_ipc:
-    """Context manager: memory-maps an IPC file; maps failures to torch_tq errors."""
-
-    def __init__(self, path: str, key: Key | None = None) -> None:
-        self.path = path
-        self.key = key
-        self.mm = None
-
-    def __enter__(self):
-        try:
-            self.mm = pa.memory_map(self.path, "r")
-        except FileNotFoundError:
-            raise not_found(self.key) if self.key else NotFound(self.path) from None
-        except (OSError, pa.ArrowException) as e:
-            if isinstance(e, OSError) and e.errno == errno.ENOENT:
-                raise not_found(self.key) if self.key else NotFound(self.path) from None
-            raise _io_error(e, f"read {self.key}") from None
-        try:
-            reader = ipc.open_file(self.mm)
-        except (OSError, pa.ArrowException) as e:
-            self.mm.close()
-            raise InternalError(f"stored file of {self.key} is damaged ({_first_line(e)})") from None
-        return self.mm, reader
-
-    def __exit__(self, *exc) -> None:
-        self.mm.close()
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-
-
-def _read_trailer(key: Key, reader: ipc.RecordBatchFileReader) -> Entry:
+def read_trailer(key: Key, reader) -> Entry:
     """Reads and checks the trailer in the last batch's metadata."""
     damaged = f"stored file of {key} is damaged"
     try:
@@ -597,32 +478,33 @@ def _read_trailer(key: Key, reader: ipc.RecordBatchFileReader) -> Entry:
             or reader.schema.field(0).type != dtype.arrow
         ):
             raise InternalError(f"{damaged} (trailer contradicts the file)")
-        return Entry(key, dtype.name, shape, info["nbytes"], int(info["created_at"]), int(info["updated_at"]))
+        return Entry(key, dtype.name, shape, info["nbytes"], int(info["created_at"]),
+                     int(info["updated_at"]))
     except TQError:
         raise
     except (OSError, pa.ArrowException, ValueError, KeyError, TypeError) as e:
-        raise InternalError(f"{damaged} ({_first_line(e)})") from None
+        raise InternalError(f"{damaged} ({first_line(e)})") from None
 
 
 class MatrixReader:
     """A published matrix opened for streaming; each batch is verified before it is yielded.
 
-    The file stays mapped until :meth:`close` (or the end of :meth:`batches`), so a
+    The source stays open until :meth:`close` (or the end of :meth:`batches`), so a
     concurrent overwrite or delete does not disturb a read in progress.
     """
 
-    def __init__(self, path: str, key: Key) -> None:
+    def __init__(self, source, key: Key, digests: bool = True) -> None:
         self.key = key
-        self._ctx = _open_ipc(path, key)
-        _, self._reader = self._ctx.__enter__()
+        self._digests = digests
+        self._source = source
+        self._closed = False
         try:
-            self.entry = _read_trailer(key, self._reader)
+            self.entry = read_trailer(key, source)
             self.dtype = codec.DTYPES[self.entry.dtype]
             self.numel = codec.numel(self.entry.shape)
         except BaseException:
             self.close()
             raise
-        self._closed = False
 
     def schema(self) -> pa.Schema:
         return codec.wire_schema(self.dtype, self.entry.shape)
@@ -636,18 +518,20 @@ class MatrixReader:
         damaged = f"stored file of {self.key} is damaged"
         try:
             total = 0
-            for i in range(self._reader.num_record_batches):
+            for i in range(self._source.num_record_batches):
                 try:
-                    batch, md = self._reader.get_batch_with_custom_metadata(i)
+                    batch, md = self._source.get_batch_with_custom_metadata(i)
                     batch.validate()
                     column = batch.column(0)
                     if column.null_count or column.type != self.dtype.arrow:
                         raise InternalError(f"{damaged} (batch {i} is malformed)")
-                    expected = (md or {}).get(DIGEST_KEY)
-                    if expected is None or _digest(codec.element_bytes(column)).encode() != expected:
-                        raise InternalError(f"{damaged} (batch {i} failed its checksum)")
+                    if self._digests:
+                        expected = (md or {}).get(DIGEST_KEY)
+                        actual = _digest(codec.element_bytes(column)).encode()
+                        if expected is None or actual != expected:
+                            raise InternalError(f"{damaged} (batch {i} failed its checksum)")
                 except (OSError, pa.ArrowException, ValueError) as e:
-                    raise InternalError(f"{damaged} ({_first_line(e)})") from None
+                    raise InternalError(f"{damaged} ({first_line(e)})") from None
                 total += len(column)
                 if total > self.numel:
                     raise InternalError(f"{damaged} (more values than its shape)")
@@ -658,6 +542,6 @@ class MatrixReader:
             self.close()
 
     def close(self) -> None:
-        if not getattr(self, "_closed", False):
+        if not self._closed:
             self._closed = True
-            self._ctx.__exit__(None, None, None)
+            self._source.close()
