@@ -142,7 +142,7 @@ _CRASH_WRITER = textwrap.dedent(
     location, log_path, keys = sys.argv[1], sys.argv[2], int(sys.argv[3])
     client = torch_tq.Client(location, timeout=10)
     with open(log_path, "a") as log:
-        version = 0
+        version = int(sys.argv[4])  # versions grow across writer processes
         while True:
             version += 1
             key = version % keys
@@ -162,10 +162,10 @@ def test_server_killed_during_puts_is_absent_or_complete(disk_server, tmp_path):
     rng = random.Random(1234)
     log_path = str(tmp_path / "log.txt")
     keys = 3
-    for _ in range(5):
+    for iteration in range(5):
         srv = disk_server(chunk_bytes="1MiB")
         writer = subprocess.Popen([sys.executable, "-c", _CRASH_WRITER, srv.location, log_path,
-                                   str(keys)])
+                                   str(keys), str(iteration * 1_000_000)])
         time.sleep(rng.uniform(0.5, 2.0))
         srv.kill()
         writer.wait(timeout=60)

@@ -17,12 +17,16 @@ from torch_tq.errors import TQError
 
 
 def _serve(args: argparse.Namespace, argv: list[str]) -> int:
-    from torch_tq.server import ALLOCATOR_ENV, serve
+    import pyarrow as pa
 
-    if ALLOCATOR_ENV not in os.environ:
-        # The allocator is fixed when pyarrow loads (already done): start again with jemalloc
-        # (same process id), which keeps server memory bounded (see server._check_allocator).
-        os.environ[ALLOCATOR_ENV] = "jemalloc"
+    from torch_tq._config import resolve
+    from torch_tq.server import ALLOCATOR_ENV, allocator_for, serve
+
+    wanted = allocator_for(resolve(args.storage, "STORAGE", "disk"))
+    if ALLOCATOR_ENV not in os.environ and pa.default_memory_pool().backend_name != wanted:
+        # pyarrow fixed its allocator when it loaded: start again (same process id) with the
+        # one that suits this store (see server.allocator_for).
+        os.environ[ALLOCATOR_ENV] = wanted
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "torch_tq", *argv])
 

@@ -16,6 +16,7 @@ import threading
 import time
 
 from torch_tq.errors import ERROR_CLASSES, Unavailable
+from torch_tq.server import ALLOCATOR_ENV, allocator_for
 
 _LISTENING = re.compile(r"listening on (grpc://\S+)")
 _ERROR = re.compile(r"error: (NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR): (.*)")
@@ -125,7 +126,7 @@ def start_server(
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
-    child_env.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")  # see server._check_allocator
+    child_env.setdefault(ALLOCATOR_ENV, allocator_for(storage))
     proc = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=child_env,
         start_new_session=True,

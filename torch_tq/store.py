@@ -1,10 +1,11 @@
 """The storage engine: the catalog, atomic uploads, and verified reads.
 
 A matrix is stored as record batches of bounded size (in an Arrow IPC file, or in RAM; see
-:mod:`torch_tq.backends`). Every batch carries the XXH3-64 digest of its element bytes in
-its custom metadata; the last batch also carries the trailer (shape, dtype, sizes,
+:mod:`torch_tq.backends`). On disk every batch carries the XXH3-64 digest of its element
+bytes in its custom metadata; the last batch also carries the trailer (shape, dtype, sizes,
 timestamps) with a digest of its own. A reader verifies each batch before handing it on, so
-a flipped bit is an :class:`~torch_tq.errors.InternalError`, never wrong data.
+a flipped bit is an :class:`~torch_tq.errors.InternalError`, never wrong data. The uploads
+are digested and written on a thread of their own, overlapping the receipt of later batches.
 
 An upload is invisible until :meth:`PutSession.commit` publishes it in one step (a rename on
 disk); the catalog is rebuilt from the files at start, so nothing else needs to survive a

@@ -1,0 +1,42 @@
+"""Every benchmark runs at a tiny size, so none of them rots."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_roundtrip_benchmark_tiny(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "roundtrip.py"), "-n", "2MiB",
+         "--runs", "2", "--warmup", "1", "--passes", "1", "--batch-sizes", "256KiB,1MiB",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"ratio: put [0-9.]+x flight, [0-9.]+x tcp \| get [0-9.]+x flight, "
+                        r"[0-9.]+x tcp", lines[-1]), lines[-1]
+    result = json.loads(out.read_text())
+    for name in ("tcp put", "tcp get", "flight[256KiB] put", "flight[1MiB] get_into",
+                 "torch_tq put", "torch_tq get", "torch_tq get_into"):
+        assert result["gbps"][name] > 0
+    assert set(result["ratio"]) == {"put_vs_flight", "get_vs_flight", "get_fresh_vs_flight_fresh",
+                                    "put_vs_tcp", "get_vs_tcp"}
+
+
+def test_roundtrip_benchmark_disk_store(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "roundtrip.py"), "-n", "1MiB",
+         "--runs", "1", "--warmup", "0", "--passes", "1", "--batch-sizes", "1MiB",
+         "--storage", "disk"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "torch_tq storage=disk" in proc.stdout
