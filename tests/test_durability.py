@@ -169,17 +169,23 @@ def test_server_killed_during_puts_is_absent_or_complete(disk_server, tmp_path):
         time.sleep(rng.uniform(0.5, 2.0))
         srv.kill()
         writer.wait(timeout=60)
+        # a key may hold its last acknowledged version or any version tried after it
         last_ack: dict[int, int] = {}
-        last_try: dict[int, int] = {}
+        tried_since: dict[int, set[int]] = {}
         with open(log_path) as f:
             for line in f:
                 kind, key, version = line.split()
-                (last_ack if kind == "ack" else last_try)[int(key)] = int(version)
+                if kind == "ack":
+                    last_ack[int(key)] = int(version)
+                    tried_since[int(key)] = set()
+                else:
+                    tried_since.setdefault(int(key), set()).add(int(version))
         srv = disk_server()
         assert not _temps(str(tmp_path / "data"))
         with torch_tq.Client(srv.location) as c:
             for key in range(keys):
-                allowed = {v for v in (last_ack.get(key), last_try.get(key)) if v is not None}
+                allowed = tried_since.get(key, set()) | (
+                    {last_ack[key]} if key in last_ack else set())
                 try:
                     t = c.get(key, "prompt")
                 except NotFound:
