@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The GPU checks of torch_tq, for a CUDA machine with torch, pyarrow, xxhash and pytest
+# installed (no network needed): builds the extension in place and runs the GPU tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+python3 -c "import sys, torch, pyarrow; print(sys.version.split()[0], torch.__version__, pyarrow.__version__)"
+python3 setup.py -q build_ext --inplace
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ext.py tests/test_client.py "$@"

@@ -1,0 +1,29 @@
+"""GPU checks (skipped on machines without CUDA; run them with `python -m pytest tests/test_gpu.py`
+on a GPU host)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torch_tq
+import torch_tq._C as _C
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_cuda_runtime_found_at_run_time():
+    torch.cuda.init()  # loads the CUDA runtime torch ships; dlopen then finds it by name
+    version = _C.cuda_runtime_version()
+    assert isinstance(version, int) and version >= 11000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.int64])
+def test_put_gpu_tensor_get_back(memory_server, dtype):
+    source = (torch.rand(64, 1 << 16, device="cuda") * 100).to(dtype)
+    view = source.t()[::3]  # non-contiguous, on the GPU
+    with torch_tq.Client(memory_server.location) as client:
+        client.put(1, "prompt", view)
+        back = client.get(1, "prompt")
+    assert back.device.type == "cpu" and back.dtype == dtype
+    assert torch.equal(back.cuda(), view)
