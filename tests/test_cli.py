@@ -99,7 +99,7 @@ def test_demo_runs_and_reports(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "bit-exact: yes" in out
+    assert "bit-exact yes" in out
     assert re.search(r"put .* GB/s", out) and re.search(r"get .* GB/s", out)
     assert "types=['prompt']" in out
 

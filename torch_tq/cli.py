@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -53,28 +54,44 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     shape = tuple(int(d) for d in args.shape.split(","))
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="torch_tq-demo-")
     print(f"torch_tq {__version__} demo")
+    log_path = os.path.join(tempfile.gettempdir(), f"torch_tq-demo-{os.getpid()}.log")
+    log_file = open(log_path, "wb")  # the server's log, shown only if something fails
+    ok = False
     try:
-        with start_server(data_dir=data_dir, storage=args.storage) as srv:
+        with start_server(data_dir=data_dir, storage=args.storage, stderr=log_file) as srv:
             print(f"server    {srv.location}  ({args.storage} store in {data_dir}, pid {srv.pid})")
             client = Client(srv.location)
             tensor = torch.randn(shape, generator=torch.Generator().manual_seed(0))
             size = tensor.numel() * tensor.element_size()
             desc = f"index_id=12345 type=prompt float32{list(shape)} {size / 2**20:.1f} MiB"
-            t0 = time.perf_counter()
-            client.put(12345, "prompt", tensor)
-            t_put = time.perf_counter() - t0
-            print(f"put       {desc} in {t_put:.3f} s ({size / t_put / 1e9:.2f} GB/s)")
-            t0 = time.perf_counter()
-            back = client.get(12345, "prompt")
-            t_get = time.perf_counter() - t0
-            same = torch.equal(back, tensor)
-            print(f"get       {desc} in {t_get:.3f} s ({size / t_get / 1e9:.2f} GB/s), "
-                  f"bit-exact: {'yes' if same else 'NO'}")
+            puts, gets, same = [], [], True
+            for _ in range(1 + args.repeat):  # the first round also pays one-time set-up
+                t0 = time.perf_counter()
+                client.put(12345, "prompt", tensor)
+                puts.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                back = client.get(12345, "prompt")
+                gets.append(time.perf_counter() - t0)
+                same = same and torch.equal(back, tensor)
+                del back
+            for name, times in (("put", puts), ("get", gets)):
+                line = f"{name:<9} {desc} in {times[0]:.3f} s ({size / times[0] / 1e9:.2f} GB/s)"
+                if len(times) > 1:
+                    warm = statistics.median(times[1:])
+                    line += f"; then {warm:.3f} s ({size / warm / 1e9:.2f} GB/s, median of {len(times) - 1})"
+                print(line)
+            print(f"bit-exact {'yes' if same else 'NO'}")
             meta = client.metadata(12345)
             print(f"metadata  types={meta['types']} dimensions={json.dumps(meta['dimensions'])}")
             client.close()
+            ok = same
             return 0 if same else 1
     finally:
+        log_file.close()
+        if not ok:
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                sys.stderr.write(f.read()[-4000:])
+        os.unlink(log_path)
         if not args.data_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -107,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shape", default="32,512,4096", help="matrix shape (default 32,512,4096)")
     d.add_argument("--storage", choices=["disk", "memory"], default="disk")
     d.add_argument("--data-dir", default=None, help="default: a temporary directory")
+    d.add_argument("--repeat", type=int, default=3, help="warm rounds after the first (default 3)")
     d.set_defaults(func=_demo)
     return parser
 
