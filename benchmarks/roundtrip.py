@@ -10,9 +10,9 @@ Baselines, each in its own server process on loopback:
 
 torch_tq runs on its own server (``--storage memory`` by default: RAM, like the plain Flight
 server; ``--storage disk`` adds files and, unless ``--no-fsync``, an fsync per matrix).
-Each method runs as a block: ``--warmup`` unmeasured runs, then ``--runs`` measured ones;
-all blocks run ``--passes`` times in alternating order, and each figure is the median of
-all measured runs of its method. The last line is the headline ratio.
+Every method runs once per round, right after ``--warmup`` unmeasured calls of itself (so
+each is measured warm); rounds alternate the order of the methods, and each figure is the
+median over ``--runs`` rounds. The last line is the headline ratio.
 
 Example:
     python benchmarks/roundtrip.py -n 256MiB --runs 5
@@ -198,22 +198,17 @@ def run(args: argparse.Namespace) -> dict:
         ("torch_tq get_into", lambda: ours.get(1, "prompt", out=reused)),
     ]
     try:
-        # Each method runs as a block (warm-up, then the measured runs) so that every one
-        # is measured warm; the blocks are repeated --passes times in alternating order,
-        # which spreads slow drift of this shared machine over all of them.
-        for p in range(args.passes):
-            order = methods if p % 2 == 0 else methods[::-1]
+        plain.put(table, batch_sizes[0])  # something for the plain reads to read
+        ours.put(1, "prompt", tensor)
+        # Every round runs every method: --warmup unmeasured calls right before one measured
+        # call, so each is measured warm, and the methods interleave finely, so the drift of
+        # this shared machine falls on all of them alike. Odd rounds run in reverse order.
+        for round_no in range(args.runs):
+            order = methods if round_no % 2 == 0 else methods[::-1]
             for name, fn in order:
-                if name.endswith(" get") or name.endswith("get_into"):
-                    # reads need the matrix written by the same method family
-                    if name.startswith("torch_tq"):
-                        ours.put(1, "prompt", tensor)
-                    elif name.startswith("flight"):
-                        plain.put(table, batch_sizes[0])
                 for _ in range(args.warmup):
                     fn()
-                for _ in range(args.runs):
-                    times.setdefault(name, []).append(_timed(fn))
+                times.setdefault(name, []).append(_timed(fn))
         if not torch.equal(ours.get(1, "prompt"), tensor):
             raise RuntimeError("torch_tq returned different data")
     finally:
@@ -258,11 +253,10 @@ def _human(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--size", default="256MiB", help="matrix size (default 256MiB)")
-    parser.add_argument("--runs", type=int, default=5, help="measured runs per block (default 5)")
+    parser.add_argument("--runs", type=int, default=7,
+                        help="measured runs of every method, one per round (default 7)")
     parser.add_argument("--warmup", type=int, default=2,
-                        help="unmeasured runs before each block (default 2)")
-    parser.add_argument("--passes", type=int, default=2,
-                        help="times every block runs, in alternating order (default 2)")
+                        help="unmeasured calls right before each measured one (default 2)")
     parser.add_argument("--batch-sizes", default="1MiB,4MiB,16MiB",
                         help="plain Flight batch sizes to try (default 1MiB,4MiB,16MiB)")
     parser.add_argument("--storage", choices=["memory", "disk"], default="memory")
@@ -271,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     result = run(args)
-    print(f"roundtrip of {_human(result['size_bytes'])} float32, median of "
-          f"{args.runs * args.passes} runs, "
+    print(f"roundtrip of {_human(result['size_bytes'])} float32, median of {args.runs} runs, "
           f"torch_tq storage={args.storage}")
     print(f"{'method':<24}{'GB/s':>8}")
     for name, gbps in result["gbps"].items():

@@ -15,7 +15,7 @@ def test_roundtrip_benchmark_tiny(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "roundtrip.py"), "-n", "2MiB",
-         "--runs", "2", "--warmup", "1", "--passes", "1", "--batch-sizes", "256KiB,1MiB",
+         "--runs", "2", "--warmup", "1", "--batch-sizes", "256KiB,1MiB",
          "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
@@ -34,7 +34,7 @@ def test_roundtrip_benchmark_tiny(tmp_path):
 def test_roundtrip_benchmark_disk_store(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "roundtrip.py"), "-n", "1MiB",
-         "--runs", "1", "--warmup", "0", "--passes", "1", "--batch-sizes", "1MiB",
+         "--runs", "1", "--warmup", "0", "--batch-sizes", "1MiB",
          "--storage", "disk"],
         capture_output=True, text=True, timeout=300,
     )

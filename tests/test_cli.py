@@ -20,9 +20,24 @@ import torch_tq
 LISTENING = re.compile(r"^listening on grpc://127\.0\.0\.1:(\d+)$")
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers():
+    """Servers a failing test left running are killed, never leaked."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
 def _start(args: list[str], tmp_path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(args + ["--data-dir", str(tmp_path / "d")], stdout=subprocess.PIPE,
                             text=True)
+    _STARTED.append(proc)
     line = proc.stdout.readline().strip()
     match = LISTENING.match(line)
     assert match, f"unexpected first line {line!r}"

@@ -315,12 +315,18 @@ class PutSession:
         except (OSError, pa.ArrowException) as e:
             self._done = True
             raise io_error(e, f"write {key}") from None
-        # Digesting and writing run on a thread of their own, overlapping the receipt of
-        # the next batches; the queue bounds what an upload holds in memory.
-        self._queue: queue.Queue[pa.Array | None] = queue.Queue(_PIPELINE_DEPTH)
         self._failure: BaseException | None = None
-        self._worker = threading.Thread(target=self._drain, name=f"torch_tq-put-{key}", daemon=True)
-        self._worker.start()
+        self._queue: queue.Queue[pa.Array | None] | None = None
+        self._worker: threading.Thread | None = None
+        if store.backend.digests or xxh3:
+            # Digesting and writing run on a thread of their own, overlapping the receipt of
+            # the next batches; the queue bounds what an upload holds in memory. (Keeping
+            # received buffers in RAM is too little work to be worth a thread.)
+            self._queue = queue.Queue(_PIPELINE_DEPTH)
+            self._worker = threading.Thread(
+                target=self._drain, name=f"torch_tq-put-{key}", daemon=True
+            )
+            self._worker.start()
 
     def append(self, values: pa.Array) -> None:
         """Adds flat values (of the session's Arrow type) at the end of the matrix.
@@ -339,7 +345,10 @@ class PutSession:
             )
         self.store.check_size(self.key, total * self.dtype.itemsize)
         self.count = total
-        self._queue.put(values)
+        if self._queue is not None:
+            self._queue.put(values)
+        else:
+            self._store_values(values)
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
@@ -353,17 +362,21 @@ class PutSession:
             if self._failure is not None:
                 continue  # keep taking items so append() never blocks on a full queue
             try:
-                n = len(values)
-                for start in range(0, n, self._step):
-                    piece = values if (start == 0 and n <= self._step) else values.slice(start, self._step)
-                    if self._pending is not None:
-                        self._write(self._pending, None)
-                    self._pending = piece
+                self._store_values(values)
             except BaseException as e:  # handed to the receiving thread
                 self._failure = e
 
+    def _store_values(self, values: pa.Array) -> None:
+        # Cut into pieces of at most chunk_bytes; the last piece waits for the trailer.
+        n = len(values)
+        for start in range(0, n, self._step):
+            piece = values if (start == 0 and n <= self._step) else values.slice(start, self._step)
+            if self._pending is not None:
+                self._write(self._pending, None)
+            self._pending = piece
+
     def _stop_worker(self) -> None:
-        if self._worker.is_alive():
+        if self._worker is not None and self._worker.is_alive():
             self._queue.put(None)
             self._worker.join()
 
