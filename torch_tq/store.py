@@ -523,6 +523,16 @@ class MatrixReader:
     def schema(self) -> pa.Schema:
         return codec.wire_schema(self.dtype, self.entry.shape)
 
+    @property
+    def verifies(self) -> bool:
+        """Whether :meth:`batches` checks digests (it must then run batch by batch)."""
+        return self._digests
+
+    def table(self) -> pa.Table:
+        """The whole matrix as a table over the stored batches (no copy): for a source whose
+        batches carry no digest, so that it can be streamed without a Python generator."""
+        return pa.Table.from_batches(list(self.batches()), schema=self.schema())
+
     def batches(self) -> Iterator[pa.RecordBatch]:
         """Yields verified record batches.
 
