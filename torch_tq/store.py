@@ -4,8 +4,7 @@ A matrix is stored as record batches of bounded size (in an Arrow IPC file, or i
 :mod:`torch_tq.backends`). On disk every batch carries the XXH3-64 digest of its element
 bytes in its custom metadata; the last batch also carries the trailer (shape, dtype, sizes,
 timestamps) with a digest of its own. A reader verifies each batch before handing it on, so
-a flipped bit is an :class:`~torch_tq.errors.InternalError`, never wrong data. The uploads
-are digested and written on a thread of their own, overlapping the receipt of later batches.
+a flipped bit is an :class:`~torch_tq.errors.InternalError`, never wrong data.
 
 An upload is invisible until :meth:`PutSession.commit` publishes it in one step (a rename on
 disk); the catalog is rebuilt from the files at start, so nothing else needs to survive a
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -37,7 +35,6 @@ DIGEST_KEY = b"xxh3"
 TRAILER_KEY = b"torch_tq.trailer"
 TRAILER_DIGEST_KEY = b"torch_tq.trailer.xxh3"
 _STRIPES = 64
-_PIPELINE_DEPTH = 4  # received arrays waiting for the writer thread of one upload
 _SPACE_MARGIN = 1 << 20
 
 
@@ -315,27 +312,13 @@ class PutSession:
         except (OSError, pa.ArrowException) as e:
             self._done = True
             raise io_error(e, f"write {key}") from None
-        self._failure: BaseException | None = None
-        self._queue: queue.Queue[pa.Array | None] | None = None
-        self._worker: threading.Thread | None = None
-        if store.backend.digests or xxh3:
-            # Digesting and writing run on a thread of their own, overlapping the receipt of
-            # the next batches; the queue bounds what an upload holds in memory. (Keeping
-            # received buffers in RAM is too little work to be worth a thread.)
-            self._queue = queue.Queue(_PIPELINE_DEPTH)
-            self._worker = threading.Thread(
-                target=self._drain, name=f"torch_tq-put-{key}", daemon=True
-            )
-            self._worker.start()
-
     def append(self, values: pa.Array) -> None:
         """Adds flat values (of the session's Arrow type) at the end of the matrix.
 
         Raises:
             InvalidArgument: more values than declared, or over the size limit.
-            Unavailable / InternalError: an earlier batch could not be stored.
+            Unavailable / InternalError: the batch could not be stored.
         """
-        self._raise_failure()
         n = len(values)
         total = self.count + n
         if self.expected_numel is not None and total > self.expected_numel:
@@ -345,40 +328,12 @@ class PutSession:
             )
         self.store.check_size(self.key, total * self.dtype.itemsize)
         self.count = total
-        if self._queue is not None:
-            self._queue.put(values)
-        else:
-            self._store_values(values)
-
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise self._failure
-
-    def _drain(self) -> None:
-        while True:
-            values = self._queue.get()
-            if values is None:
-                return
-            if self._failure is not None:
-                continue  # keep taking items so append() never blocks on a full queue
-            try:
-                self._store_values(values)
-            except BaseException as e:  # handed to the receiving thread
-                self._failure = e
-
-    def _store_values(self, values: pa.Array) -> None:
         # Cut into pieces of at most chunk_bytes; the last piece waits for the trailer.
-        n = len(values)
         for start in range(0, n, self._step):
             piece = values if (start == 0 and n <= self._step) else values.slice(start, self._step)
             if self._pending is not None:
                 self._write(self._pending, None)
             self._pending = piece
-
-    def _stop_worker(self) -> None:
-        if self._worker is not None and self._worker.is_alive():
-            self._queue.put(None)
-            self._worker.join()
 
     def _write(self, piece: pa.Array, trailer: bytes | None) -> None:
         metadata = {}
@@ -406,8 +361,6 @@ class PutSession:
             Unavailable: storage full.
         """
         try:
-            self._stop_worker()
-            self._raise_failure()
             if codec.numel(shape) != self.count:
                 raise InvalidArgument(
                     f"upload of {self.key} ended after {self.count} of "
@@ -463,8 +416,6 @@ class PutSession:
         if self._done:
             return
         self._done = True
-        self._failure = self._failure or InvalidArgument("upload aborted")
-        self._stop_worker()
         self._pending = None
         self._sink.abort()
 
