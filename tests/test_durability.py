@@ -426,5 +426,6 @@ def test_matrix_over_2gib_streams_with_bounded_server_memory(disk_server):
     assert torch.equal(back.reshape(-1), t)
     grown_mib = (peak[0] - baseline) / 1024
     # the server never holds the matrix: a few batches in flight at most
-    # allocator caches and gRPC buffers: measured 35-80 MiB here, whatever the matrix size
-    assert grown_mib < 256, f"server private memory grew by {grown_mib:.0f} MiB"
+    # allocator caches and gRPC buffers: typically 35-80 MiB here, once 338 MiB (while the
+    # page cache throttled writes), against the 2304 MiB that holding the matrix would take
+    assert grown_mib < 512, f"server private memory grew by {grown_mib:.0f} MiB"
