@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
+import shutil
 import socket
 import statistics
 import sys
@@ -217,8 +217,6 @@ def run(args: argparse.Namespace) -> dict:
         plain.close()
         tcp.close()
         if data_dir:
-            import shutil
-
             shutil.rmtree(data_dir, ignore_errors=True)
 
     rate = {name: size / statistics.median(ts) / 1e9 for name, ts in times.items()}

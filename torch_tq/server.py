@@ -40,7 +40,6 @@ from torch_tq._config import (
 )
 from torch_tq._version import __version__
 from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
-from torch_tq.protocol import Key
 from torch_tq.store import Entry, Store
 
 log = logging.getLogger(__name__)

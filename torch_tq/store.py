@@ -312,6 +312,7 @@ class PutSession:
         except (OSError, pa.ArrowException) as e:
             self._done = True
             raise io_error(e, f"write {key}") from None
+
     def append(self, values: pa.Array) -> None:
         """Adds flat values (of the session's Arrow type) at the end of the matrix.
 
@@ -369,15 +370,6 @@ class PutSession:
             piece = self._pending
             if piece is None:
                 piece = pa.array([], type=self.dtype.arrow)
-            if self._hasher is not None:
-                last, self._hasher = self._hasher, None
-                last.update(codec.element_bytes(piece))
-                actual = last.hexdigest()
-                if actual != self.expected_xxh3:
-                    raise InvalidArgument(
-                        f"checksum mismatch for {self.key}: declared xxh3 "
-                        f"{self.expected_xxh3}, received data has {actual}"
-                    )
             stamp = now_ms()
             try:
                 created = self.store.get(self.key).created_at
@@ -397,8 +389,15 @@ class PutSession:
                 },
                 separators=(",", ":"),
             ).encode()
-            self._write(piece, trailer)
+            self._write(piece, trailer)  # also feeds the last piece to the hasher
             self._pending = None
+            if self._hasher is not None:
+                actual = self._hasher.hexdigest()
+                if actual != self.expected_xxh3:
+                    raise InvalidArgument(
+                        f"checksum mismatch for {self.key}: declared xxh3 "
+                        f"{self.expected_xxh3}, received data has {actual}"
+                    )
             entry = Entry(self.key, self.dtype.name, tuple(shape), nbytes, created, stamp)
             try:
                 self._sink.finish()
