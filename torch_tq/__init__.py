@@ -6,13 +6,21 @@ as torch tensors; storage nodes run :func:`serve`.
 
 from torch_tq._version import __version__
 from torch_tq.client import Client, MatrixInfo
-from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError, Unavailable
+from torch_tq.errors import (
+    ForkedProcessError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    TQError,
+    Unavailable,
+)
 from torch_tq.launch import ServerHandle, start_server
 from torch_tq.server import serve
 
 __all__ = [
     "Client",
     "InternalError",
+    "ForkedProcessError",
     "InvalidArgument",
     "MatrixInfo",
     "NotFound",

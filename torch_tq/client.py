@@ -20,11 +20,21 @@ import xxhash
 
 from torch_tq import codec, protocol
 from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_PORT, DEFAULT_TIMEOUT_S, parse_size, resolve
+from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq.errors import InternalError, InvalidArgument, TQError
 from torch_tq.protocol import Key
 
 if TYPE_CHECKING:
     import torch
+
+
+class Lease(NamedTuple):
+    """What :meth:`Client.consume` handed out."""
+
+    index_ids: list[int]
+    lease: str | None
+    expires_at: int | None  # ms since the epoch
+    finished: bool  # the group's types are finished and nothing is left for it
 
 
 class MatrixInfo(NamedTuple):
@@ -109,6 +119,8 @@ class Client:
                 if self._conn is None or self._pid != pid:
                     # After a fork the inherited connection belongs to the parent: drop it
                     # without closing (closing would touch the parent's gRPC state).
+                    check_fork_safe()
+                    note_grpc_use()
                     self._conn = flight.FlightClient(self.location)
                     self._pid = pid
         return self._conn
@@ -129,10 +141,15 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _action(self, name: str, body: dict[str, Any], what: str) -> dict[str, Any]:
+    def _action(
+        self, name: str, body: dict[str, Any], what: str, wait: float = 0.0
+    ) -> dict[str, Any]:
+        options = self._options()
+        if wait and self.timeout is not None:
+            options = flight.FlightCallOptions(timeout=self.timeout + wait)
         try:
             results = list(
-                self._flight.do_action(flight.Action(name, protocol.dumps(body)), self._options())
+                self._flight.do_action(flight.Action(name, protocol.dumps(body)), options)
             )
         except Exception as e:
             raise protocol.from_flight_error(e, what) from None
@@ -273,6 +290,83 @@ class Client:
             dtype, shape = codec.parse_wire_schema(info.schema)
             out.append(MatrixInfo(key.index_id, key.matrix_type, shape, dtype.name, info.total_bytes))
         return out
+
+    # ------------------------------------------------------------------ consumer groups
+
+    def consume(
+        self,
+        group: str,
+        types: list[str] | None = None,
+        *,
+        max_items: int = 1,
+        timeout: float = 0.0,
+        lease: float = 60.0,
+        ack: list[int] | tuple[int, ...] = (),
+        delete: bool = False,
+    ) -> Lease:
+        """Leases up to ``max_items`` index_ids that have every type of ``types`` and that
+        ``group`` has not consumed, waiting up to ``timeout`` seconds (at most 60) for one.
+
+        An index_id not acknowledged (:meth:`ack`) within ``lease`` seconds is handed out
+        again. ``types`` is required when the group is new and must match afterwards.
+        ``ack`` acknowledges earlier index_ids in the same round trip.
+
+        Returns:
+            A :class:`Lease`; empty with ``finished=True`` once producers have finished
+            every type (:meth:`finish`) and nothing is left for the group.
+
+        Raises:
+            NotFound: an unknown group and no ``types``.
+            InvalidArgument: ``types`` differ from the group's.
+        """
+        body: dict[str, Any] = {
+            "group": group,
+            "max_items": max_items,
+            "timeout_ms": int(round(timeout * 1000)),
+            "lease_ms": int(round(lease * 1000)),
+        }
+        if types is not None:
+            body["types"] = list(types)
+        if ack:
+            body["ack"] = list(ack)
+            body["delete"] = delete
+        reply = self._action(protocol.CONSUME, body, f"consume group={group}", wait=timeout)
+        return Lease(reply["items"], reply["lease"], reply["lease_expires_at"], reply["finished"])
+
+    def ack(self, group: str, index_ids: list[int], *, delete: bool = False) -> dict[str, Any]:
+        """Consumes ``index_ids`` for ``group`` for good; with ``delete``, also deletes every
+        matrix of them (for the last stage of a pipeline).
+
+        Returns:
+            ``acked`` (newly), ``already`` (before), ``unknown`` (never handed to the group:
+            nothing changed for them) and ``deleted`` (matrices).
+        """
+        body = {"group": group, "index_ids": list(index_ids), "delete": delete}
+        return self._action(protocol.ACK, body, f"ack group={group}")
+
+    def release(self, group: str, index_ids: list[int]) -> list[int]:
+        """Hands leased ``index_ids`` back at once; returns those that were leased."""
+        body = {"group": group, "index_ids": list(index_ids)}
+        return self._action(protocol.RELEASE, body, f"release group={group}")["released"]
+
+    def finish(self, types: list[str]) -> list[str]:
+        """Marks ``types`` finished: no more of them will be written. Returns every finished
+        type."""
+        body = {"types": list(types)}
+        return self._action(protocol.FINISH_STREAM, body, "finish")["finished_types"]
+
+    def reopen(self, types: list[str]) -> list[str]:
+        """Clears the finished mark of ``types`` (a new round of production)."""
+        body = {"types": list(types)}
+        return self._action(protocol.REOPEN_STREAM, body, "reopen")["finished_types"]
+
+    def group_status(self, group: str) -> dict[str, Any]:
+        """``ready``, ``leased``, ``consumed``, ``incomplete`` counts and ``finished``."""
+        return self._action(protocol.GROUP_STATUS, {"group": group}, f"status group={group}")
+
+    def delete_group(self, group: str) -> None:
+        """Forgets ``group`` and what it consumed."""
+        self._action(protocol.DELETE_GROUP, {"group": group}, f"delete group={group}")
 
     def health(self) -> dict[str, Any]:
         """The server's Health action: status, matrices and bytes stored, version."""

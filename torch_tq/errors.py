@@ -57,6 +57,15 @@ class InternalError(TQError, RuntimeError):
     code = "INTERNAL_ERROR"
 
 
+class ForkedProcessError(TQError, RuntimeError):
+    """This process was forked from one that had already used gRPC (a Flight client or
+    server), so a new connection here could hang (RELIABILITY.md section 9). Start such
+    processes with ``spawn`` or ``forkserver`` (for a DataLoader:
+    ``multiprocessing_context="forkserver"``), or fork before the first call."""
+
+    code = "FAILED_PRECONDITION"
+
+
 ERROR_CLASSES: dict[str, type[TQError]] = {
     cls.code: cls for cls in (NotFound, InvalidArgument, Unavailable, InternalError)
 }

@@ -42,11 +42,27 @@ READ_MATRIX = "ReadMatrix"
 DELETE_MATRIX = "DeleteMatrix"
 GET_METADATA = "GetMetadata"
 HEALTH = "Health"
+CONSUME = "Consume"
+ACK = "Ack"
+RELEASE = "Release"
+FINISH_STREAM = "FinishStream"
+REOPEN_STREAM = "ReopenStream"
+GROUP_STATUS = "GroupStatus"
+DELETE_GROUP = "DeleteGroup"
 
 ACTION_DESCRIPTIONS = {
     DELETE_MATRIX: 'Delete one matrix, or every type of an index_id: {"index_id": N, "matrix_type": "prompt"|""}',
     GET_METADATA: 'Types, dimensions, dtypes, sizes and timestamps of an index_id: {"index_id": N}',
     HEALTH: "Server status: matrices and bytes stored, uptime",
+    CONSUME: 'Lease up to max_items index_ids whose types are all present and not yet consumed by '
+             'the group, waiting up to timeout_ms: {"group": "g", "types": ["prompt", ...], '
+             '"max_items": N, "timeout_ms": T, "lease_ms": L, "ack": [ids], "delete": false}',
+    ACK: 'Consume leased index_ids for good: {"group": "g", "index_ids": [...], "delete": false}',
+    RELEASE: 'Give leased index_ids back at once: {"group": "g", "index_ids": [...]}',
+    FINISH_STREAM: 'Mark matrix types finished (no more will be written): {"types": [...]}',
+    REOPEN_STREAM: 'Clear the finished mark of matrix types: {"types": [...]}',
+    GROUP_STATUS: 'Ready, leased and consumed counts of a consumer group: {"group": "g"}',
+    DELETE_GROUP: 'Forget a consumer group and what it consumed: {"group": "g"}',
 }
 
 _ACTION_SPELLINGS = {
@@ -320,6 +336,95 @@ def parse_list_criteria(raw: bytes) -> int | None:
     if body.get("index_id") is None:
         return None
     return validate_index_id(body["index_id"])
+
+
+MAX_IDS_PER_CALL = 10_000
+MAX_ITEMS = 10_000
+MAX_WAIT_S = 60.0
+MAX_LEASE_S = 24 * 3600.0
+GROUP_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}", re.ASCII)
+
+
+def validate_group(value: Any) -> str:
+    """Returns the canonical (lower-case) consumer group name: 1-64 of ``[a-z0-9_.-]``,
+    starting with a letter or digit (it names a directory of the store)."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"group must be a string, got {type(value).__name__}")
+    if not value.isascii() or not GROUP_RE.fullmatch(value.lower()):
+        raise InvalidArgument(
+            f"invalid group {value[:80]!r}: use 1-64 ASCII letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return value.lower()
+
+
+def _validate_int(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidArgument(f"{name} must be an integer in [{lo}, {hi}], got {value!r:.80}")
+    return value
+
+
+def _validate_ids(value: Any, name: str) -> list[int]:
+    if not isinstance(value, list):
+        raise InvalidArgument(f"{name} must be a list of index_ids, got {type(value).__name__}")
+    if len(value) > MAX_IDS_PER_CALL:
+        raise InvalidArgument(f"{name} has {len(value)} entries; the limit is {MAX_IDS_PER_CALL}")
+    return [validate_index_id(v) for v in value]
+
+
+def _validate_types(value: Any) -> frozenset[str]:
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument("types must be a non-empty list of matrix types")
+    if len(value) > 64:
+        raise InvalidArgument(f"types has {len(value)} entries; the limit is 64")
+    return frozenset(validate_matrix_type(t) for t in value)
+
+
+def _validate_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{name} must be true or false, got {value!r:.80}")
+    return value
+
+
+_QUEUE_FIELDS = {
+    CONSUME: ({"group", "types", "max_items", "timeout_ms", "lease_ms", "ack", "delete"}, {"group"}),
+    ACK: ({"group", "index_ids", "delete"}, {"group", "index_ids"}),
+    RELEASE: ({"group", "index_ids"}, {"group", "index_ids"}),
+    FINISH_STREAM: ({"types"}, {"types"}),
+    REOPEN_STREAM: ({"types"}, {"types"}),
+    GROUP_STATUS: ({"group"}, {"group"}),
+    DELETE_GROUP: ({"group"}, {"group"}),
+}
+
+
+def parse_queue_body(raw: bytes, action: str) -> dict[str, Any]:
+    """Parses the body of a consumer-group action into checked Python values.
+
+    ``group`` is returned as given (the queue checks and canonicalizes names); ``types`` as
+    a frozenset of canonical names; times in seconds.
+    """
+    what = f"{action} body"
+    body = parse_json_object(raw, what)
+    allowed, required = _QUEUE_FIELDS[action]
+    _check_keys(body, allowed, required, what)
+    out: dict[str, Any] = {}
+    if "group" in body:
+        out["group"] = validate_group(body["group"])
+    if "types" in body:
+        out["types"] = _validate_types(body["types"])
+    if "index_ids" in body:
+        out["index_ids"] = _validate_ids(body["index_ids"], "index_ids")
+    if "ack" in body:
+        out["ack"] = _validate_ids(body["ack"], "ack")
+    if "delete" in body:
+        out["delete"] = _validate_bool(body["delete"], "delete")
+    if action == CONSUME:
+        out["max_items"] = _validate_int(body.get("max_items", 1), "max_items", 1, MAX_ITEMS)
+        out["wait_s"] = _validate_int(
+            body.get("timeout_ms", 0), "timeout_ms", 0, int(MAX_WAIT_S * 1000)) / 1000
+        out["lease_s"] = _validate_int(
+            body.get("lease_ms", 60_000), "lease_ms", 50, int(MAX_LEASE_S * 1000)) / 1000
+    return out
 
 
 def parse_empty_body(raw: bytes, what: str) -> None:

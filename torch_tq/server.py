@@ -40,6 +40,8 @@ from torch_tq._config import (
 )
 from torch_tq._version import __version__
 from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
+from torch_tq._fork import check_fork_safe, note_grpc_use
+from torch_tq.queue import Queue
 from torch_tq.store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,21 @@ _ACTIONS = {
     "get_metadata": protocol.GET_METADATA,
     "health": protocol.HEALTH,
 }
+_QUEUE_ACTIONS = {
+    protocol.CONSUME: lambda q, a: q.consume(
+        a["group"], a.get("types"), a["max_items"], a["wait_s"], a["lease_s"],
+        a.get("ack", []), a.get("delete", False)),
+    protocol.ACK: lambda q, a: q.ack(a["group"], a["index_ids"], a.get("delete", False)),
+    protocol.RELEASE: lambda q, a: q.release(a["group"], a["index_ids"]),
+    protocol.FINISH_STREAM: lambda q, a: q.finish(a["types"], True),
+    protocol.REOPEN_STREAM: lambda q, a: q.finish(a["types"], False),
+    protocol.GROUP_STATUS: lambda q, a: q.status(a["group"]),
+    protocol.DELETE_GROUP: lambda q, a: q.delete_group(a["group"]),
+}
+for _name in _QUEUE_ACTIONS:
+    _ACTIONS[_name.lower()] = _name
+    _ACTIONS["".join("_" + c.lower() if c.isupper() else c for c in _name).lstrip("_")] = _name
+
 
 
 class TQFlightServer(flight.FlightServerBase):
@@ -99,9 +116,15 @@ class TQFlightServer(flight.FlightServerBase):
     """
 
     def __init__(self, location: str, store: Store, **kwargs) -> None:
-        super().__init__(location, **kwargs)
         self.store = store
         self.started = time.monotonic()
+        state_dir = None
+        if store.storage == "disk":
+            state_dir = os.path.join(store.backend.root, "queue")
+        self.queue = Queue(store, state_dir, durable=store.backend.durable)
+        check_fork_safe()
+        note_grpc_use()
+        super().__init__(location, **kwargs)  # serves from here on
 
     # ------------------------------------------------------------------ DoPut
 
@@ -218,6 +241,9 @@ class TQFlightServer(flight.FlightServerBase):
         elif name == protocol.HEALTH:
             protocol.parse_empty_body(body, "Health body")
             result = self.health()
+        elif name in _QUEUE_ACTIONS:
+            args = protocol.parse_queue_body(body, name)
+            result = {"success": True, "message": "success", **_QUEUE_ACTIONS[name](self.queue, args)}
         else:
             raise InvalidArgument(
                 f"unknown action {action.type[:64]!r}; available: "
@@ -235,6 +261,7 @@ class TQFlightServer(flight.FlightServerBase):
             "matrices": self.store.count(),
             "bytes": self.store.total_bytes(),
             "uptime_s": round(time.monotonic() - self.started, 3),
+            "groups": self.queue.groups(),
         }
 
     @_guard
@@ -377,6 +404,7 @@ def _shutdown(server: TQFlightServer, grace: float) -> None:
 
     def run() -> None:
         try:
+            server.queue.close()  # long-polling consumers return UNAVAILABLE now
             server.shutdown()
         finally:
             done.set()
@@ -387,5 +415,6 @@ def _shutdown(server: TQFlightServer, grace: float) -> None:
         server.store.close()
         sys.stdout.flush()
         os._exit(0)
+    server.queue.close()
     server.store.close()
     log.info("server stopped")

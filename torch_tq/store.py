@@ -111,6 +111,7 @@ class Store:
         self._entries: dict[int, dict[str, Entry]] = {}
         self._bytes = 0
         self._closed = False
+        self._listeners: list = []
         try:
             self._scan()
         except BaseException:
@@ -147,6 +148,28 @@ class Store:
                 source.close()
             self._set(entry)
         log.info("%s: %d matrices", self.describe(), self.count())
+
+    def add_listener(self, fn) -> None:
+        """Calls ``fn(index_id, types)`` after every publish and delete, with the types of
+        ``index_id`` then present (a frozenset), while writes to ``index_id`` are held."""
+        self._listeners.append(fn)
+
+    def _notify(self, index_id: int) -> None:
+        if not self._listeners:
+            return
+        with self._lock:
+            present = frozenset(self._entries.get(index_id, ()))
+        for fn in self._listeners:
+            fn(index_id, present)
+
+    def index_types(self) -> dict[int, frozenset[str]]:
+        """Every stored index_id with the set of its matrix types."""
+        with self._lock:
+            return {i: frozenset(types) for i, types in self._entries.items()}
+
+    def types_of(self, index_id: int) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._entries.get(index_id, ()))
 
     def _stripe(self, index_id: int) -> threading.Lock:
         return self._stripes[index_id % _STRIPES]
@@ -239,6 +262,7 @@ class Store:
         with self._stripe(key.index_id):
             self.backend.publish(key, sink)
             self._set(entry)
+            self._notify(key.index_id)
 
     def delete(self, index_id: int, matrix_type: str | None = None) -> list[str]:
         """Deletes one matrix, or every type of ``index_id``; returns the deleted types.
@@ -266,6 +290,8 @@ class Store:
                     raise io_error(e, f"delete index_id={index_id}") from None
             for t in types:
                 self._drop(Key(index_id, t))
+            if deleted:
+                self._notify(index_id)
         if not deleted:
             if matrix_type is None:
                 raise NotFound(f"index_id not found: index_id={index_id}")

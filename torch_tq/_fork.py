@@ -1,0 +1,38 @@
+"""gRPC and ``fork()`` do not mix (RELIABILITY.md section 9).
+
+A process forked from one that had already started gRPC (a Flight client or server) inherits
+gRPC's threads and locks in whatever state they were in, and a connection opened there can
+hang. torch_tq records the first process that starts gRPC and refuses, with a clear error,
+to open a connection in a process forked from it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch_tq.errors import ForkedProcessError
+
+# The pid of the first process that opened a Flight connection. A process forked from it
+# inherits gRPC's threads and locks in whatever state they were, and a connection opened
+# there can hang: refuse with a clear error instead.
+_grpc_pid: int | None = None
+
+
+def note_grpc_use() -> None:
+    """Records that this process is starting gRPC (a client or a server)."""
+    global _grpc_pid
+    if _grpc_pid is None:
+        _grpc_pid = os.getpid()
+
+
+def check_fork_safe() -> None:
+    """Raises :class:`ForkedProcessError` in a process forked after gRPC was in use."""
+    pid = os.getpid()
+    if _grpc_pid is not None and _grpc_pid != pid:
+        raise ForkedProcessError(
+            f"process {pid} was forked from process {_grpc_pid} after that process had used "
+            "gRPC (a torch_tq or pyarrow.flight client), and a new connection here could hang. "
+            "Start this process with 'spawn' or 'forkserver' instead (for a DataLoader: "
+            "DataLoader(..., multiprocessing_context='forkserver')), or fork before the "
+            "first torch_tq call"
+        )

@@ -1,0 +1,595 @@
+"""The training-loop side: ``DataLoader(TQDataset(...))`` for trainers, ``TensorSink`` for producers.
+
+:class:`TQDataset` reads matrices either for a fixed set of index_ids (sharded across ranks
+and DataLoader workers, optionally shuffled per epoch, resumable mid-epoch) or as a stream
+from a consumer group (the server hands each index_id to exactly one consumer as soon as
+every required type is present; see :mod:`torch_tq.queue`).
+
+:class:`TensorSink` writes from a background thread, with bounded memory in flight.
+
+Both hold only picklable configuration: the :class:`~torch_tq.Client` is created lazily in
+the process that iterates (a DataLoader worker, say) and rebuilt after a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as queue_mod
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.utils.data
+
+from torch_tq import protocol
+from torch_tq.client import Client
+from torch_tq.errors import InvalidArgument, NotFound, TQError
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class TQDataset(torch.utils.data.IterableDataset):
+    """Matrices from a torch_tq server as dicts of tensors, for ``torch.utils.data.DataLoader``.
+
+    Each item is ``{matrix_type: tensor, ..., "index_id": int}`` (with ``unit="sample"``, one
+    item per row of the first dimension, plus ``"row"``).
+
+    Two modes:
+
+    * **fixed** (``index_ids=`` a list or range): every index_id once per epoch, split across
+      ``world_size`` ranks and the DataLoader's workers without duplicates or losses;
+      ``shuffle=True`` permutes with ``seed + epoch`` (call :meth:`set_epoch`);
+      :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch (torchdata's
+      ``StatefulDataLoader`` calls them in each worker).
+    * **streaming** (``group=``): the server leases ready index_ids of the consumer group to
+      whichever rank or worker asks first, so load balances itself; iteration ends when
+      producers have finished the types (:meth:`TensorSink.finish`) and nothing is left, or
+      after ``idle_timeout`` seconds without an item. With ``ack="auto"`` an index_id is
+      acknowledged once it has been handed on (to the loop, or to the DataLoader's queue from
+      a worker); with ``ack="manual"`` the training loop calls :meth:`ack`, and anything
+      not acknowledged within ``lease`` seconds is delivered again.
+
+    Args:
+        location: the server (``grpc://HOST:PORT``); default as for :class:`Client`.
+        types: the matrix types to read for each index_id.
+        index_ids: fixed mode: the index_ids to read.
+        group: streaming mode: the consumer group name.
+        rank, world_size: this process's data-parallel rank (default: ``torch.distributed``
+            when initialized, else 0 of 1).
+        shuffle, seed: fixed mode: permute the order each epoch.
+        unit: ``"matrix"`` (one item per index_id) or ``"sample"`` (one per row).
+        prefetch: items fetched ahead by a background thread (0: none).
+        lease, batch_items, poll: streaming: lease seconds, index_ids leased per request,
+            long-poll seconds per request.
+        idle_timeout: streaming: stop after this many seconds without an item (``None``:
+            wait until producers finish).
+        delete_after_ack: streaming: delete an index_id's matrices once acknowledged, so the
+            store does not grow without bound (for the last stage of a pipeline).
+        ack: streaming: ``"auto"`` or ``"manual"``.
+        pin_memory: return tensors in page-locked memory (when CUDA is available).
+        device: move tensors there (e.g. ``"cuda"``) before yielding them.
+        client_options: keyword arguments for the :class:`Client` (``timeout``, ...).
+    """
+
+    def __init__(
+        self,
+        location: str | None = None,
+        types: Iterable[str] = ("prompt",),
+        *,
+        index_ids: Iterable[int] | None = None,
+        group: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        unit: str = "matrix",
+        prefetch: int = 2,
+        lease: float = 60.0,
+        batch_items: int = 2,
+        poll: float = 2.0,
+        idle_timeout: float | None = None,
+        delete_after_ack: bool = False,
+        ack: str = "auto",
+        pin_memory: bool = False,
+        device: str | torch.device | None = None,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(types, str):
+            types = [types]
+        self.types = [protocol.validate_matrix_type(t) for t in types]
+        if not self.types or len(set(self.types)) != len(self.types):
+            raise InvalidArgument(f"types must be distinct matrix types, got {self.types}")
+        if (index_ids is None) == (group is None):
+            raise InvalidArgument("give exactly one of index_ids= (fixed mode) or group= (streaming)")
+        if index_ids is not None:
+            ids = index_ids if isinstance(index_ids, range) else [
+                protocol.validate_index_id(i) for i in index_ids
+            ]
+            if isinstance(ids, range) and (ids.start < 0 or (len(ids) and max(ids[0], ids[-1]) > protocol.MAX_INDEX_ID)):
+                raise InvalidArgument(f"{ids} holds index_ids outside [0, 2**64-1]")
+            if not isinstance(ids, range) and len(set(ids)) != len(ids):
+                raise InvalidArgument("index_ids holds duplicates")
+            self.index_ids: range | list[int] | None = ids
+            self.group = None
+        else:
+            self.index_ids = None
+            self.group = protocol.validate_group(group)
+        if unit not in ("matrix", "sample"):
+            raise InvalidArgument(f"unit must be 'matrix' or 'sample', got {unit!r}")
+        if ack not in ("auto", "manual"):
+            raise InvalidArgument(f"ack must be 'auto' or 'manual', got {ack!r}")
+        if rank is None or world_size is None:
+            d_rank, d_world = _dist_rank_world()
+            rank = d_rank if rank is None else rank
+            world_size = d_world if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise InvalidArgument(f"rank {rank} is outside [0, world_size={world_size})")
+        self.location = location
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.unit = unit
+        self.prefetch = max(0, int(prefetch))
+        self.lease = float(lease)
+        self.batch_items = int(batch_items)
+        self.poll = float(poll)
+        self.idle_timeout = idle_timeout
+        self.delete_after_ack = delete_after_ack
+        self.ack_mode = ack
+        self.pin_memory = pin_memory
+        self.device = torch.device(device) if device is not None else None
+        self.client_options = dict(client_options or {})
+        self.epoch = 0
+        self._position = (0, 0)  # fixed mode: (items, rows of the next item) yielded this epoch
+        self._client: Client | None = None
+
+    # ------------------------------------------------------------------ pickling, state
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None  # a connection never crosses a process boundary
+        return state
+
+    def _get_client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.location, **self.client_options)
+        return self._client
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fixed mode: the epoch whose order to use (with ``shuffle``); a new epoch starts
+        from its beginning (the same epoch keeps a position loaded by :meth:`load_state_dict`)."""
+        if int(epoch) != self.epoch:
+            self.epoch = int(epoch)
+            self._position = (0, 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where iteration stands: epoch and position (fixed mode; streaming keeps its state
+        on the server)."""
+        return {"epoch": self.epoch, "items": self._position[0], "rows": self._position[1]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resumes from :meth:`state_dict`: the next iteration continues right after it."""
+        self.epoch = int(state["epoch"])
+        self._position = (int(state["items"]), int(state["rows"]))
+
+    def ack(self, index_ids: Iterable[int]) -> dict[str, Any]:
+        """Streaming with ``ack="manual"``: acknowledges ``index_ids`` (from any process)."""
+        if self.group is None:
+            raise InvalidArgument("ack() is for streaming mode (group=)")
+        ids = [int(i) for i in index_ids]
+        return self._get_client().ack(self.group, ids, delete=self.delete_after_ack)
+
+    # ------------------------------------------------------------------ sharding
+
+    def _shard(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def shard_ids(self) -> list[int] | range:
+        """Fixed mode: this rank's and worker's index_ids for the current epoch, in order."""
+        assert self.index_ids is not None
+        ids = self.index_ids
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            perm = torch.randperm(len(ids), generator=g).tolist()
+            ids = [ids[i] for i in perm]
+        part, parts = self._shard()
+        return ids[part::parts]
+
+    # ------------------------------------------------------------------ reading
+
+    def _fetch(self, client: Client, index_id: int) -> dict[str, Any]:
+        item: dict[str, Any] = {}
+        for t in self.types:
+            tensor = client.get(index_id, t)
+            if self.pin_memory and torch.cuda.is_available():
+                tensor = tensor.pin_memory()
+            if self.device is not None:
+                tensor = tensor.to(self.device, non_blocking=self.pin_memory)
+            item[t] = tensor
+        item["index_id"] = index_id
+        return item
+
+    def _rows(self, item: dict[str, Any], skip: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        lengths = {t: (item[t].shape[0] if item[t].dim() else None) for t in self.types}
+        if None in lengths.values() or len(set(lengths.values())) != 1:
+            raise InvalidArgument(
+                f"unit='sample' needs every type of index_id={item['index_id']} to share its "
+                f"first dimension; got {lengths}"
+            )
+        for row in range(skip, next(iter(lengths.values()))):
+            sample = {t: item[t][row] for t in self.types}
+            sample["index_id"] = item["index_id"]
+            sample["row"] = row
+            yield row, sample
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.pin_memory and not torch.cuda.is_available():
+            warnings.warn("TQDataset(pin_memory=True) without CUDA: tensors stay pageable",
+                          stacklevel=2)
+        if self.group is None:
+            return self._iter_fixed()
+        return self._iter_stream()
+
+    def _iter_fixed(self) -> Iterator[dict[str, Any]]:
+        ids = self.shard_ids()
+        start, skip_rows = self._position
+        client = self._get_client()
+        todo = ids[start:]
+        source = _Prefetcher(lambda: (self._fetch(client, i) for i in todo), self.prefetch)
+        try:
+            for n, item in enumerate(source, start):
+                if self.unit == "matrix":
+                    self._position = (n + 1, 0)
+                    yield item
+                    continue
+                for row, sample in self._rows(item, skip_rows):
+                    self._position = (n, row + 1)
+                    yield sample
+                skip_rows = 0
+                self._position = (n + 1, 0)
+        finally:
+            source.close()
+        self._position = (0, 0)  # the epoch is complete: the next iteration starts afresh
+
+    def _iter_stream(self) -> Iterator[dict[str, Any]]:
+        stream = _Stream(self, self._get_client())
+        source = _Prefetcher(stream.items, self.prefetch)
+        try:
+            for item in source:
+                if self.unit == "matrix":
+                    stream.handed(item["index_id"])
+                    yield item
+                    continue
+                rows = list(self._rows(item, 0))
+                for i, (_, sample) in enumerate(rows):
+                    if i == len(rows) - 1:
+                        stream.handed(item["index_id"])
+                    yield sample
+                if not rows:
+                    stream.handed(item["index_id"])
+        finally:
+            source.close()
+            stream.close()
+
+
+class _Stream:
+    """Streaming mode's conversation with the server: leases, fetches, acknowledgements."""
+
+    def __init__(self, dataset: TQDataset, client: Client) -> None:
+        self.ds = dataset
+        self.client = client
+        self._lock = threading.Lock()
+        self._to_ack: list[int] = []
+        self._first_unacked = 0.0
+        self._unhanded: dict[int, None] = {}  # leased here, not handed on yet
+
+    def handed(self, index_id: int) -> None:
+        with self._lock:
+            self._unhanded.pop(index_id, None)
+            if self.ds.ack_mode != "auto":
+                return
+            if not self._to_ack:
+                self._first_unacked = time.monotonic()
+            self._to_ack.append(index_id)
+            # Acks ride on the next lease request; when the loop is slow and the prefetcher
+            # has nothing to ask for, send them before their leases could run out.
+            late = time.monotonic() - self._first_unacked > min(1.0, self.ds.lease / 4)
+        if late:
+            self.flush()
+
+    def _take_acks(self) -> list[int]:
+        with self._lock:
+            acks, self._to_ack = self._to_ack, []
+        return acks
+
+    def items(self) -> Iterator[dict[str, Any]]:
+        ds = self.ds
+        idle_since = time.monotonic()
+        while True:
+            acks = self._take_acks()
+            try:
+                lease = self.client.consume(
+                    ds.group, ds.types, max_items=ds.batch_items, timeout=ds.poll,
+                    lease=ds.lease, ack=acks, delete=ds.delete_after_ack,
+                )
+            except BaseException:
+                with self._lock:
+                    self._to_ack[:0] = acks
+                raise
+            if lease.finished:
+                return
+            if not lease.index_ids:
+                if ds.idle_timeout is not None and time.monotonic() - idle_since >= ds.idle_timeout:
+                    return
+                continue
+            idle_since = time.monotonic()
+            with self._lock:
+                self._unhanded.update(dict.fromkeys(lease.index_ids))
+            for index_id in lease.index_ids:
+                try:
+                    item = ds._fetch(self.client, index_id)
+                except NotFound:
+                    # deleted since it was leased: nothing to deliver
+                    log.warning("index_id %d of group %s vanished after its lease", index_id, ds.group)
+                    with self._lock:
+                        self._unhanded.pop(index_id, None)
+                    self.client.release(ds.group, [index_id])
+                    continue
+                yield item
+
+    def flush(self) -> None:
+        acks = self._take_acks()
+        if acks:
+            self.client.ack(self.ds.group, acks, delete=self.ds.delete_after_ack)
+
+    def close(self) -> None:
+        """Acknowledges what was handed on and gives back what was leased but not."""
+        try:
+            self.flush()
+            with self._lock:
+                back, self._unhanded = list(self._unhanded), {}
+            if back:
+                self.client.release(self.ds.group, back)
+        except TQError as e:
+            log.warning("closing the stream of group %s: %s (leases will expire)", self.ds.group, e)
+
+
+class _Prefetcher:
+    """Runs ``make()`` (an iterator factory) in a background thread, ``depth`` items ahead.
+
+    With ``depth == 0`` it iterates in the caller's thread. Errors re-raise in the caller.
+    """
+
+    def __init__(self, make, depth: int) -> None:
+        self._make = make
+        self._depth = depth
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._q: queue_mod.Queue | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._depth == 0:
+            yield from self._make()
+            return
+        self._q = queue_mod.Queue(self._depth)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="torch_tq-prefetch")
+        self._thread.start()
+        while True:
+            got = self._q.get()
+            if got is _END:
+                return
+            if isinstance(got, _Failure):
+                raise got.error
+            yield got
+
+    def _put(self, value: Any) -> bool:
+        assert self._q is not None
+        while not self._stop.is_set():
+            try:
+                self._q.put(value, timeout=0.1)
+                return True
+            except queue_mod.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        it = self._make()
+        try:
+            for value in it:
+                if not self._put(value):
+                    return
+            self._put(_END)
+        except BaseException as e:  # handed to the consumer
+            self._put(_Failure(e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+class TensorSink:
+    """Writes matrices from a background thread, with bounded bytes in flight.
+
+    ``write()`` returns at once (it blocks only while ``max_inflight_bytes`` are already
+    waiting: backpressure, not unbounded memory); :meth:`flush` waits for everything written
+    so far and re-raises the first failure, naming the item it concerned; :meth:`finish`
+    marks the types written as finished for consumer groups.
+
+    Tensors are sent as they are when ``write`` returns to the caller's view: do not modify
+    a tensor after writing it until :meth:`flush` returns (pass ``copy=True`` to write a
+    snapshot instead).
+
+    Example:
+        >>> with TensorSink("grpc://127.0.0.1:8080") as sink:  # doctest: +SKIP
+        ...     sink.write(7, {"prompt": p, "resp": r})
+        ...     sink.finish()
+    """
+
+    def __init__(
+        self,
+        location: str | None = None,
+        *,
+        max_inflight_bytes: int = 1 << 30,
+        copy: bool = False,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.location = location
+        self.max_inflight_bytes = int(max_inflight_bytes)
+        self.copy = copy
+        self.client_options = dict(client_options or {})
+        self._cv = threading.Condition()
+        self._pending: list[tuple[int, str, torch.Tensor, int]] = []
+        self._inflight = 0  # bytes queued or being sent
+        self._error: BaseException | None = None
+        self._error_item: tuple[int, str] | None = None
+        self._closed = False
+        self._written_types: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._client: Client | None = None
+
+    def __getstate__(self):
+        raise TypeError("a TensorSink holds a sending thread: create one in each process")
+
+    def _get_client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.location, **self.client_options)
+        return self._client
+
+    def write(self, index_id: int, matrices: Mapping[str, torch.Tensor]) -> None:
+        """Queues ``{matrix_type: tensor}`` for ``index_id``; returns once queued.
+
+        Raises:
+            InvalidArgument: a bad key or a non-tensor (checked here, before queueing).
+            TQError: an earlier write failed (the first failure, raised once).
+        """
+        index_id = protocol.validate_index_id(index_id)
+        items = []
+        for mtype, tensor in matrices.items():
+            mtype = protocol.validate_matrix_type(mtype)
+            if not isinstance(tensor, torch.Tensor):
+                raise InvalidArgument(f"{mtype} of index_id={index_id} is not a torch.Tensor")
+            if self.copy:
+                tensor = tensor.detach().clone()
+            items.append((index_id, mtype, tensor, tensor.numel() * tensor.element_size()))
+        with self._cv:
+            self._raise_pending()
+            if self._closed:
+                raise InvalidArgument("write() on a closed TensorSink")
+            for item in items:
+                # Wait while the bytes in flight would exceed the bound (one item always fits).
+                while self._inflight and self._inflight + item[3] > self.max_inflight_bytes:
+                    self._cv.wait()
+                    self._raise_pending()
+                self._pending.append(item)
+                self._inflight += item[3]
+                self._written_types.add(item[1])
+            self._start()
+            self._cv.notify_all()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="torch_tq-sink")
+            self._thread.start()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, item = self._error, self._error_item
+            self._error = None
+            assert item is not None
+            if isinstance(error, TQError):
+                raise type(error)(
+                    f"TensorSink write of index_id={item[0]}, type={item[1]} failed: {error}"
+                ) from error
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                index_id, mtype, tensor, nbytes = self._pending[0]
+            try:
+                self._get_client().put(index_id, mtype, tensor)
+            except BaseException as e:
+                with self._cv:
+                    if self._error is None:
+                        self._error, self._error_item = e, (index_id, mtype)
+            with self._cv:
+                self._pending.pop(0)
+                self._inflight -= nbytes
+                self._cv.notify_all()
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes written but not yet stored."""
+        with self._cv:
+            return self._inflight
+
+    def flush(self) -> None:
+        """Waits until everything written so far is stored; re-raises the first failure."""
+        with self._cv:
+            while self._pending:
+                self._cv.wait()
+            self._raise_pending()
+
+    def finish(self, types: Iterable[str] | None = None) -> list[str]:
+        """Flushes, then marks ``types`` (default: every type this sink wrote) finished for
+        consumer groups; returns every finished type."""
+        self.flush()
+        types = sorted(self._written_types) if types is None else list(types)
+        if not types:
+            raise InvalidArgument("finish(): no types written and none given")
+        return self._get_client().finish(types)
+
+    def close(self) -> None:
+        """Flushes and stops the sending thread; re-raises the first failure."""
+        try:
+            self.flush()
+        finally:
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()
+            if self._thread is not None:
+                self._thread.join()
+                self._thread = None
+
+    def __enter__(self) -> TensorSink:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except Exception:
+                pass  # the exception already propagating says more
