@@ -24,9 +24,13 @@ def test_roundtrip_benchmark_tiny(tmp_path):
     assert re.fullmatch(r"ratio: put [0-9.]+x flight, [0-9.]+x tcp \| get [0-9.]+x flight, "
                         r"[0-9.]+x tcp", lines[-1]), lines[-1]
     result = json.loads(out.read_text())
-    for name in ("tcp put", "tcp get", "flight[256KiB] put", "flight[1MiB] get_into",
-                 "torch_tq put", "torch_tq get", "torch_tq get_into"):
+    for name in ("flight[256KiB] put", "flight[1MiB] get_into", "flight[256KiB] get"):
+        assert result["calibration_gbps"][name] > 0
+    # the compared rounds measure the calibration's choice, not every batch size again
+    chosen = {result["best_flight_put"], result["best_flight_get"]}
+    for name in ("tcp put", "tcp get", "torch_tq put", "torch_tq get", "torch_tq get_into", *chosen):
         assert result["gbps"][name] > 0
+    assert result["best_flight_put"].endswith(" put") and "get" in result["best_flight_get"]
     assert set(result["ratio"]) == {"put_vs_flight", "get_vs_flight", "get_fresh_vs_flight_fresh",
                                     "put_vs_tcp", "get_vs_tcp"}
 

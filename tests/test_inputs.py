@@ -22,6 +22,7 @@ def fc(memory_server):
     _assert_nothing_stored(c)
     health = json.loads(list(c.do_action(flight.Action("Health", b"")))[0].body.to_pybytes())
     assert health["status"] == "SERVING"
+    assert "g" not in health["groups"]  # no malformed Consume created its group
     c.close()
 
 
@@ -223,6 +224,39 @@ def test_missing_matrix_ticket_is_not_found(fc):
         ("GetMetadata", json.dumps({"index_id": ID, "extra": 1}).encode()),
         ("GetMetadata", b""),
         ("Health", b'{"x": 1}'),
+        # consumer groups: names become directories, so they are checked like matrix types
+        ("Consume", b"{}"),
+        ("Consume", json.dumps({"group": "../etc", "types": ["prompt"]}).encode()),
+        ("Consume", json.dumps({"group": "a/b", "types": ["prompt"]}).encode()),
+        ("Consume", json.dumps({"group": ".hidden", "types": ["prompt"]}).encode()),
+        ("Consume", json.dumps({"group": "\u212a", "types": ["prompt"]}).encode()),
+        ("Consume", json.dumps({"group": "g" * 65, "types": ["prompt"]}).encode()),
+        ("Consume", json.dumps({"group": "", "types": ["prompt"]}).encode()),
+        ("Consume", json.dumps({"group": 5, "types": ["prompt"]}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": []}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": "prompt"}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": ["../x"]}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": ["prompt"], "max_items": 0}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": ["prompt"], "max_items": True}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": ["prompt"], "max_items": 10**6}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": ["prompt"], "timeout_ms": -1}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": ["prompt"], "timeout_ms": 10**9}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": ["prompt"], "lease_ms": 1.5}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": ["prompt"], "lease_ms": 0}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": ["prompt"], "ack": [-1]}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": ["prompt"], "delete": 1}).encode()),
+        ("Consume", json.dumps({"group": "g", "types": ["prompt"], "extra": 1}).encode()),
+        ("Ack", json.dumps({"group": "g"}).encode()),
+        ("Ack", json.dumps({"group": "g", "index_ids": [1, "2"]}).encode()),
+        ("Ack", json.dumps({"group": "g", "index_ids": [2**64]}).encode()),
+        ("Ack", json.dumps({"group": "g", "index_ids": list(range(10_001))}).encode()),
+        ("Ack", json.dumps({"group": "g", "index_ids": 7}).encode()),
+        ("Release", json.dumps({"group": "g", "index_ids": [True]}).encode()),
+        ("FinishStream", json.dumps({"types": ["prompt", "bad/type"]}).encode()),
+        ("FinishStream", b"{}"),
+        ("ReopenStream", json.dumps({"types": "prompt"}).encode()),
+        ("GroupStatus", json.dumps({"group": None}).encode()),
+        ("DeleteGroup", json.dumps({"group": "x", "types": ["prompt"]}).encode()),
     ],
 )
 def test_bad_action(fc, action, body):

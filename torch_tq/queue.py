@@ -57,6 +57,7 @@ class _Group:
     expiries: list[tuple[float, int, str]] = field(default_factory=list)  # heap
     delivered: int = 0
     redelivered: int = 0
+    requests: int = 0
     journal: Any = None
 
     def holds(self, index_id: int) -> bool:
@@ -240,6 +241,7 @@ class Queue:
         deadline = time.monotonic() + wait_s
         with self._cv:
             group = self._group(name, types)
+            group.requests += 1
             while True:
                 if self._closed:
                     raise Unavailable("the server is shutting down")
@@ -354,6 +356,7 @@ class Queue:
                 "incomplete": incomplete,
                 "delivered": group.delivered,
                 "redelivered": group.redelivered,
+                "requests": group.requests,
                 "finished": self._is_finished(group),
                 "finished_types": sorted(self._finished),
             }
