@@ -252,6 +252,8 @@ def test_missing_matrix_ticket_is_not_found(fc):
         ("Ack", json.dumps({"group": "g", "index_ids": list(range(10_001))}).encode()),
         ("Ack", json.dumps({"group": "g", "index_ids": 7}).encode()),
         ("Release", json.dumps({"group": "g", "index_ids": [True]}).encode()),
+        ("Renew", json.dumps({"group": "g", "index_ids": [1]}).encode()),
+        ("Renew", json.dumps({"group": "g", "index_ids": [1], "lease_ms": 10}).encode()),
         ("FinishStream", json.dumps({"types": ["prompt", "bad/type"]}).encode()),
         ("FinishStream", b"{}"),
         ("ReopenStream", json.dumps({"types": "prompt"}).encode()),

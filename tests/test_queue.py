@@ -132,18 +132,19 @@ def test_finish_ends_the_group_once_drained(client, group, unique_id, P, R):
     client.put(unique_id, types[0], T)
     lease = client.consume(group, types, max_items=5)
     assert client.finish(types) == sorted(set(client.finish(types)))
-    # something is still leased: not finished yet
-    assert not client.consume(group, max_items=5).finished
-    waiter = {}
-    th = threading.Thread(target=lambda: waiter.setdefault("l", client.consume(group, timeout=20)))
-    th.start()
-    time.sleep(0.3)
-    client.ack(group, lease.index_ids)  # the last ack wakes the waiter with finished=True
-    th.join(10)
-    assert waiter["l"].finished and waiter["l"].index_ids == []
+    # nothing ready and nothing more coming: drained at once, though not finished while
+    # something is still leased
+    t0 = time.monotonic()
+    lease2 = client.consume(group, max_items=5, timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert lease2.drained and not lease2.finished and lease2.index_ids == []
+    client.ack(group, lease.index_ids)
+    lease3 = client.consume(group, timeout=20)
+    assert lease3.finished and lease3.drained
     assert client.group_status(group)["finished"]
     client.reopen(types)
-    assert not client.consume(group, timeout=0).finished
+    reopened = client.consume(group, timeout=0)
+    assert not reopened.finished and not reopened.drained
 
 
 def test_ack_with_delete_removes_the_matrices(client, group, unique_id, P, R):
@@ -278,3 +279,22 @@ def test_killed_consumer_items_are_redelivered(memory_server, group, unique_id, 
     assert client.consume(group, max_items=3).index_ids == []  # still leased
     time.sleep(1.1)
     assert sorted(client.consume(group, max_items=3, timeout=5).index_ids) == ids
+
+
+def test_renewed_leases_stay_and_stale_ones_keep_the_group_undrained(client, group, unique_id):
+    types = [f"rn{unique_id % 10**9}"]
+    for i in _ids(unique_id, 2):
+        client.put(i, types[0], T)
+    lease = client.consume(group, types, max_items=2, lease=1.0)
+    client.finish(types)
+    assert client.consume(group).drained  # a fresh lease: its holder is alive
+    time.sleep(0.6)
+    assert not client.consume(group).drained  # not renewed for half its term: maybe dead
+    assert client.renew(group, lease.index_ids + [12345], lease=1.0) == lease.index_ids
+    assert client.consume(group).drained
+    time.sleep(0.8)  # past the first deadline, but renewed: still leased
+    assert client.group_status(group)["leased"] == 2
+    # a stale lease makes a waiting consumer wait for it to run out, then take it
+    time.sleep(0.3)
+    again = client.consume(group, max_items=2, timeout=5)
+    assert sorted(again.index_ids) == lease.index_ids

@@ -5,7 +5,7 @@ as torch tensors; storage nodes run :func:`serve`.
 """
 
 from torch_tq._version import __version__
-from torch_tq.client import Client, MatrixInfo
+from torch_tq.client import Client, Lease, MatrixInfo
 from torch_tq.errors import (
     ForkedProcessError,
     InternalError,
@@ -17,14 +17,28 @@ from torch_tq.errors import (
 from torch_tq.launch import ServerHandle, start_server
 from torch_tq.server import serve
 
+
+def __getattr__(name: str):
+    # TQDataset and TensorSink need torch.utils.data; a storage node (``torch-tq serve``)
+    # never imports torch, so they load on first use.
+    if name in ("TQDataset", "TensorSink"):
+        from torch_tq import data
+
+        return getattr(data, name)
+    raise AttributeError(f"module 'torch_tq' has no attribute {name!r}")
+
+
 __all__ = [
     "Client",
     "InternalError",
     "ForkedProcessError",
     "InvalidArgument",
+    "Lease",
     "MatrixInfo",
     "NotFound",
     "ServerHandle",
+    "TQDataset",
+    "TensorSink",
     "TQError",
     "Unavailable",
     "__version__",

@@ -35,6 +35,7 @@ class Lease(NamedTuple):
     lease: str | None
     expires_at: int | None  # ms since the epoch
     finished: bool  # the group's types are finished and nothing is left for it
+    drained: bool  # the types are finished and nothing is ready (others may hold leases)
 
 
 class MatrixInfo(NamedTuple):
@@ -312,8 +313,9 @@ class Client:
         ``ack`` acknowledges earlier index_ids in the same round trip.
 
         Returns:
-            A :class:`Lease`; empty with ``finished=True`` once producers have finished
-            every type (:meth:`finish`) and nothing is left for the group.
+            A :class:`Lease`; empty with ``drained=True`` once producers have finished
+            every type (:meth:`finish`) and nothing is ready, and ``finished=True`` too once
+            nothing is leased either.
 
         Raises:
             NotFound: an unknown group and no ``types``.
@@ -331,7 +333,8 @@ class Client:
             body["ack"] = list(ack)
             body["delete"] = delete
         reply = self._action(protocol.CONSUME, body, f"consume group={group}", wait=timeout)
-        return Lease(reply["items"], reply["lease"], reply["lease_expires_at"], reply["finished"])
+        return Lease(reply["items"], reply["lease"], reply["lease_expires_at"], reply["finished"],
+                     reply["drained"])
 
     def ack(self, group: str, index_ids: list[int], *, delete: bool = False) -> dict[str, Any]:
         """Consumes ``index_ids`` for ``group`` for good; with ``delete``, also deletes every
@@ -343,6 +346,12 @@ class Client:
         """
         body = {"group": group, "index_ids": list(index_ids), "delete": delete}
         return self._action(protocol.ACK, body, f"ack group={group}")
+
+    def renew(self, group: str, index_ids: list[int], lease: float = 60.0) -> list[int]:
+        """Extends the leases of ``index_ids`` to ``lease`` seconds from now (a heartbeat for
+        what a consumer still holds); returns those that were leased."""
+        body = {"group": group, "index_ids": list(index_ids), "lease_ms": int(round(lease * 1000))}
+        return self._action(protocol.RENEW, body, f"renew group={group}")["renewed"]
 
     def release(self, group: str, index_ids: list[int]) -> list[int]:
         """Hands leased ``index_ids`` back at once; returns those that were leased."""

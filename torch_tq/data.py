@@ -60,8 +60,10 @@ class TQDataset(torch.utils.data.IterableDataset):
       ``StatefulDataLoader`` calls them in each worker).
     * **streaming** (``group=``): the server leases ready index_ids of the consumer group to
       whichever rank or worker asks first, so load balances itself; iteration ends when
-      producers have finished the types (:meth:`TensorSink.finish`) and nothing is left, or
-      after ``idle_timeout`` seconds without an item. With ``ack="auto"`` an index_id is
+      producers have finished the types (:meth:`TensorSink.finish`) and nothing is left to
+      lease, or after ``idle_timeout`` seconds without an item. With ``num_workers > 0`` pass
+      ``in_order=False`` to the DataLoader: an in-order loader waits for each worker in turn
+      even while another worker holds ready items. With ``ack="auto"`` an index_id is
       acknowledged once it has been handed on (to the loop, or to the DataLoader's queue from
       a worker); with ``ack="manual"`` the training loop calls :meth:`ack`, and anything
       not acknowledged within ``lease`` seconds is delivered again.
@@ -303,6 +305,23 @@ class _Stream:
         self._to_ack: list[int] = []
         self._first_unacked = 0.0
         self._unhanded: dict[int, None] = {}  # leased here, not handed on yet
+        self._stop = threading.Event()
+        self._heart: threading.Thread | None = None
+
+    def _heartbeat(self) -> None:
+        """Renews the leases this consumer holds (prefetched, or handed on but not yet
+        acknowledged), so a slow training step never lets them run out and go to another
+        consumer; a consumer that dies stops renewing, and its leases run out."""
+        period = self.ds.lease / 3
+        while not self._stop.wait(period):
+            with self._lock:
+                held = list(self._unhanded) + self._to_ack
+            if not held:
+                continue
+            try:
+                self.client.renew(self.ds.group, held, self.ds.lease)
+            except TQError as e:
+                log.warning("renewing leases of group %s: %s", self.ds.group, e)
 
     def handed(self, index_id: int) -> None:
         with self._lock:
@@ -337,7 +356,12 @@ class _Stream:
                 with self._lock:
                     self._to_ack[:0] = acks
                 raise
-            if lease.finished:
+            if lease.drained:
+                # Nothing ready and nothing more coming: end, even if live consumers still
+                # hold leases (waiting for those could block a DataLoader that waits, in
+                # order, for this worker while they sit in another worker's queue). Stale
+                # leases, perhaps a dead consumer's, keep the group undrained until they
+                # run out and come back here.
                 return
             if not lease.index_ids:
                 if ds.idle_timeout is not None and time.monotonic() - idle_since >= ds.idle_timeout:
@@ -346,6 +370,10 @@ class _Stream:
             idle_since = time.monotonic()
             with self._lock:
                 self._unhanded.update(dict.fromkeys(lease.index_ids))
+                if self._heart is None:
+                    self._heart = threading.Thread(target=self._heartbeat, daemon=True,
+                                                   name="torch_tq-lease-heartbeat")
+                    self._heart.start()
             for index_id in lease.index_ids:
                 try:
                     item = ds._fetch(self.client, index_id)
@@ -365,6 +393,9 @@ class _Stream:
 
     def close(self) -> None:
         """Acknowledges what was handed on and gives back what was leased but not."""
+        self._stop.set()
+        if self._heart is not None:
+            self._heart.join()
         try:
             self.flush()
             with self._lock:

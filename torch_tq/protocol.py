@@ -45,6 +45,7 @@ HEALTH = "Health"
 CONSUME = "Consume"
 ACK = "Ack"
 RELEASE = "Release"
+RENEW = "Renew"
 FINISH_STREAM = "FinishStream"
 REOPEN_STREAM = "ReopenStream"
 GROUP_STATUS = "GroupStatus"
@@ -59,6 +60,7 @@ ACTION_DESCRIPTIONS = {
              '"max_items": N, "timeout_ms": T, "lease_ms": L, "ack": [ids], "delete": false}',
     ACK: 'Consume leased index_ids for good: {"group": "g", "index_ids": [...], "delete": false}',
     RELEASE: 'Give leased index_ids back at once: {"group": "g", "index_ids": [...]}',
+    RENEW: 'Extend leases (a consumer heartbeat): {"group": "g", "index_ids": [...], "lease_ms": L}',
     FINISH_STREAM: 'Mark matrix types finished (no more will be written): {"types": [...]}',
     REOPEN_STREAM: 'Clear the finished mark of matrix types: {"types": [...]}',
     GROUP_STATUS: 'Ready, leased and consumed counts of a consumer group: {"group": "g"}',
@@ -390,6 +392,7 @@ _QUEUE_FIELDS = {
     CONSUME: ({"group", "types", "max_items", "timeout_ms", "lease_ms", "ack", "delete"}, {"group"}),
     ACK: ({"group", "index_ids", "delete"}, {"group", "index_ids"}),
     RELEASE: ({"group", "index_ids"}, {"group", "index_ids"}),
+    RENEW: ({"group", "index_ids", "lease_ms"}, {"group", "index_ids", "lease_ms"}),
     FINISH_STREAM: ({"types"}, {"types"}),
     REOPEN_STREAM: ({"types"}, {"types"}),
     GROUP_STATUS: ({"group"}, {"group"}),
@@ -422,6 +425,7 @@ def parse_queue_body(raw: bytes, action: str) -> dict[str, Any]:
         out["max_items"] = _validate_int(body.get("max_items", 1), "max_items", 1, MAX_ITEMS)
         out["wait_s"] = _validate_int(
             body.get("timeout_ms", 0), "timeout_ms", 0, int(MAX_WAIT_S * 1000)) / 1000
+    if action in (CONSUME, RENEW):
         out["lease_s"] = _validate_int(
             body.get("lease_ms", 60_000), "lease_ms", 50, int(MAX_LEASE_S * 1000)) / 1000
     return out

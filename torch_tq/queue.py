@@ -9,8 +9,10 @@ group). :meth:`Queue.consume` long-polls: it waits, up to its timeout, for a pro
 complete an item instead of returning empty at once.
 
 Producers mark the types they write *finished* (:meth:`Queue.finish`). A group whose
-required types are all finished, and which has nothing ready or leased left, is finished:
-``consume`` then answers ``finished: true`` and consumers end cleanly.
+required types are all finished and which has nothing ready is *drained*: ``consume`` answers
+at once, empty, with ``drained: true`` (other consumers may still hold leases, and a consumer
+that waited for those could block a DataLoader that waits, in order, for it). Once nothing is
+leased either, the group is *finished* (``finished: true``).
 
 State that must survive a restart of a ``disk`` store lives under ``<data_dir>/queue/``:
 each group's required types (``groups/<name>/types.json``, written atomically), its
@@ -52,7 +54,8 @@ class _Group:
     name: str
     types: frozenset[str]
     ready: OrderedDict[int, None] = field(default_factory=OrderedDict)
-    leased: dict[int, tuple[str, float]] = field(default_factory=dict)  # id -> (lease, deadline)
+    # index_id -> (lease token, deadline, last renewal, term), times from time.monotonic()
+    leased: dict[int, tuple[str, float, float, float]] = field(default_factory=dict)
     consumed: set[int] = field(default_factory=set)
     expiries: list[tuple[float, int, str]] = field(default_factory=list)  # heap
     delivered: int = 0
@@ -182,15 +185,24 @@ class Queue:
 
     def _expire(self, group: _Group, now: float) -> None:
         while group.expiries and group.expiries[0][0] <= now:
-            _, index_id, lease = heapq.heappop(group.expiries)
+            deadline, index_id, lease = heapq.heappop(group.expiries)
             held = group.leased.get(index_id)
-            if held is None or held[0] != lease:
-                continue  # acknowledged, released or leased again since
+            if held is None or held[0] != lease or held[1] != deadline:
+                continue  # acknowledged, released, renewed or leased again since
             del group.leased[index_id]
             if group.types <= self.store.types_of(index_id):
                 group.ready[index_id] = None
                 group.ready.move_to_end(index_id, last=False)  # it waited longest
                 group.redelivered += 1
+
+    def _is_drained(self, group: _Group, now: float) -> bool:
+        """Nothing ready, nothing more coming, and every lease still held is *fresh* (granted
+        or renewed within half its term: its holder is alive, as far as anyone can tell).
+        A stale lease may be a dead consumer's, whose index_ids come back when it runs out,
+        so a group with one is not drained yet."""
+        if not group.types <= self._finished or group.ready:
+            return False
+        return all(now - renewed < term / 2 for _, _, renewed, term in group.leased.values())
 
     def _is_finished(self, group: _Group) -> bool:
         return group.types <= self._finished and not group.ready and not group.leased
@@ -253,17 +265,20 @@ class Queue:
                     items = []
                     while group.ready and len(items) < max_items:
                         index_id, _ = group.ready.popitem(last=False)
-                        group.leased[index_id] = (lease, expires)
+                        group.leased[index_id] = (lease, expires, now, lease_s)
                         heapq.heappush(group.expiries, (expires, index_id, lease))
                         items.append(index_id)
                     group.delivered += len(items)
                     reply = {"items": items, "lease": lease,
                              "lease_expires_at": now_ms() + int(lease_s * 1000),
-                             "finished": False}
+                             "finished": False, "drained": False}
                     break
-                if self._is_finished(group) or now >= deadline:
+                drained = self._is_drained(group, now)
+                if drained or now >= deadline:
+                    # Drained: nothing ready and nothing more coming, though live consumers
+                    # may still hold leases; finished: not even those.
                     reply = {"items": [], "lease": None, "lease_expires_at": None,
-                             "finished": self._is_finished(group)}
+                             "finished": self._is_finished(group), "drained": drained}
                     break
                 wake = deadline
                 if group.expiries:
@@ -307,6 +322,24 @@ class Queue:
                 except NotFound:
                     pass
         return {"acked": new, "already": already, "unknown": unknown, "deleted": deleted}
+
+    def renew(self, name: str, ids: list[int], lease_s: float) -> dict[str, Any]:
+        """Extends the leases of ``ids`` by ``lease_s`` from now (a consumer's heartbeat for
+        what it holds); returns the ids that were leased."""
+        with self._cv:
+            group = self._group(name, None)
+            now = time.monotonic()
+            self._expire(group, now)
+            renewed = []
+            for index_id in dict.fromkeys(ids):
+                held = group.leased.get(index_id)
+                if held is None:
+                    continue
+                deadline = now + lease_s
+                group.leased[index_id] = (held[0], deadline, now, lease_s)
+                heapq.heappush(group.expiries, (deadline, index_id, held[0]))
+                renewed.append(index_id)
+        return {"renewed": renewed}
 
     def release(self, name: str, ids: list[int]) -> dict[str, Any]:
         """Gives leased ids back at once (a consumer that stops early)."""
@@ -358,6 +391,7 @@ class Queue:
                 "redelivered": group.redelivered,
                 "requests": group.requests,
                 "finished": self._is_finished(group),
+                "drained": self._is_drained(group, time.monotonic()),
                 "finished_types": sorted(self._finished),
             }
 

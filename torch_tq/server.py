@@ -96,6 +96,7 @@ _QUEUE_ACTIONS = {
         a.get("ack", []), a.get("delete", False)),
     protocol.ACK: lambda q, a: q.ack(a["group"], a["index_ids"], a.get("delete", False)),
     protocol.RELEASE: lambda q, a: q.release(a["group"], a["index_ids"]),
+    protocol.RENEW: lambda q, a: q.renew(a["group"], a["index_ids"], a["lease_s"]),
     protocol.FINISH_STREAM: lambda q, a: q.finish(a["types"], True),
     protocol.REOPEN_STREAM: lambda q, a: q.finish(a["types"], False),
     protocol.GROUP_STATUS: lambda q, a: q.status(a["group"]),

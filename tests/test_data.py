@@ -1,0 +1,379 @@
+"""TQDataset and TensorSink against real servers, with real DataLoader worker processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import torch_tq
+from torch_tq import InvalidArgument, TensorSink, TQDataset
+
+TYPES = ["prompt", "resp"]
+
+
+def expected(i: int) -> dict[str, torch.Tensor]:
+    return {"prompt": torch.full((3, 2), float(i)), "resp": torch.arange(3) + i}
+
+
+def check_item(item) -> int:
+    i = int(item["index_id"])
+    for t, want in expected(i).items():
+        assert torch.equal(item[t], want), (i, t)
+    return i
+
+
+def _rank_main(location, rank, world, workers, kwargs, out) -> None:
+    """One data-parallel rank: iterate a DataLoader over TQDataset, report the index_ids."""
+    ds = TQDataset(location, TYPES, rank=rank, world_size=world, **kwargs)
+    loader = DataLoader(ds, batch_size=None, num_workers=workers,
+                        multiprocessing_context="forkserver" if workers else None)
+    out.put((rank, [check_item(item) for item in loader]))
+
+
+def run_ranks(location, world, workers, kwargs, timeout=120) -> dict[int, list[int]]:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(location, r, world, workers, kwargs, out))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(out.get(timeout=timeout) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    return got
+
+
+@pytest.fixture
+def server():
+    with torch_tq.start_server(storage="memory") as srv:
+        yield srv
+
+
+def write_all(location, ids, finish=True) -> None:
+    with TensorSink(location) as sink:
+        for i in ids:
+            sink.write(i, expected(i))
+        if finish:
+            sink.finish()
+
+
+# ---------------------------------------------------------------------- fixed mode
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_fixed_mode_every_id_once_across_ranks_and_workers(server, workers):
+    ids = list(range(100, 137))
+    write_all(server.location, ids, finish=False)
+    got = run_ranks(server.location, 2, workers, {"index_ids": ids, "shuffle": True, "seed": 7})
+    everything = got[0] + got[1]
+    assert sorted(everything) == ids  # no duplicates, no losses
+    assert got[0] and got[1]
+
+
+def test_fixed_shards_are_disjoint_and_shuffle_follows_the_epoch():
+    ids = range(50)
+    shards = [TQDataset("127.0.0.1:1", TYPES, index_ids=ids, rank=r, world_size=3,
+                        shuffle=True, seed=1) for r in range(3)]
+    parts = [list(s.shard_ids()) for s in shards]
+    assert sorted(sum(parts, [])) == list(ids)
+    first = parts[0]
+    shards[0].set_epoch(1)
+    assert list(shards[0].shard_ids()) != first  # a new permutation each epoch
+    assert sorted(list(TQDataset("127.0.0.1:1", TYPES, index_ids=ids).shard_ids())) == list(ids)
+
+
+def test_sample_unit_and_default_collate(server):
+    write_all(server.location, [1, 2], finish=False)
+    ds = TQDataset(server.location, TYPES, index_ids=[1, 2], unit="sample")
+    batches = list(DataLoader(ds, batch_size=4))
+    assert [b["index_id"].tolist() for b in batches] == [[1, 1, 1, 2], [2, 2]]
+    assert batches[0]["row"].tolist() == [0, 1, 2, 0]
+    assert torch.equal(batches[0]["prompt"][3], torch.full((2,), 2.0))
+    assert batches[1]["resp"].tolist() == [3, 4]
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(InvalidArgument):
+        TQDataset("127.0.0.1:1", TYPES)  # neither mode
+    with pytest.raises(InvalidArgument):
+        TQDataset("127.0.0.1:1", TYPES, index_ids=[1], group="g")
+    with pytest.raises(InvalidArgument):
+        TQDataset("127.0.0.1:1", TYPES, index_ids=[1, 1])
+    with pytest.raises(InvalidArgument):
+        TQDataset("127.0.0.1:1", ["bad/type"], index_ids=[1])
+    with pytest.raises(InvalidArgument):
+        TQDataset("127.0.0.1:1", TYPES, index_ids=[1], rank=2, world_size=2)
+    with pytest.raises(InvalidArgument):
+        TQDataset("127.0.0.1:1", TYPES, index_ids=[1], unit="row")
+
+
+# ---------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("unit", ["matrix", "sample"])
+def test_resume_from_state_dict_equals_the_uninterrupted_tail(server, workers, unit):
+    sdl = pytest.importorskip("torchdata.stateful_dataloader")
+    ids = list(range(20))
+    write_all(server.location, ids, finish=False)
+
+    def loader():
+        ds = TQDataset(server.location, TYPES, index_ids=ids, shuffle=True, seed=3, unit=unit)
+        ds.set_epoch(2)
+        return sdl.StatefulDataLoader(ds, batch_size=None, num_workers=workers,
+                                      multiprocessing_context="forkserver" if workers else None)
+
+    def key(item):
+        return (int(item["index_id"]), int(item.get("row", -1)))
+
+    whole = [key(x) for x in loader()]
+    assert len(whole) == (60 if unit == "sample" else 20)
+    for k in (0, 1, 7):
+        first = loader()
+        it = iter(first)
+        head = [key(next(it)) for _ in range(k)]
+        state = first.state_dict()
+        del it
+        again = loader()
+        again.load_state_dict(state)
+        tail = [key(x) for x in again]
+        assert head + tail == whole, k
+
+
+def test_state_dict_without_dataloader(server):
+    write_all(server.location, range(6), finish=False)
+    ds = TQDataset(server.location, TYPES, index_ids=range(6))
+    it = iter(ds)
+    assert [int(next(it)["index_id"]) for _ in range(2)] == [0, 1]
+    state = ds.state_dict()
+    fresh = TQDataset(server.location, TYPES, index_ids=range(6))
+    fresh.load_state_dict(state)
+    assert [int(x["index_id"]) for x in fresh] == [2, 3, 4, 5]
+    assert [int(x["index_id"]) for x in fresh] == list(range(6))  # the next epoch is whole
+
+
+# ---------------------------------------------------------------------- streaming mode
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_every_id_exactly_once_across_ranks_and_workers(server, workers):
+    ids = list(range(500, 560))
+    # the consumers start first and wait for the producer (long-poll)
+    result = {}
+    th = threading.Thread(target=lambda: result.update(
+        run_ranks(server.location, 2, workers, {"group": "trainer", "batch_items": 2})))
+    th.start()
+    time.sleep(1.0)
+    write_all(server.location, ids)
+    th.join(180)
+    assert sorted(result[0] + result[1]) == ids
+    status = torch_tq.Client(server.location).group_status("trainer")
+    assert status["consumed"] == len(ids) and status["finished"]
+    assert status["redelivered"] == 0
+
+
+def test_streaming_stage_adds_a_type_and_trainer_waits_for_it(server):
+    """A middle stage consumes prompt+resp, adds ref; the trainer requires all three."""
+    client = torch_tq.Client(server.location)
+    ids = list(range(20))
+    write_all(server.location, ids)  # finishes prompt and resp
+
+    def stage():
+        ds = TQDataset(server.location, TYPES, group="ref_stage")
+        with TensorSink(server.location) as sink:
+            for item in ds:
+                sink.write(int(item["index_id"]), {"ref": item["prompt"].sum(dim=1)})
+            sink.finish()
+
+    th = threading.Thread(target=stage)
+    th.start()
+    ds = TQDataset(server.location, ["prompt", "resp", "ref"], group="trainer")
+    got = []
+    for item in ds:
+        assert torch.equal(item["ref"], item["prompt"].sum(dim=1))
+        got.append(int(item["index_id"]))
+    th.join(60)
+    assert sorted(got) == ids
+    assert client.group_status("trainer")["finished"]
+
+
+def test_slow_producer_long_polls_without_busy_looping(server):
+    ids = list(range(6))
+
+    def produce():
+        with TensorSink(server.location) as sink:
+            for i in ids:
+                time.sleep(0.4)
+                sink.write(i, expected(i))
+                sink.flush()
+            sink.finish()
+
+    th = threading.Thread(target=produce)
+    th.start()
+    ds = TQDataset(server.location, TYPES, group="slow", poll=10.0)
+    got = [check_item(x) for x in ds]
+    th.join(30)
+    assert sorted(got) == ids
+    requests = torch_tq.Client(server.location).group_status("slow")["requests"]
+    # one request per item, plus a few that end empty (finish, race with the put): a loop
+    # that polled without waiting would have made hundreds in these ~2.5 s
+    assert requests <= 2 * len(ids) + 3, requests
+
+
+def test_streaming_manual_ack_redelivers_what_was_not_acked(server):
+    write_all(server.location, range(4), finish=False)
+    ds = TQDataset(server.location, TYPES, group="manual", ack="manual", lease=2.0,
+                   poll=0.1, idle_timeout=0.2, prefetch=0, batch_items=1)
+    first = [int(x["index_id"]) for x in ds]
+    assert sorted(first) == [0, 1, 2, 3]
+    ds.ack(first[:2])
+    time.sleep(2.1)  # the leases of the two not acknowledged run out
+    again = [int(x["index_id"]) for x in ds]
+    assert sorted(again) == sorted(first[2:])
+
+
+def test_stopping_early_gives_leases_back(server):
+    write_all(server.location, range(10), finish=False)
+    ds = TQDataset(server.location, TYPES, group="early", batch_items=3, prefetch=2, lease=600)
+    it = iter(ds)
+    taken = [int(next(it)["index_id"]) for _ in range(2)]
+    it.close()  # the loop broke off: the prefetched leases are released, taken ones acked
+    client = torch_tq.Client(server.location)
+    status = client.group_status("early")
+    assert (status["consumed"], status["leased"], status["ready"]) == (2, 0, 8)
+    rest = [int(x["index_id"]) for x in TQDataset(server.location, TYPES, group="early",
+                                                  idle_timeout=0.3)]
+    assert sorted(taken + rest) == list(range(10))
+
+
+def test_delete_after_ack_keeps_the_store_bounded(server):
+    write_all(server.location, range(5))
+    ds = TQDataset(server.location, TYPES, group="last", delete_after_ack=True)
+    assert sorted(int(x["index_id"]) for x in ds) == list(range(5))
+    assert torch_tq.Client(server.location).list() == []
+
+
+def test_killed_consumer_items_go_to_another(server):
+    write_all(server.location, range(8), finish=True)
+    code = textwrap.dedent(f"""
+        import time, torch_tq
+        ds = torch_tq.TQDataset({server.location!r}, {TYPES!r}, group="crash", lease=3.0,
+                                batch_items=3, prefetch=2)
+        it = iter(ds)
+        print(int(next(it)["index_id"]), flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        first = int(proc.stdout.readline())
+        time.sleep(1.5)  # it renews its leases meanwhile
+    finally:
+        proc.kill()
+        proc.wait()
+    client = torch_tq.Client(server.location)
+    status = client.group_status("crash")
+    acked_by_dead = status["consumed"]
+    assert acked_by_dead in (0, 1) and status["leased"] >= 5 and status["ready"] <= 2
+    time.sleep(1.6)  # its leases are stale now (not renewed for half their term)...
+    assert not client.group_status("crash")["drained"]
+    t0 = time.monotonic()
+    # ...so a new consumer takes what is ready, then waits for them to run out and come back
+    got = [check_item(x) for x in TQDataset(server.location, TYPES, group="crash")]
+    assert time.monotonic() - t0 < 10
+    assert len(got) == len(set(got))
+    if acked_by_dead:
+        assert first not in got
+    assert sorted(got + ([first] if acked_by_dead else [])) == list(range(8))
+    assert client.group_status("crash")["redelivered"] >= 1
+
+
+# ---------------------------------------------------------------------- fork
+
+
+FORK_SCRIPT = """
+import sys, torch_tq
+from torch.utils.data import DataLoader
+location, used = sys.argv[1], sys.argv[2] == "used"
+ds = torch_tq.TQDataset(location, ["prompt", "resp"], index_ids=range(4))
+if used:
+    torch_tq.Client(location).health()  # gRPC is now running in this process
+loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+try:
+    print(sorted(int(x["index_id"]) for x in loader))
+except torch_tq.ForkedProcessError as e:
+    print("ForkedProcessError:", e)
+"""
+
+
+@pytest.mark.parametrize("used", ["used", "fresh"])
+def test_fork_never_hangs(server, used):
+    write_all(server.location, range(4), finish=False)
+    proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT, server.location, used],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    if used == "used":
+        assert "ForkedProcessError:" in proc.stdout and "forkserver" in proc.stdout
+    else:
+        assert proc.stdout.strip() == "[0, 1, 2, 3]"
+
+
+# ---------------------------------------------------------------------- TensorSink
+
+
+def test_sink_backpressure_bounds_bytes_in_flight(server):
+    bound = 32 << 20
+    item = 8 << 20
+    peak = 0
+    blocked = 0
+    with TensorSink(server.location, max_inflight_bytes=bound, copy=True) as sink:
+        src = torch.zeros(item // 4)
+        for i in range(24):
+            t0 = time.perf_counter()
+            sink.write(i, {"prompt": src})
+            blocked += time.perf_counter() - t0 > 0.005
+            peak = max(peak, sink.inflight_bytes)
+        assert sink.inflight_bytes > 0 or blocked  # it returned before storing
+        sink.flush()
+        assert sink.inflight_bytes == 0
+    assert peak <= bound
+    assert blocked > 0  # the producer was held back, not buffered without bound
+    assert len(torch_tq.Client(server.location).list()) == 24
+
+
+def test_sink_failure_surfaces_at_flush_with_its_item():
+    with torch_tq.start_server(storage="memory", max_matrix_bytes="1MiB") as srv:
+        sink = TensorSink(srv.location)
+        sink.write(1, {"prompt": torch.zeros(10)})
+        sink.write(2, {"prompt": torch.zeros(1 << 19), "resp": torch.zeros(3)})  # 2 MiB prompt
+        sink.write(3, {"prompt": torch.zeros(10)})
+        with pytest.raises(InvalidArgument, match=r"index_id=2, type=prompt.*too large"):
+            sink.flush()
+        sink.flush()  # raised once
+        sink.close()
+        stored = {(m.index_id, m.matrix_type) for m in torch_tq.Client(srv.location).list()}
+        assert stored == {(1, "prompt"), (2, "resp"), (3, "prompt")}
+
+
+def test_sink_checks_input_before_queueing(server):
+    with TensorSink(server.location) as sink:
+        with pytest.raises(InvalidArgument):
+            sink.write(-1, {"prompt": torch.zeros(1)})
+        with pytest.raises(InvalidArgument):
+            sink.write(1, {"bad/type": torch.zeros(1)})
+        with pytest.raises(InvalidArgument):
+            sink.write(1, {"prompt": [1, 2]})
+    with pytest.raises(InvalidArgument):
+        sink.write(1, {"prompt": torch.zeros(1)})  # closed
