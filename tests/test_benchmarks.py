@@ -1,4 +1,4 @@
-"""Every benchmark runs at a tiny size, so none of them rots."""
+"""Every benchmark and example runs at a tiny size, so none of them rots."""
 
 from __future__ import annotations
 
@@ -44,3 +44,29 @@ def test_roundtrip_benchmark_disk_store(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "torch_tq storage=disk" in proc.stdout
+
+
+def test_dataloader_benchmark_tiny(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "dataloader.py"), "-n", "1MiB",
+         "--count", "2", "--runs", "1", "--items", "20", "--workers", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"ratio: dataloader [0-9.]+x Client.get loop \| streaming added p50 "
+                        r"-?[0-9.]+ ms live, -?[0-9.]+ ms backlog", last), last
+    result = json.loads(out.read_text())
+    assert len(result["throughput"]) == 3
+    assert all(r["gbps"] > 0 for r in result["throughput"].values())
+    assert result["streaming"]["items"] == 20 and result["streaming"]["get_ms"] > 0
+
+
+def test_rl_pipeline_example_runs():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "rl_pipeline.py"), "--items", "16"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "every index_id exactly once with all 3 types" in proc.stdout
