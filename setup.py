@@ -55,7 +55,7 @@ setup(
         "xxhash>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pandas>=2"],
+        "test": ["pytest>=7", "hypothesis>=6", "pandas>=2", "torchdata>=0.9"],
     },
     entry_points={"console_scripts": ["torch-tq=torch_tq.cli:main"]},
     zip_safe=False,

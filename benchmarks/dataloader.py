@@ -23,6 +23,7 @@ The last line holds the headline figures.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -107,7 +108,7 @@ def streaming_overhead(location: str, args: argparse.Namespace) -> dict:
     stamps = []
     for _item in ds:
         stamps.append(time.perf_counter())
-    per_item = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    per_item = statistics.median(b - a for a, b in itertools.pairwise(stamps))
     client.reopen(["small"])
 
     # live: one item at a time, the dataset long-polling for it

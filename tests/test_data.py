@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 import torch_tq
 from torch_tq import InvalidArgument, TensorSink, TQDataset
 
+from .conftest import free_port
+
 TYPES = ["prompt", "resp"]
 
 
@@ -30,18 +32,30 @@ def check_item(item) -> int:
     return i
 
 
-def _rank_main(location, rank, world, workers, kwargs, out) -> None:
+def _rank_main(location, rank, world, workers, kwargs, out, dist_port, context) -> None:
     """One data-parallel rank: iterate a DataLoader over TQDataset, report the index_ids."""
-    ds = TQDataset(location, TYPES, rank=rank, world_size=world, **kwargs)
+    if dist_port:
+        # rank and world size come from torch.distributed, as in a real job
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{dist_port}", rank=rank, world_size=world)
+        ds = TQDataset(location, TYPES, **kwargs)
+        assert (ds.rank, ds.world_size) == (rank, world)
+    else:
+        ds = TQDataset(location, TYPES, rank=rank, world_size=world, **kwargs)
     loader = DataLoader(ds, batch_size=None, num_workers=workers,
-                        multiprocessing_context="forkserver" if workers else None)
+                        multiprocessing_context=context if workers else None)
     out.put((rank, [check_item(item) for item in loader]))
+    if dist_port:
+        torch.distributed.destroy_process_group()
 
 
-def run_ranks(location, world, workers, kwargs, timeout=120) -> dict[int, list[int]]:
+def run_ranks(location, world, workers, kwargs, timeout=120, dist=False,
+              context="forkserver") -> dict[int, list[int]]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(location, r, world, workers, kwargs, out))
+    port = free_port() if dist else 0
+    procs = [ctx.Process(target=_rank_main,
+                         args=(location, r, world, workers, kwargs, out, port, context))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -73,11 +87,13 @@ def write_all(location, ids, finish=True) -> None:
 # ---------------------------------------------------------------------- fixed mode
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_fixed_mode_every_id_once_across_ranks_and_workers(server, workers):
+@pytest.mark.parametrize("workers, context, dist", [(0, None, True), (2, "forkserver", False),
+                                                    (2, "spawn", False)])
+def test_fixed_mode_every_id_once_across_ranks_and_workers(server, workers, context, dist):
     ids = list(range(100, 137))
     write_all(server.location, ids, finish=False)
-    got = run_ranks(server.location, 2, workers, {"index_ids": ids, "shuffle": True, "seed": 7})
+    got = run_ranks(server.location, 2, workers, {"index_ids": ids, "shuffle": True, "seed": 7},
+                    dist=dist, context=context)
     everything = got[0] + got[1]
     assert sorted(everything) == ids  # no duplicates, no losses
     assert got[0] and got[1]
@@ -88,11 +104,11 @@ def test_fixed_shards_are_disjoint_and_shuffle_follows_the_epoch():
     shards = [TQDataset("127.0.0.1:1", TYPES, index_ids=ids, rank=r, world_size=3,
                         shuffle=True, seed=1) for r in range(3)]
     parts = [list(s.shard_ids()) for s in shards]
-    assert sorted(sum(parts, [])) == list(ids)
+    assert sorted(i for part in parts for i in part) == list(ids)
     first = parts[0]
     shards[0].set_epoch(1)
     assert list(shards[0].shard_ids()) != first  # a new permutation each epoch
-    assert sorted(list(TQDataset("127.0.0.1:1", TYPES, index_ids=ids).shard_ids())) == list(ids)
+    assert sorted(TQDataset("127.0.0.1:1", TYPES, index_ids=ids).shard_ids()) == list(ids)
 
 
 def test_sample_unit_and_default_collate(server):
@@ -126,7 +142,7 @@ def test_bad_arguments_are_refused():
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("unit", ["matrix", "sample"])
 def test_resume_from_state_dict_equals_the_uninterrupted_tail(server, workers, unit):
-    sdl = pytest.importorskip("torchdata.stateful_dataloader")
+    from torchdata import stateful_dataloader as sdl  # a test requirement
     ids = list(range(20))
     write_all(server.location, ids, finish=False)
 

@@ -270,7 +270,7 @@ def test_killed_consumer_items_are_redelivered(memory_server, group, unique_id, 
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        leased = eval(proc.stdout.readline())  # noqa: S307 - our own child's list of ints
+        leased = eval(proc.stdout.readline())  # our own child's list of ints
         assert sorted(leased) == ids
         os.kill(proc.pid, signal.SIGKILL)
     finally:
