@@ -3,8 +3,8 @@
 Part 1, throughput: ``--count`` matrices of ``--size`` (256 MiB by default) float32 are read
 in full passes, either by ``Client.get`` in a plain loop (the baseline) or by iterating
 ``DataLoader(TQDataset(index_ids=...), batch_size=None)`` (``num_workers=0``: the zero-copy
-path with its prefetch thread; ``--workers`` adds a loader with worker processes, whose
-tensors DataLoader copies through shared memory). Passes alternate; each figure is the
+path with its prefetch thread; ``--workers`` adds a loader with persistent worker processes,
+which receive into shared memory that DataLoader hands to the main process). Passes alternate; each figure is the
 median over ``--runs`` passes after one warm-up pass. Ratio: TQDataset / plain loop.
 
 Part 2, per-item overhead of streaming mode for small items (``--small`` bytes):
@@ -65,10 +65,13 @@ def throughput(location: str, args: argparse.Namespace) -> dict:
             torch_tq.TQDataset(location, ["prompt"], index_ids=ids), batch_size=None)),
     }
     if args.workers:
+        # one loader with persistent workers, so passes measure transfer, not worker start-up
+        workers_loader = DataLoader(
+            torch_tq.TQDataset(location, ["prompt"], index_ids=ids), batch_size=None,
+            num_workers=args.workers, multiprocessing_context="forkserver",
+            persistent_workers=True)
         methods[f"DataLoader(TQDataset) workers={args.workers}"] = lambda: _pass_loader(
-            DataLoader(torch_tq.TQDataset(location, ["prompt"], index_ids=ids), batch_size=None,
-                       num_workers=args.workers, multiprocessing_context="forkserver",
-                       persistent_workers=False))
+            workers_loader)
     times: dict[str, list[float]] = {}
     items = list(methods.items())
     for _ in range(1):  # warm-up

@@ -167,3 +167,11 @@ def test_list_and_health(client, unique_id):
     assert [(i.matrix_type, i.shape, i.dtype, i.nbytes) for i in infos] == [
         ("a", (2, 3), "int16", 12), ("b", (5,), "bool", 5)]
     assert client.health()["status"] == "SERVING"
+
+
+def test_get_into_shared_memory(client, unique_id):
+    t = torch.randn(3, 1000)
+    client.put(unique_id, "prompt", t)
+    got = client.get(unique_id, "prompt", shared=True)
+    assert got.is_shared() and torch.equal(got, t)
+    assert not client.get(unique_id, "prompt").is_shared()

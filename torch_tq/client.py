@@ -216,6 +216,7 @@ class Client:
         matrix_type: str,
         *,
         out: torch.Tensor | None = None,
+        shared: bool = False,
     ) -> torch.Tensor:
         """Reads a matrix as a CPU tensor.
 
@@ -225,6 +226,8 @@ class Client:
         Args:
             index_id, matrix_type: the key.
             out: a contiguous CPU tensor of the matrix's exact dtype and shape to fill.
+            shared: allocate the result in shared memory (what a DataLoader worker sends to
+                the main process without another copy).
 
         Raises:
             NotFound: no such matrix.
@@ -237,7 +240,7 @@ class Client:
         try:
             reader = self._flight.do_get(flight.Ticket(protocol.read_command(key)), self._options())
             dtype, shape = codec.parse_wire_schema(reader.schema)
-            assembler = codec.TensorAssembler(dtype, shape, out)
+            assembler = codec.TensorAssembler(dtype, shape, out, shared)
             while True:
                 try:
                     chunk = reader.read_chunk()

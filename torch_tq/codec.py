@@ -308,11 +308,20 @@ class TensorAssembler:
 
     Without ``out``, a stream that arrives as one suitably aligned buffer becomes a tensor
     over that buffer (no copy); otherwise the values are copied once, as they arrive, into a
-    tensor allocated from the schema's shape (or into ``out``).
+    tensor allocated from the schema's shape (or into ``out``). ``shared`` allocates that
+    tensor in shared memory (always, with the one copy), so a DataLoader worker hands it to
+    the main process without copying it again.
     """
 
-    def __init__(self, dtype: DType, shape: tuple[int, ...], out: torch.Tensor | None = None):
+    def __init__(
+        self,
+        dtype: DType,
+        shape: tuple[int, ...],
+        out: torch.Tensor | None = None,
+        shared: bool = False,
+    ):
         self.dtype = dtype
+        self.shared = shared
         self.shape = shape
         self.numel = numel(shape)
         self.count = 0
@@ -334,7 +343,7 @@ class TensorAssembler:
         if self._dst is None:
             import torch
 
-            if n == self.numel and self.dtype.name != "bool":
+            if n == self.numel and self.dtype.name != "bool" and not self.shared:
                 width = self.dtype.itemsize
                 buf = arr.buffers()[1]
                 start = buf.address + arr.offset * width
@@ -346,7 +355,14 @@ class TensorAssembler:
                     ).reshape(self.shape)
                     self.count = n
                     return
-            self.result = empty_tensor(self.dtype, self.shape)
+            if self.shared:
+                # a shared storage from the start (share_memory_() would copy into one)
+                storage = torch.UntypedStorage._new_shared(self.numel * self.dtype.itemsize)
+                self.result = torch.empty(0, dtype=self.dtype.torch).set_(
+                    storage, 0, self.shape
+                )
+            else:
+                self.result = empty_tensor(self.dtype, self.shape)
             self._dst = _byte_view(self.result)
         if self.dtype.name == "bool":
             src = arr.to_numpy(zero_copy_only=False).view(np.uint8)

@@ -222,8 +222,11 @@ class TQDataset(torch.utils.data.IterableDataset):
 
     def _fetch(self, client: Client, index_id: int) -> dict[str, Any]:
         item: dict[str, Any] = {}
+        # In a worker process, receive straight into shared memory: the DataLoader then
+        # passes the tensor to the main process without copying it again.
+        in_worker = torch.utils.data.get_worker_info() is not None and self.device is None
         for t in self.types:
-            tensor = client.get(index_id, t)
+            tensor = client.get(index_id, t, shared=in_worker)
             if self.pin_memory and torch.cuda.is_available():
                 tensor = tensor.pin_memory()
             if self.device is not None:
