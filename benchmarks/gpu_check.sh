@@ -7,4 +7,4 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 python3 -c "import sys, torch, pyarrow; print(sys.version.split()[0], torch.__version__, pyarrow.__version__)"
 python3 setup.py -q build_ext --inplace
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ext.py tests/test_client.py "$@"
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ext.py tests/test_client.py tests/test_queue.py "$@"

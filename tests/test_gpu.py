@@ -27,3 +27,21 @@ def test_put_gpu_tensor_get_back(memory_server, dtype):
         back = client.get(1, "prompt")
     assert back.device.type == "cpu" and back.dtype == dtype
     assert torch.equal(back.cuda(), view)
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_dataset_delivers_on_the_gpu(memory_server, pin):
+    from torch.utils.data import DataLoader
+
+    source = torch.randn(4, 256, 1024)
+    with torch_tq.Client(memory_server.location) as client:
+        client.put(77_001, "prompt", source)
+        client.put(77_002, "prompt", source * 2)
+    ds = torch_tq.TQDataset(memory_server.location, ["prompt"], index_ids=[77_001, 77_002],
+                            device="cuda", pin_memory=pin)
+    items = list(DataLoader(ds, batch_size=None))
+    assert [int(x["index_id"]) for x in items] == [77_001, 77_002]
+    for item, scale in zip(items, (1, 2)):
+        assert item["prompt"].device.type == "cuda"
+        torch.cuda.synchronize()
+        assert torch.equal(item["prompt"].cpu(), source * scale)
