@@ -298,3 +298,28 @@ def test_renewed_leases_stay_and_stale_ones_keep_the_group_undrained(client, gro
     time.sleep(0.3)
     again = client.consume(group, max_items=2, timeout=5)
     assert sorted(again.index_ids) == lease.index_ids
+
+
+def test_many_long_polls_do_not_starve_other_calls(client, group, unique_id, P):
+    client.consume(group, [P])
+    n = 32
+    results: list = []
+
+    def consumer():
+        c = torch_tq.Client(client.location)
+        results.append(c.consume(group, max_items=1, timeout=8).index_ids)
+
+    threads = [threading.Thread(target=consumer) for _ in range(n)]
+    for th in threads:
+        th.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    client.put(unique_id, "other", T)  # unrelated calls go through while they wait
+    assert torch.equal(client.get(unique_id, "other"), T)
+    assert client.health()["status"] == "SERVING"
+    assert time.monotonic() - t0 < 3
+    for i in _ids(unique_id, n):
+        client.put(i, P, T)
+    for th in threads:
+        th.join(30)
+    assert sorted(i for ids in results for i in ids) == _ids(unique_id, n)
