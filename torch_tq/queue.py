@@ -109,7 +109,11 @@ class Queue:
     def _load(self) -> None:
         assert self.state_dir is not None
         groups_dir = os.path.join(self.state_dir, "groups")
-        os.makedirs(groups_dir, exist_ok=True)
+        if not os.path.isdir(groups_dir):
+            os.makedirs(groups_dir)
+            if self.durable:
+                _fsync_dir(self.state_dir)
+                _fsync_dir(os.path.dirname(self.state_dir))
         try:
             with open(os.path.join(self.state_dir, "finished.json")) as f:
                 self._finished = set(json.load(f)["types"])
@@ -224,7 +228,10 @@ class Queue:
             try:
                 os.makedirs(gdir, exist_ok=True)
                 group.journal = open(os.path.join(gdir, "acked.u64"), "ab")
+                # types.json's rename and fsync of gdir also make the journal's entry durable
                 self._write_json(os.path.join(gdir, "types.json"), {"types": sorted(types)})
+                if self.durable:
+                    _fsync_dir(os.path.dirname(gdir))  # the group directory's own entry
             except OSError as e:
                 if group.journal is not None:
                     group.journal.close()
