@@ -2,12 +2,49 @@
 //
 // Built against the CPython headers only: no torch, CUDA or Arrow at build time.
 // The CUDA runtime is looked up with dlopen() when asked for, so the same build runs
-// on machines with and without a GPU. Later parts (DLPack export, pinned host memory)
-// grow from here; everything in torch_tq works without this module.
+// on machines with and without a GPU. It exports buffers as DLPack capsules (so
+// torch.from_dlpack shares their memory); pinned host memory grows from here.
+// Everything in torch_tq works without this module.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <dlfcn.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+// ---------------------------------------------------------------------------------------
+// DLPack (v0.8 ABI, the "dltensor" capsule every framework accepts), declared here so the
+// build needs no header beyond CPython's.
+extern "C" {
+typedef enum { kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3 } DLDeviceType;
+typedef struct {
+  int32_t device_type;
+  int32_t device_id;
+} DLDevice;
+typedef enum { kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4, kDLBool = 6 } DLDataTypeCode;
+typedef struct {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+} DLDataType;
+typedef struct {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+} DLTensor;
+typedef struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(struct DLManagedTensor* self);
+} DLManagedTensor;
+}
 
 namespace {
 
@@ -30,6 +67,217 @@ void* open_cudart(const char** why) {
 }
 
 PyObject* abi_version(PyObject*, PyObject*) { return PyLong_FromLong(kAbiVersion); }
+
+constexpr int kMaxDims = 64;
+
+// What a capsule owns: the DLManagedTensor, its shape, and a reference that keeps the
+// memory's owner alive (a held Py_buffer export, or a plain reference for a raw pointer).
+struct Managed {
+  DLManagedTensor tensor;
+  int64_t shape[kMaxDims];
+  Py_buffer view;
+  bool has_view;
+  PyObject* owner;  // strong reference (may be null when has_view)
+};
+
+void managed_deleter(DLManagedTensor* self) {
+  if (self == nullptr) return;
+  Managed* m = static_cast<Managed*>(self->manager_ctx);
+  // The consumer may call this from any thread, with or without the GIL.
+  PyGILState_STATE gil = PyGILState_Ensure();
+  if (m->has_view) PyBuffer_Release(&m->view);
+  Py_XDECREF(m->owner);
+  PyGILState_Release(gil);
+  delete m;
+}
+
+// A capsule nobody consumed still owns its tensor: free it with the capsule.
+void capsule_destructor(PyObject* capsule) {
+  if (PyCapsule_IsValid(capsule, "dltensor")) {
+    auto* t = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+    if (t != nullptr && t->deleter != nullptr) t->deleter(t);
+  }
+  // "used_dltensor": the consumer took ownership and calls the deleter itself.
+}
+
+bool parse_shape(PyObject* shape_obj, Managed* m, int32_t* ndim, uint64_t* numel) {
+  PyObject* seq = PySequence_Fast(shape_obj, "shape must be a sequence of integers");
+  if (seq == nullptr) return false;
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  if (n > kMaxDims) {
+    Py_DECREF(seq);
+    PyErr_Format(PyExc_ValueError, "shape has %zd dimensions; the limit is %d", n, kMaxDims);
+    return false;
+  }
+  uint64_t count = 1;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    long long d = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+    if (d == -1 && PyErr_Occurred()) {
+      Py_DECREF(seq);
+      return false;
+    }
+    if (d < 0 || d > (1LL << 62)) {
+      Py_DECREF(seq);
+      PyErr_Format(PyExc_ValueError, "shape entries must be in [0, 2**62], got %lld", d);
+      return false;
+    }
+    m->shape[i] = d;
+    if (d != 0 && count > (UINT64_C(1) << 62) / static_cast<uint64_t>(d)) {
+      Py_DECREF(seq);
+      PyErr_SetString(PyExc_ValueError, "shape has too many elements");
+      return false;
+    }
+    count *= static_cast<uint64_t>(d);
+  }
+  Py_DECREF(seq);
+  *ndim = static_cast<int32_t>(n);
+  *numel = count;
+  return true;
+}
+
+bool parse_dtype(int code, int bits, DLDataType* out) {
+  bool ok = false;
+  switch (code) {
+    case kDLInt: ok = bits == 8 || bits == 16 || bits == 32 || bits == 64; break;
+    case kDLUInt: ok = bits == 8 || bits == 16 || bits == 32 || bits == 64; break;
+    case kDLFloat: ok = bits == 16 || bits == 32 || bits == 64; break;
+    case kDLBfloat: ok = bits == 16; break;
+    case kDLBool: ok = bits == 8; break;
+    default: ok = false;
+  }
+  if (!ok) {
+    PyErr_Format(PyExc_ValueError, "unsupported DLPack dtype code %d with %d bits", code, bits);
+    return false;
+  }
+  out->code = static_cast<uint8_t>(code);
+  out->bits = static_cast<uint8_t>(bits);
+  out->lanes = 1;
+  return true;
+}
+
+// Fills m->tensor for memory [data, data + size) holding numel items from `offset` bytes on.
+bool fill_tensor(Managed* m, char* data, uint64_t size, uint64_t offset, int32_t ndim,
+                 uint64_t numel, DLDataType dtype, int device_type, int device_id) {
+  uint64_t itemsize = dtype.bits / 8;
+  if (offset > size || numel > (size - offset) / itemsize) {
+    PyErr_Format(PyExc_ValueError,
+                 "buffer of %llu bytes is too small for %llu items of %llu bytes at offset %llu",
+                 static_cast<unsigned long long>(size), static_cast<unsigned long long>(numel),
+                 static_cast<unsigned long long>(itemsize),
+                 static_cast<unsigned long long>(offset));
+    return false;
+  }
+  uintptr_t start = reinterpret_cast<uintptr_t>(data) + offset;
+  if (numel != 0 && start % itemsize != 0) {
+    // A tensor over a misaligned address is undefined behaviour for most kernels: refuse
+    // and let the caller copy once.
+    PyErr_Format(PyExc_BufferError, "address %p is not aligned to the %llu-byte item size",
+                 reinterpret_cast<void*>(start), static_cast<unsigned long long>(itemsize));
+    return false;
+  }
+  DLTensor& t = m->tensor.dl_tensor;
+  t.data = reinterpret_cast<void*>(start);
+  t.device.device_type = device_type;
+  t.device.device_id = device_id;
+  t.ndim = ndim;
+  t.dtype = dtype;
+  t.shape = m->shape;
+  t.strides = nullptr;  // compact, row-major
+  t.byte_offset = 0;
+  m->tensor.manager_ctx = m;
+  m->tensor.deleter = managed_deleter;
+  return true;
+}
+
+PyObject* make_capsule(Managed* m) {
+  PyObject* capsule = PyCapsule_New(&m->tensor, "dltensor", capsule_destructor);
+  if (capsule == nullptr) managed_deleter(&m->tensor);
+  return capsule;
+}
+
+// to_dlpack(obj, code, bits, shape, offset=0) -> capsule
+// Exports the memory of any object with the buffer protocol (a pyarrow.Buffer, a memoryview,
+// a bytearray, ...) as a CPU DLPack capsule. The capsule holds the buffer export, so the
+// memory outlives `obj` for as long as the consumer's tensor lives.
+PyObject* to_dlpack(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* kwlist[] = {"obj", "code", "bits", "shape", "offset", nullptr};
+  PyObject* obj = nullptr;
+  int code = 0, bits = 0;
+  PyObject* shape = nullptr;
+  unsigned long long offset = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiiO|K", const_cast<char**>(kwlist), &obj,
+                                   &code, &bits, &shape, &offset)) {
+    return nullptr;
+  }
+  Managed* m = new (std::nothrow) Managed();
+  if (m == nullptr) return PyErr_NoMemory();
+  DLDataType dtype;
+  int32_t ndim = 0;
+  uint64_t numel = 0;
+  if (!parse_dtype(code, bits, &dtype) || !parse_shape(shape, m, &ndim, &numel)) {
+    delete m;
+    return nullptr;
+  }
+  if (PyObject_GetBuffer(obj, &m->view, PyBUF_SIMPLE) != 0) {
+    delete m;
+    return nullptr;
+  }
+  m->has_view = true;
+  if (!fill_tensor(m, static_cast<char*>(m->view.buf), static_cast<uint64_t>(m->view.len),
+                   offset, ndim, numel, dtype, kDLCPU, 0)) {
+    PyBuffer_Release(&m->view);
+    delete m;
+    return nullptr;
+  }
+  return make_capsule(m);
+}
+
+// pointer_to_dlpack(address, size, owner, code, bits, shape, device_type=1, device_id=0)
+// -> capsule over raw memory that `owner` keeps valid (a pinned block, a device buffer).
+PyObject* pointer_to_dlpack(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* kwlist[] = {"address", "size", "owner", "code", "bits", "shape",
+                                 "device_type", "device_id", nullptr};
+  unsigned long long address = 0, size = 0;
+  PyObject* owner = nullptr;
+  int code = 0, bits = 0, device_type = kDLCPU, device_id = 0;
+  PyObject* shape = nullptr;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKOiiO|ii", const_cast<char**>(kwlist),
+                                   &address, &size, &owner, &code, &bits, &shape, &device_type,
+                                   &device_id)) {
+    return nullptr;
+  }
+  if (device_type != kDLCPU && device_type != kDLCUDA && device_type != kDLCUDAHost) {
+    PyErr_Format(PyExc_ValueError, "unsupported DLPack device type %d", device_type);
+    return nullptr;
+  }
+  if (address == 0 && size != 0) {
+    PyErr_SetString(PyExc_ValueError, "null address");
+    return nullptr;
+  }
+  Managed* m = new (std::nothrow) Managed();
+  if (m == nullptr) return PyErr_NoMemory();
+  DLDataType dtype;
+  int32_t ndim = 0;
+  uint64_t numel = 0;
+  if (!parse_dtype(code, bits, &dtype) || !parse_shape(shape, m, &ndim, &numel) ||
+      !fill_tensor(m, reinterpret_cast<char*>(static_cast<uintptr_t>(address)), size, 0, ndim,
+                   numel, dtype, device_type, device_id)) {
+    delete m;
+    return nullptr;
+  }
+  Py_INCREF(owner);
+  m->owner = owner;
+  return make_capsule(m);
+}
+
+// buffer_address(obj) -> int: the start address of an object's buffer (for identity tests).
+PyObject* buffer_address(PyObject*, PyObject* obj) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) != 0) return nullptr;
+  PyObject* out = PyLong_FromVoidPtr(view.buf);
+  PyBuffer_Release(&view);
+  return out;
+}
 
 // cuda_runtime_version() -> int | None
 // The CUDA runtime's version (e.g. 12040), or None when no runtime can be loaded.
@@ -55,6 +303,17 @@ PyObject* cuda_runtime_version(PyObject*, PyObject*) {
 
 PyMethodDef kMethods[] = {
     {"abi_version", abi_version, METH_NOARGS, "abi_version() -> int\n\nVersion of this module's C ABI."},
+    {"to_dlpack", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(to_dlpack)),
+     METH_VARARGS | METH_KEYWORDS,
+     "to_dlpack(obj, code, bits, shape, offset=0) -> PyCapsule\n\n"
+     "A CPU DLPack capsule over the buffer of obj (kept alive by the capsule's tensor)."},
+    {"pointer_to_dlpack",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(pointer_to_dlpack)),
+     METH_VARARGS | METH_KEYWORDS,
+     "pointer_to_dlpack(address, size, owner, code, bits, shape, device_type=1, device_id=0)"
+     " -> PyCapsule\n\nA DLPack capsule over raw memory that owner keeps valid."},
+    {"buffer_address", buffer_address, METH_O,
+     "buffer_address(obj) -> int\n\nThe start address of obj's buffer."},
     {"cuda_runtime_version", cuda_runtime_version, METH_NOARGS,
      "cuda_runtime_version() -> int | None\n\n"
      "The CUDA runtime version found with dlopen, or None when there is none."},

@@ -1,6 +1,25 @@
-"""The C extension builds, imports and answers without a GPU."""
+"""The C extension: builds, imports and answers without a GPU; DLPack export shares memory,
+keeps owners alive, and refuses misaligned addresses."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import weakref
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
 
 import torch_tq._C as _C
+from torch_tq import native
+
+DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+          torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
 def test_abi_version():
@@ -11,3 +30,153 @@ def test_cuda_runtime_version_is_none_or_positive():
     version = _C.cuda_runtime_version()
     # On a CPU-only machine there is no libcudart; on a GPU machine it is e.g. 12040.
     assert version is None or (isinstance(version, int) and version > 0)
+
+
+def _source(dtype: torch.dtype, n: int = 24) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.arange(n) % 3 == 0
+    return (torch.arange(n) * 7 % 101).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_capsule_shares_memory_for_every_dtype(dtype):
+    src = _source(dtype)
+    raw = src.view(torch.uint8).numpy().tobytes() if dtype != torch.bool else src.numpy().tobytes()
+    buf = pa.py_buffer(raw)
+    t = native.tensor_over(buf, dtype, (4, 6))
+    assert t.dtype == dtype and t.shape == (4, 6)
+    assert t.data_ptr() == buf.address == _C.buffer_address(buf)  # the same memory
+    assert torch.equal(t.reshape(-1), src)
+
+
+def test_offset_and_zero_sized_and_0d():
+    buf = pa.py_buffer(np.arange(10, dtype=np.float32).tobytes())
+    t = native.tensor_over(buf, torch.float32, (3,), offset=8)
+    assert t.tolist() == [2.0, 3.0, 4.0] and t.data_ptr() == buf.address + 8
+    assert native.tensor_over(buf, torch.float32, (0, 5)).shape == (0, 5)
+    assert native.tensor_over(buf, torch.float32, ()).item() == 0.0
+
+
+def test_owner_stays_alive_until_the_tensor_goes():
+    arr = np.arange(1000, dtype=np.float64)
+    alive = weakref.ref(arr)
+    t = native.tensor_over(arr, torch.float64, (1000,))
+    del arr
+    gc.collect()
+    assert alive() is not None  # the tensor holds the buffer export
+    junk = [np.full(1000, -1.0) for _ in range(50)]  # would reuse freed memory
+    assert t.sum().item() == sum(range(1000))
+    del t, junk
+    gc.collect()
+    assert alive() is None  # and lets it go with the tensor
+
+
+def test_unconsumed_capsule_releases_its_owner():
+    arr = np.zeros(16, dtype=np.int32)
+    alive = weakref.ref(arr)
+    capsule = _C.to_dlpack(arr, 0, 32, (16,))
+    del arr
+    gc.collect()
+    assert alive() is not None
+    del capsule
+    gc.collect()
+    assert alive() is None
+
+
+def test_pointer_capsule_keeps_its_owner():
+    arr = np.arange(8, dtype=np.int64)
+    alive = weakref.ref(arr)
+    capsule = _C.pointer_to_dlpack(arr.ctypes.data, arr.nbytes, arr, 0, 64, (2, 4))
+    del arr
+    t = torch.from_dlpack(capsule)
+    del capsule
+    gc.collect()
+    assert alive() is not None and t.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    del t
+    gc.collect()
+    assert alive() is None
+
+
+def test_misaligned_address_is_refused_and_the_codec_copies_once():
+    raw = pa.py_buffer(bytes(1) + np.arange(8, dtype=np.float32).tobytes())
+    assert raw.address % 4 == 0  # Arrow allocates aligned; offset 1 is misaligned
+    with pytest.raises(BufferError, match="not aligned"):
+        native.tensor_over(raw, torch.float32, (8,), offset=1)
+    # the receive path: a misaligned single-buffer array is copied into an aligned tensor
+    from torch_tq import codec
+
+    arr = pa.Array.from_buffers(pa.float32(), 8, [None, raw.slice(1)])
+    asm = codec.TensorAssembler(codec.DTYPES["float32"], (8,))
+    asm.add(arr)
+    out = asm.finish()
+    assert out.data_ptr() % 4 == 0 and out.tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"code": 2, "bits": 8}, ValueError),     # no 8-bit float
+    ({"code": 9, "bits": 32}, ValueError),    # unknown code
+    ({"shape": (-1,)}, ValueError),
+    ({"shape": (100,)}, ValueError),          # larger than the buffer
+    ({"shape": "ab"}, TypeError),
+    ({"offset": 64}, ValueError),
+])
+def test_bad_export_arguments(kwargs, error):
+    args = {"obj": bytearray(64), "code": 2, "bits": 32, "shape": (4,), **kwargs}
+    with pytest.raises(error):
+        _C.to_dlpack(**args)
+
+
+def test_client_get_shares_the_received_buffer(client, unique_id):
+    """A matrix that arrives in one batch becomes a tensor with no copy: the tensor's memory
+    is the Arrow buffer Flight received (pointer identity)."""
+    t = torch.randn(64, 64)
+    client.put(unique_id, "prompt", t)
+    import pyarrow.flight as flight
+
+    from torch_tq import protocol
+    from torch_tq.protocol import Key
+
+    got = client.get(unique_id, "prompt")
+    # read the same stream by hand: a zero-copy tensor is not owned by torch's allocator
+    reader = flight.FlightClient(client.location).do_get(
+        flight.Ticket(protocol.read_command(Key(unique_id, "prompt"))))
+    batch = reader.read_chunk().data
+    assert batch.num_rows == t.numel()  # one batch: nothing forces a copy
+    assert torch.equal(got, t)
+    # torch's own CPU allocations go through its allocator; a DLPack import does not
+    assert not got.untyped_storage().resizable()
+
+
+def test_extension_survives_debug_malloc():
+    """The lifetime tests again under PYTHONMALLOC=debug, which poisons freed memory."""
+    code = textwrap.dedent("""
+        import gc, numpy as np, torch, pyarrow as pa
+        from torch_tq import native
+        for i in range(200):
+            b = pa.py_buffer(np.arange(256, dtype=np.float32).tobytes())
+            t = native.tensor_over(b, torch.float32, (16, 16))
+            del b
+            gc.collect()
+            assert t.sum().item() == sum(range(256)), i
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONMALLOC="debug")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int64", "uint8"])
+def test_assembler_makes_no_copy_of_a_single_aligned_buffer(dtype):
+    from torch_tq import codec
+
+    dt = codec.DTYPES[dtype]
+    src = _source(dt.torch, 96)
+    arrays = list(codec.values_to_arrays(dt, codec.tensor_values(src)[2], 1 << 20))
+    assert len(arrays) == 1
+    asm = codec.TensorAssembler(dt, (8, 12))
+    asm.add(arrays[0])
+    out = asm.finish()
+    assert out.data_ptr() == arrays[0].buffers()[1].address + arrays[0].offset * dt.itemsize
+    assert torch.equal(out.reshape(-1), src)

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from torch_tq import native
 from torch_tq.errors import InternalError, InvalidArgument
 
 if TYPE_CHECKING:  # torch is imported lazily: a storage server never needs it
@@ -346,13 +347,12 @@ class TensorAssembler:
             if n == self.numel and self.dtype.name != "bool" and not self.shared:
                 width = self.dtype.itemsize
                 buf = arr.buffers()[1]
-                start = buf.address + arr.offset * width
-                if _aligned(start, width):
-                    # through a memoryview: torch.frombuffer rejects some pa.Buffers directly;
-                    # the view keeps the Arrow buffer (and its receive memory) alive.
-                    self.result = torch.frombuffer(
-                        memoryview(buf), dtype=self.dtype.torch, count=n, offset=arr.offset * width
-                    ).reshape(self.shape)
+                if _aligned(buf.address + arr.offset * width, width):
+                    # The tensor shares the received Arrow buffer (a DLPack capsule whose
+                    # deleter keeps it alive); a misaligned one is copied below instead.
+                    self.result = native.tensor_over(
+                        buf, self.dtype.torch, self.shape, arr.offset * width
+                    )
                     self.count = n
                     return
             if self.shared:
