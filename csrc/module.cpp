@@ -11,6 +11,7 @@
 #include <dlfcn.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -54,9 +55,36 @@ const char* const kCudartNames[] = {
     "libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0",
 };
 
+// The path of a CUDA runtime this process has already loaded (torch's bundled one, whose
+// file name may carry a hash), from /proc/self/maps; empty when there is none.
+bool loaded_cudart_path(char* out, size_t cap) {
+  FILE* maps = fopen("/proc/self/maps", "r");
+  if (maps == nullptr) return false;
+  char line[4096];
+  bool found = false;
+  while (fgets(line, sizeof line, maps) != nullptr) {
+    const char* path = strchr(line, '/');
+    if (path == nullptr || strstr(path, "libcudart") == nullptr) continue;
+    size_t n = strcspn(path, "\n");
+    if (n + 1 > cap) continue;
+    memcpy(out, path, n);
+    out[n] = '\0';
+    found = true;
+    break;
+  }
+  fclose(maps);
+  return found;
+}
+
 // Returns a handle to the CUDA runtime, or nullptr (with the last dlerror in *why).
+// Prefers the runtime already in the process (the one torch uses).
 void* open_cudart(const char** why) {
   *why = "libcudart not found";
+  char path[4096];
+  if (loaded_cudart_path(path, sizeof path)) {
+    void* handle = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    if (handle != nullptr) return handle;
+  }
   for (const char* name : kCudartNames) {
     void* handle = dlopen(name, RTLD_NOW | RTLD_LOCAL);
     if (handle != nullptr) return handle;
@@ -64,6 +92,123 @@ void* open_cudart(const char** why) {
     if (err != nullptr) *why = err;
   }
   return nullptr;
+}
+
+// The CUDA runtime entry points pinned memory needs, resolved once.
+struct Cudart {
+  bool tried = false;
+  void* handle = nullptr;
+  const char* why = "not loaded";
+  int (*host_alloc)(void**, size_t, unsigned int) = nullptr;
+  int (*free_host)(void*) = nullptr;
+  int (*host_register)(void*, size_t, unsigned int) = nullptr;
+  int (*host_unregister)(void*) = nullptr;
+  const char* (*error_string)(int) = nullptr;
+  int (*device_count)(int*) = nullptr;
+};
+Cudart g_cudart;
+
+Cudart* cudart() {
+  if (!g_cudart.tried) {
+    g_cudart.tried = true;
+    g_cudart.handle = open_cudart(&g_cudart.why);
+    if (g_cudart.handle != nullptr) {
+      void* h = g_cudart.handle;
+      g_cudart.host_alloc =
+          reinterpret_cast<int (*)(void**, size_t, unsigned int)>(dlsym(h, "cudaHostAlloc"));
+      g_cudart.free_host = reinterpret_cast<int (*)(void*)>(dlsym(h, "cudaFreeHost"));
+      g_cudart.host_register =
+          reinterpret_cast<int (*)(void*, size_t, unsigned int)>(dlsym(h, "cudaHostRegister"));
+      g_cudart.host_unregister = reinterpret_cast<int (*)(void*)>(dlsym(h, "cudaHostUnregister"));
+      g_cudart.error_string = reinterpret_cast<const char* (*)(int)>(dlsym(h, "cudaGetErrorString"));
+      g_cudart.device_count = reinterpret_cast<int (*)(int*)>(dlsym(h, "cudaGetDeviceCount"));
+      if (!g_cudart.host_alloc || !g_cudart.free_host || !g_cudart.host_register ||
+          !g_cudart.host_unregister || !g_cudart.error_string || !g_cudart.device_count) {
+        g_cudart.why = "libcudart lacks the host-memory entry points";
+        g_cudart.handle = nullptr;
+      }
+    }
+  }
+  return g_cudart.handle != nullptr ? &g_cudart : nullptr;
+}
+
+// Sets a Python error for a CUDA failure (or for no CUDA) and returns nullptr.
+PyObject* cuda_error(Cudart* rt, int rc, const char* what) {
+  if (rt == nullptr) {
+    PyErr_Format(PyExc_OSError, "%s: CUDA is not available (%s)", what, g_cudart.why);
+  } else {
+    PyErr_Format(PyExc_RuntimeError, "%s failed: %s (CUDA error %d)", what, rt->error_string(rc),
+                 rc);
+  }
+  return nullptr;
+}
+
+// cuda_status() -> (bool, str): whether pinned memory can be had here, and why not.
+PyObject* cuda_status(PyObject*, PyObject*) {
+  Cudart* rt = cudart();
+  if (rt == nullptr) return Py_BuildValue("(Os)", Py_False, g_cudart.why);
+  int count = 0;
+  int rc = rt->device_count(&count);
+  if (rc != 0) return Py_BuildValue("(Os)", Py_False, rt->error_string(rc));
+  if (count == 0) return Py_BuildValue("(Os)", Py_False, "no CUDA device");
+  return Py_BuildValue("(Os)", Py_True, "available");
+}
+
+// host_alloc(size) -> int: page-locked host memory from cudaHostAlloc.
+PyObject* host_alloc(PyObject*, PyObject* arg) {
+  unsigned long long size = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  Cudart* rt = cudart();
+  if (rt == nullptr) return cuda_error(rt, 0, "cudaHostAlloc");
+  void* p = nullptr;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rt->host_alloc(&p, static_cast<size_t>(size), 0);
+  Py_END_ALLOW_THREADS
+  if (rc != 0) return cuda_error(rt, rc, "cudaHostAlloc");
+  return PyLong_FromVoidPtr(p);
+}
+
+// free_host(address): gives a cudaHostAlloc block back.
+PyObject* free_host(PyObject*, PyObject* arg) {
+  void* p = PyLong_AsVoidPtr(arg);
+  if (PyErr_Occurred()) return nullptr;
+  Cudart* rt = cudart();
+  if (rt == nullptr) return cuda_error(rt, 0, "cudaFreeHost");
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rt->free_host(p);
+  Py_END_ALLOW_THREADS
+  if (rc != 0) return cuda_error(rt, rc, "cudaFreeHost");
+  Py_RETURN_NONE;
+}
+
+// host_register(address, size): page-locks an existing whole allocation.
+PyObject* host_register(PyObject*, PyObject* args) {
+  unsigned long long address = 0, size = 0;
+  if (!PyArg_ParseTuple(args, "KK", &address, &size)) return nullptr;
+  Cudart* rt = cudart();
+  if (rt == nullptr) return cuda_error(rt, 0, "cudaHostRegister");
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rt->host_register(reinterpret_cast<void*>(static_cast<uintptr_t>(address)), size, 0);
+  Py_END_ALLOW_THREADS
+  if (rc != 0) return cuda_error(rt, rc, "cudaHostRegister");
+  Py_RETURN_NONE;
+}
+
+// host_unregister(address)
+PyObject* host_unregister(PyObject*, PyObject* arg) {
+  void* p = PyLong_AsVoidPtr(arg);
+  if (PyErr_Occurred()) return nullptr;
+  Cudart* rt = cudart();
+  if (rt == nullptr) return cuda_error(rt, 0, "cudaHostUnregister");
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rt->host_unregister(p);
+  Py_END_ALLOW_THREADS
+  if (rc != 0) return cuda_error(rt, rc, "cudaHostUnregister");
+  Py_RETURN_NONE;
 }
 
 PyObject* abi_version(PyObject*, PyObject*) { return PyLong_FromLong(kAbiVersion); }
@@ -314,6 +459,15 @@ PyMethodDef kMethods[] = {
      " -> PyCapsule\n\nA DLPack capsule over raw memory that owner keeps valid."},
     {"buffer_address", buffer_address, METH_O,
      "buffer_address(obj) -> int\n\nThe start address of obj's buffer."},
+    {"cuda_status", cuda_status, METH_NOARGS,
+     "cuda_status() -> (bool, str)\n\nWhether pinned host memory is available, and why not."},
+    {"host_alloc", host_alloc, METH_O,
+     "host_alloc(size) -> int\n\nPage-locked host memory (cudaHostAlloc); OSError without CUDA."},
+    {"free_host", free_host, METH_O, "free_host(address)\n\nReleases a host_alloc block."},
+    {"host_register", host_register, METH_VARARGS,
+     "host_register(address, size)\n\nPage-locks an existing whole allocation."},
+    {"host_unregister", host_unregister, METH_O,
+     "host_unregister(address)\n\nUndoes host_register."},
     {"cuda_runtime_version", cuda_runtime_version, METH_NOARGS,
      "cuda_runtime_version() -> int | None\n\n"
      "The CUDA runtime version found with dlopen, or None when there is none."},

@@ -45,3 +45,39 @@ def test_dataset_delivers_on_the_gpu(memory_server, pin):
         assert item["prompt"].device.type == "cuda"
         torch.cuda.synchronize()
         assert torch.equal(item["prompt"].cpu(), source * scale)
+
+
+def test_pinned_pool_reuses_and_releases_its_blocks():
+    from torch_tq import pinned
+
+    pool = pinned.PinnedPool(keep_bytes=64 << 20)
+    a = pool.acquire(10 << 20)
+    t = a.tensor(torch.float32, (10 << 18,))
+    assert t.is_pinned() and t.data_ptr() == a.address
+    del t  # the tensor held the block; now it is back in the pool
+    b = pool.acquire(8 << 20)
+    assert b.address == a.address and pool.allocations == 1  # reused, not re-pinned
+    b.release()
+    big = pool.acquire(100 << 20)  # over keep_bytes: freed as soon as it comes back
+    big.release()
+    assert pool.held_bytes == a.size
+    with pytest.raises(ValueError):
+        pool.acquire(pinned.MAX_BLOCK_BYTES + 1)
+    pool.close()
+    assert pool.held_bytes == 0  # every registration released
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.int64])
+def test_get_to_cuda_through_pinned_memory(memory_server, dtype):
+    from torch_tq import pinned
+
+    source = (torch.rand(32, 1 << 16) * 100).to(dtype)
+    with torch_tq.Client(memory_server.location) as client:
+        client.put(2, "prompt", source)
+        for _ in range(3):
+            got = client.get(2, "prompt", device="cuda")
+            assert got.device.type == "cuda" and torch.equal(got.cpu(), source)
+        pinned_cpu = client.get(2, "prompt", pin_memory=True)
+        assert pinned_cpu.is_pinned() and torch.equal(pinned_cpu, source)
+    pool = pinned.default_pool()
+    assert pool is not None and pool.allocations <= 2  # blocks reused across calls

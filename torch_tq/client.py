@@ -217,6 +217,8 @@ class Client:
         *,
         out: torch.Tensor | None = None,
         shared: bool = False,
+        device: str | torch.device | None = None,
+        pin_memory: bool = False,
     ) -> torch.Tensor:
         """Reads a matrix as a CPU tensor.
 
@@ -228,6 +230,12 @@ class Client:
             out: a contiguous CPU tensor of the matrix's exact dtype and shape to fill.
             shared: allocate the result in shared memory (what a DataLoader worker sends to
                 the main process without another copy).
+            device: e.g. ``"cuda"``: receive into a pooled page-locked buffer and copy it to
+                the device with a non-blocking copy on a side stream; the tensor is ready when
+                the call returns. Without pinned memory (no CUDA, no extension) the same
+                result through pageable memory.
+            pin_memory: return a CPU tensor in page-locked memory (from the pool; it goes
+                back when the tensor is freed); pageable where pinned memory is unavailable.
 
         Raises:
             NotFound: no such matrix.
@@ -240,6 +248,9 @@ class Client:
         try:
             reader = self._flight.do_get(flight.Ticket(protocol.read_command(key)), self._options())
             dtype, shape = codec.parse_wire_schema(reader.schema)
+            to_cuda = device is not None and _is_cuda(device)
+            if (to_cuda or pin_memory) and out is None and not shared:
+                out = _pinned_out(dtype, shape)
             assembler = codec.TensorAssembler(dtype, shape, out, shared)
             while True:
                 try:
@@ -248,7 +259,10 @@ class Client:
                     break
                 if chunk.data is not None:
                     assembler.add(chunk.data.column(0))
-            return assembler.finish()
+            result = assembler.finish()
+            if device is not None:
+                result = _to_device(result, device)
+            return result
         except TQError:
             raise
         except Exception as e:
@@ -383,6 +397,49 @@ class Client:
     def health(self) -> dict[str, Any]:
         """The server's Health action: status, matrices and bytes stored, version."""
         return self._action(protocol.HEALTH, {}, "health")
+
+
+def _is_cuda(device) -> bool:
+    import torch
+
+    return torch.device(device).type == "cuda"
+
+
+def _pinned_out(dtype: codec.DType, shape: tuple[int, ...]):
+    """A tensor over a pooled pinned block for the result, or None (no pinned memory here,
+    or larger than one block may be)."""
+    from torch_tq import pinned
+
+    pool = pinned.default_pool()
+    nbytes = codec.numel(shape) * dtype.itemsize
+    if pool is None or nbytes == 0 or nbytes > pinned.MAX_BLOCK_BYTES:
+        return None
+    return pool.acquire(nbytes).tensor(dtype.torch, shape)
+
+
+_streams: dict = {}
+
+
+def _to_device(t, device):
+    """Copies ``t`` to ``device``; from pinned memory, non-blocking on a side stream, then
+    waits for that stream only, so the result is ready and ``t``'s block can go back."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not t.is_pinned():
+        return t.to(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _streams.get(device)
+    if stream is None:
+        stream = _streams.setdefault(device, torch.cuda.Stream(device=device))
+    with torch.cuda.stream(stream):
+        moved = t.to(device, non_blocking=True)
+    stream.synchronize()
+    # the memory was allocated on the side stream: tell the allocator the caller's stream
+    # uses it too, so it is not handed out again while the caller's kernels read it
+    moved.record_stream(torch.cuda.current_stream(device))
+    return moved
 
 
 def _rebuild(location: str, timeout: float | None, chunk_bytes: int, checksum: bool) -> Client:

@@ -226,12 +226,9 @@ class TQDataset(torch.utils.data.IterableDataset):
         # passes the tensor to the main process without copying it again.
         in_worker = torch.utils.data.get_worker_info() is not None and self.device is None
         for t in self.types:
-            tensor = client.get(index_id, t, shared=in_worker)
-            if self.pin_memory and torch.cuda.is_available():
-                tensor = tensor.pin_memory()
-            if self.device is not None:
-                tensor = tensor.to(self.device, non_blocking=self.pin_memory)
-            item[t] = tensor
+            # device= and pin_memory= receive into pooled page-locked memory (torch_tq.pinned)
+            item[t] = client.get(index_id, t, shared=in_worker and not self.pin_memory,
+                                 device=self.device, pin_memory=self.pin_memory)
         item["index_id"] = index_id
         return item
 
