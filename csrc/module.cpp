@@ -169,18 +169,28 @@ PyObject* host_alloc(PyObject*, PyObject* arg) {
   return PyLong_FromVoidPtr(p);
 }
 
-// free_host(address): gives a cudaHostAlloc block back.
-PyObject* free_host(PyObject*, PyObject* arg) {
+// One CUDA call taking a host address (cudaFreeHost, cudaHostUnregister), without the GIL.
+PyObject* call_on_address(PyObject* arg, int (*Cudart::*fn)(void*), const char* what) {
   void* p = PyLong_AsVoidPtr(arg);
   if (PyErr_Occurred()) return nullptr;
   Cudart* rt = cudart();
-  if (rt == nullptr) return cuda_error(rt, 0, "cudaFreeHost");
+  if (rt == nullptr) return cuda_error(rt, 0, what);
   int rc;
   Py_BEGIN_ALLOW_THREADS
-  rc = rt->free_host(p);
+  rc = (rt->*fn)(p);
   Py_END_ALLOW_THREADS
-  if (rc != 0) return cuda_error(rt, rc, "cudaFreeHost");
+  if (rc != 0) return cuda_error(rt, rc, what);
   Py_RETURN_NONE;
+}
+
+// free_host(address): gives a cudaHostAlloc block back.
+PyObject* free_host(PyObject*, PyObject* arg) {
+  return call_on_address(arg, &Cudart::free_host, "cudaFreeHost");
+}
+
+// host_unregister(address): undoes host_register.
+PyObject* host_unregister(PyObject*, PyObject* arg) {
+  return call_on_address(arg, &Cudart::host_unregister, "cudaHostUnregister");
 }
 
 // host_register(address, size): page-locks an existing whole allocation.
@@ -197,20 +207,6 @@ PyObject* host_register(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// host_unregister(address)
-PyObject* host_unregister(PyObject*, PyObject* arg) {
-  void* p = PyLong_AsVoidPtr(arg);
-  if (PyErr_Occurred()) return nullptr;
-  Cudart* rt = cudart();
-  if (rt == nullptr) return cuda_error(rt, 0, "cudaHostUnregister");
-  int rc;
-  Py_BEGIN_ALLOW_THREADS
-  rc = rt->host_unregister(p);
-  Py_END_ALLOW_THREADS
-  if (rc != 0) return cuda_error(rt, rc, "cudaHostUnregister");
-  Py_RETURN_NONE;
-}
-
 PyObject* abi_version(PyObject*, PyObject*) { return PyLong_FromLong(kAbiVersion); }
 
 constexpr int kMaxDims = 64;
@@ -223,6 +219,9 @@ struct Managed {
   Py_buffer view;
   bool has_view;
   PyObject* owner;  // strong reference (may be null when has_view)
+  DLDataType dtype;
+  int32_t ndim;
+  uint64_t numel;
 };
 
 void managed_deleter(DLManagedTensor* self) {
@@ -301,8 +300,10 @@ bool parse_dtype(int code, int bits, DLDataType* out) {
 }
 
 // Fills m->tensor for memory [data, data + size) holding numel items from `offset` bytes on.
-bool fill_tensor(Managed* m, char* data, uint64_t size, uint64_t offset, int32_t ndim,
-                 uint64_t numel, DLDataType dtype, int device_type, int device_id) {
+bool fill_tensor(Managed* m, char* data, uint64_t size, uint64_t offset, int device_type,
+                 int device_id) {
+  const DLDataType dtype = m->dtype;
+  const uint64_t numel = m->numel;
   uint64_t itemsize = dtype.bits / 8;
   if (offset > size || numel > (size - offset) / itemsize) {
     PyErr_Format(PyExc_ValueError,
@@ -324,7 +325,7 @@ bool fill_tensor(Managed* m, char* data, uint64_t size, uint64_t offset, int32_t
   t.data = reinterpret_cast<void*>(start);
   t.device.device_type = device_type;
   t.device.device_id = device_id;
-  t.ndim = ndim;
+  t.ndim = m->ndim;
   t.dtype = dtype;
   t.shape = m->shape;
   t.strides = nullptr;  // compact, row-major
@@ -332,6 +333,20 @@ bool fill_tensor(Managed* m, char* data, uint64_t size, uint64_t offset, int32_t
   m->tensor.manager_ctx = m;
   m->tensor.deleter = managed_deleter;
   return true;
+}
+
+// A new Managed with its dtype and shape parsed; nullptr (with a Python error) otherwise.
+Managed* new_managed(int code, int bits, PyObject* shape) {
+  Managed* m = new (std::nothrow) Managed();
+  if (m == nullptr) {
+    PyErr_NoMemory();
+    return nullptr;
+  }
+  if (!parse_dtype(code, bits, &m->dtype) || !parse_shape(shape, m, &m->ndim, &m->numel)) {
+    delete m;
+    return nullptr;
+  }
+  return m;
 }
 
 PyObject* make_capsule(Managed* m) {
@@ -354,22 +369,15 @@ PyObject* to_dlpack(PyObject*, PyObject* args, PyObject* kwargs) {
                                    &code, &bits, &shape, &offset)) {
     return nullptr;
   }
-  Managed* m = new (std::nothrow) Managed();
-  if (m == nullptr) return PyErr_NoMemory();
-  DLDataType dtype;
-  int32_t ndim = 0;
-  uint64_t numel = 0;
-  if (!parse_dtype(code, bits, &dtype) || !parse_shape(shape, m, &ndim, &numel)) {
-    delete m;
-    return nullptr;
-  }
+  Managed* m = new_managed(code, bits, shape);
+  if (m == nullptr) return nullptr;
   if (PyObject_GetBuffer(obj, &m->view, PyBUF_SIMPLE) != 0) {
     delete m;
     return nullptr;
   }
   m->has_view = true;
   if (!fill_tensor(m, static_cast<char*>(m->view.buf), static_cast<uint64_t>(m->view.len),
-                   offset, ndim, numel, dtype, kDLCPU, 0)) {
+                   offset, kDLCPU, 0)) {
     PyBuffer_Release(&m->view);
     delete m;
     return nullptr;
@@ -399,14 +407,10 @@ PyObject* pointer_to_dlpack(PyObject*, PyObject* args, PyObject* kwargs) {
     PyErr_SetString(PyExc_ValueError, "null address");
     return nullptr;
   }
-  Managed* m = new (std::nothrow) Managed();
-  if (m == nullptr) return PyErr_NoMemory();
-  DLDataType dtype;
-  int32_t ndim = 0;
-  uint64_t numel = 0;
-  if (!parse_dtype(code, bits, &dtype) || !parse_shape(shape, m, &ndim, &numel) ||
-      !fill_tensor(m, reinterpret_cast<char*>(static_cast<uintptr_t>(address)), size, 0, ndim,
-                   numel, dtype, device_type, device_id)) {
+  Managed* m = new_managed(code, bits, shape);
+  if (m == nullptr) return nullptr;
+  if (!fill_tensor(m, reinterpret_cast<char*>(static_cast<uintptr_t>(address)), size, 0,
+                   device_type, device_id)) {
     delete m;
     return nullptr;
   }
