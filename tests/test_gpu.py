@@ -81,3 +81,15 @@ def test_get_to_cuda_through_pinned_memory(memory_server, dtype):
         assert pinned_cpu.is_pinned() and torch.equal(pinned_cpu, source)
     pool = pinned.default_pool()
     assert pool is not None and pool.allocations <= 2  # blocks reused across calls
+
+
+def test_non_blocking_get_is_ordered_on_the_current_stream(memory_server):
+    source = torch.randn(64, 1 << 16)
+    with torch_tq.Client(memory_server.location) as client:
+        client.put(3, "prompt", source)
+        results = [client.get(3, "prompt", device="cuda", non_blocking=True) for _ in range(4)]
+        total = sum(r.sum() for r in results)  # queued on the current stream, after the copies
+        torch.cuda.synchronize()
+    assert torch.allclose(total.cpu(), source.sum() * 4, rtol=1e-4)
+    for r in results:
+        assert torch.equal(r.cpu(), source)

@@ -219,6 +219,7 @@ class Client:
         shared: bool = False,
         device: str | torch.device | None = None,
         pin_memory: bool = False,
+        non_blocking: bool = False,
     ) -> torch.Tensor:
         """Reads a matrix as a CPU tensor.
 
@@ -236,6 +237,10 @@ class Client:
                 result through pageable memory.
             pin_memory: return a CPU tensor in page-locked memory (from the pool; it goes
                 back when the tensor is freed); pageable where pinned memory is unavailable.
+            non_blocking: with ``device="cuda"``, return before the copy to the device ends:
+                the caller's current stream waits for it (an event), so kernels queued there
+                see the data; the host does not wait. The pinned block goes back to the pool
+                once the event has completed.
 
         Raises:
             NotFound: no such matrix.
@@ -261,7 +266,7 @@ class Client:
                     assembler.add(chunk.data.column(0))
             result = assembler.finish()
             if device is not None:
-                result = _to_device(result, device)
+                result = _to_device(result, device, non_blocking)
             return result
         except TQError:
             raise
@@ -418,11 +423,15 @@ def _pinned_out(dtype: codec.DType, shape: tuple[int, ...]):
 
 
 _streams: dict = {}
+_in_flight: list = []  # (event, pinned source) of non-blocking copies not known to be done
+_in_flight_lock = threading.Lock()
 
 
-def _to_device(t, device):
-    """Copies ``t`` to ``device``; from pinned memory, non-blocking on a side stream, then
-    waits for that stream only, so the result is ready and ``t``'s block can go back."""
+def _to_device(t, device, non_blocking: bool = False):
+    """Copies ``t`` to ``device``. From pinned memory the copy is non-blocking on a side
+    stream; then either the host waits for that stream (the result is ready on return and
+    ``t``'s block goes back to the pool), or, with ``non_blocking``, the caller's current
+    stream waits for it through an event and ``t`` is kept until the event completes."""
     import torch
 
     device = torch.device(device)
@@ -433,12 +442,21 @@ def _to_device(t, device):
     stream = _streams.get(device)
     if stream is None:
         stream = _streams.setdefault(device, torch.cuda.Stream(device=device))
+    current = torch.cuda.current_stream(device)
     with torch.cuda.stream(stream):
         moved = t.to(device, non_blocking=True)
-    stream.synchronize()
     # the memory was allocated on the side stream: tell the allocator the caller's stream
     # uses it too, so it is not handed out again while the caller's kernels read it
-    moved.record_stream(torch.cuda.current_stream(device))
+    moved.record_stream(current)
+    if not non_blocking:
+        stream.synchronize()
+        return moved
+    done = stream.record_event()
+    current.wait_event(done)
+    with _in_flight_lock:
+        # drop the sources of copies that have finished (their blocks return to the pool)
+        _in_flight[:] = [(e, src) for e, src in _in_flight if not e.query()]
+        _in_flight.append((done, t))
     return moved
 
 
