@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+import torch_tq
 import torch_tq._C as _C
 from torch_tq import native
 
@@ -126,25 +127,26 @@ def test_bad_export_arguments(kwargs, error):
         _C.to_dlpack(**args)
 
 
-def test_client_get_shares_the_received_buffer(client, unique_id):
-    """A matrix that arrives in one batch becomes a tensor with no copy: the tensor's memory
-    is the Arrow buffer Flight received (pointer identity)."""
-    t = torch.randn(64, 64)
-    client.put(unique_id, "prompt", t)
-    import pyarrow.flight as flight
+def test_client_get_copies_only_what_the_transport_forces(memory_server, unique_id):
+    """One batch: no copy (the tensor is the received buffer). Several batches: each byte is
+    copied once, straight into the result (or the caller's ``out``: pointer identity)."""
+    c = torch_tq.Client(memory_server.location, chunk_bytes="64KiB")
+    small = torch.randn(64, 64)  # 16 KiB: one batch
+    big = torch.randn(64, 4096)  # 1 MiB: 16 batches of 64 KiB
+    c.put(unique_id, "small", small)
+    c.put(unique_id, "big", big)
 
-    from torch_tq import protocol
-    from torch_tq.protocol import Key
+    got = c.get(unique_id, "small")
+    assert c.stats == {"gets": 1, "zero_copy_gets": 1, "copied_bytes": 0}
+    assert torch.equal(got, small) and not got.untyped_storage().resizable()
 
-    got = client.get(unique_id, "prompt")
-    # read the same stream by hand: a zero-copy tensor is not owned by torch's allocator
-    reader = flight.FlightClient(client.location).do_get(
-        flight.Ticket(protocol.read_command(Key(unique_id, "prompt"))))
-    batch = reader.read_chunk().data
-    assert batch.num_rows == t.numel()  # one batch: nothing forces a copy
-    assert torch.equal(got, t)
-    # torch's own CPU allocations go through its allocator; a DLPack import does not
-    assert not got.untyped_storage().resizable()
+    got = c.get(unique_id, "big")
+    assert c.stats["copied_bytes"] == big.numel() * 4 and torch.equal(got, big)
+    out = torch.empty_like(big)
+    ptr = out.data_ptr()
+    got = c.get(unique_id, "big", out=out)
+    assert got.data_ptr() == ptr and torch.equal(out, big)
+    assert c.stats == {"gets": 3, "zero_copy_gets": 1, "copied_bytes": 2 * big.numel() * 4}
 
 
 def test_extension_survives_debug_malloc():
@@ -201,3 +203,25 @@ def test_pinned_memory_not_available_answers_cleanly(client, unique_id):
     for kwargs in ({"pin_memory": True}, {"device": "cpu"}, {"device": "cpu", "pin_memory": True}):
         got = client.get(unique_id, "prompt", **kwargs)
         assert got.device.type == "cpu" and torch.equal(got, t)
+
+
+def test_everything_works_without_the_extension(memory_server, unique_id):
+    """A source checkout without the built extension: pure Python, same results."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch_tq._C"] = None  # as if the extension had not been built
+        import torch, torch_tq
+        from torch_tq import native, pinned
+        assert not native.available() and pinned.status() == (False,
+            "the torch_tq._C extension is not built")
+        c = torch_tq.Client({memory_server.location!r})
+        for dtype in (torch.float32, torch.bfloat16, torch.bool, torch.int16):
+            t = (torch.randn(3, 50) * 10).to(dtype)
+            c.put({unique_id}, "prompt", t)
+            assert torch.equal(c.get({unique_id}, "prompt", pin_memory=True), t), dtype
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"

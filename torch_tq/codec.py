@@ -326,6 +326,7 @@ class TensorAssembler:
         self.shape = shape
         self.numel = numel(shape)
         self.count = 0
+        self.copied_bytes = 0  # bytes copied out of the received buffers (0: zero-copy)
         self.result: torch.Tensor | None = None
         self._dst: np.ndarray | None = None
         if out is not None:
@@ -367,12 +368,14 @@ class TensorAssembler:
         if self.dtype.name == "bool":
             src = arr.to_numpy(zero_copy_only=False).view(np.uint8)
             self._dst[self.count : self.count + n] = src
+            self.copied_bytes += n
         else:
             width = self.dtype.itemsize
             src = np.frombuffer(
                 arr.buffers()[1], dtype=np.uint8, count=n * width, offset=arr.offset * width
             )
             self._dst[self.count * width : (self.count + n) * width] = src
+            self.copied_bytes += n * width
         self.count += n
 
     def finish(self) -> torch.Tensor:
