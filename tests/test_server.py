@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -275,3 +277,27 @@ def test_invalid_argument_is_a_value_error(client):
         client.put(-1, "prompt", torch.zeros(1))
     with pytest.raises(ValueError):
         client.get(1, "../etc")
+
+
+def test_stats_count_calls_errors_and_bytes():
+    with torch_tq.start_server(storage="memory") as srv:
+        c = torch_tq.Client(srv.location)
+        t = torch.randn(1000)
+        c.put(1, "prompt", t)
+        c.get(1, "prompt")
+        with pytest.raises(torch_tq.NotFound):
+            c.get(2, "prompt")
+        with pytest.raises(torch_tq.InvalidArgument):
+            c.consume("bad/group", ["prompt"])
+        stats = c.server_stats()
+        assert stats["calls"]["do_put"] == 1 and stats["calls"]["do_get"] == 2
+        assert stats["calls"]["action:Consume"] == 1 and stats["calls"]["action:Stats"] == 1
+        assert stats["errors"] == {"INVALID_ARGUMENT": 1, "NOT_FOUND": 1}
+        assert stats["bytes_in"] >= 4000 and stats["bytes_out"] >= 4000
+        assert stats["active_calls"] == 1  # this very Stats call
+        assert stats["matrices"] == 1 and stats["status"] == "SERVING"
+        proc = subprocess.run([sys.executable, "-m", "torch_tq", "stats", "--location", srv.location],
+                       capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr
+        printed = json.loads(proc.stdout)
+        assert printed["calls"]["do_put"] == 1 and printed["active_calls"] == 1

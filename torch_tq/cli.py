@@ -96,6 +96,14 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def _stats(args: argparse.Namespace, argv: list[str]) -> int:
+    from torch_tq.client import Client
+
+    with Client(args.location, timeout=args.timeout) as client:
+        print(json.dumps(client.server_stats(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torch-tq", description=__doc__)
     parser.add_argument("--version", action="version", version=f"torch_tq {__version__}")
@@ -126,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", default=None, help="default: a temporary directory")
     d.add_argument("--repeat", type=int, default=3, help="warm rounds after the first (default 3)")
     d.set_defaults(func=_demo)
+
+    st = sub.add_parser("stats", help="print a server's Stats (calls, errors, bytes, ...) as JSON")
+    st.add_argument("--location", default=None,
+                    help="grpc://HOST:PORT (default TORCH_TQ_LOCATION or grpc://127.0.0.1:8080)")
+    st.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    st.set_defaults(func=_stats)
     return parser
 
 

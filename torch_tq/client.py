@@ -406,6 +406,11 @@ class Client:
         """Forgets ``group`` and what it consumed."""
         self._action(protocol.DELETE_GROUP, {"group": group}, f"delete group={group}")
 
+    def server_stats(self) -> dict[str, Any]:
+        """The server's Stats action: Health plus ``calls`` per method, ``errors`` per code,
+        ``bytes_in``/``bytes_out``, ``active_calls`` and ``peak_active_calls``."""
+        return self._action(protocol.STATS, {}, "stats")
+
     def health(self) -> dict[str, Any]:
         """The server's Health action: status, matrices and bytes stored, version."""
         return self._action(protocol.HEALTH, {}, "health")

@@ -42,6 +42,7 @@ READ_MATRIX = "ReadMatrix"
 DELETE_MATRIX = "DeleteMatrix"
 GET_METADATA = "GetMetadata"
 HEALTH = "Health"
+STATS = "Stats"
 CONSUME = "Consume"
 ACK = "Ack"
 RELEASE = "Release"
@@ -55,6 +56,7 @@ ACTION_DESCRIPTIONS = {
     DELETE_MATRIX: 'Delete one matrix, or every type of an index_id: {"index_id": N, "matrix_type": "prompt"|""}',
     GET_METADATA: 'Types, dimensions, dtypes, sizes and timestamps of an index_id: {"index_id": N}',
     HEALTH: "Server status: matrices and bytes stored, uptime",
+    STATS: "Health plus calls per method, errors per code, bytes in/out, active calls",
     CONSUME: 'Lease up to max_items index_ids whose types are all present and not yet consumed by '
              'the group, waiting up to timeout_ms: {"group": "g", "types": ["prompt", ...], '
              '"max_items": N, "timeout_ms": T, "lease_ms": L, "ack": [ids], "delete": false}',

@@ -64,23 +64,86 @@ def _wire(e: BaseException, where: str) -> Exception:
     return protocol.to_wire_error(InternalError(f"internal server error (ref {ref}); see the server log"))
 
 
+class ServerStats:
+    """What a server has done, for the ``Stats`` action: calls per method, failures per
+    error code, bytes in and out, handlers running now (and the most at once).
+
+    What it cannot see: connections as such (gRPC accepts them below Python), and the part
+    of a memory-store DoGet that Arrow streams in C++ after the handler returned (its bytes
+    are counted when the stream is handed over)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.active = 0
+        self.peak_active = 0
+
+    def begin(self, method: str) -> None:
+        with self._lock:
+            self.calls[method] = self.calls.get(method, 0) + 1
+            self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
+
+    def end(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            self.active -= 1
+            if error is not None:
+                code = error.code if isinstance(error, TQError) else "INTERNAL_ERROR"
+                self.errors[code] = self.errors.get(code, 0) + 1
+
+    def add_bytes(self, received: int = 0, sent: int = 0) -> None:
+        with self._lock:
+            self.bytes_in += received
+            self.bytes_out += sent
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "calls": dict(sorted(self.calls.items())),
+                "errors": dict(sorted(self.errors.items())),
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "active_calls": self.active,
+                "peak_active_calls": self.peak_active,
+            }
+
+
 def _guard(method):
-    """Runs a handler so that only clean Flight errors reach the client."""
+    """Runs a handler so that only clean Flight errors reach the client; counts it."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        self.stats.begin(method.__name__)
+        error = None
         try:
             return method(self, *args, **kwargs)
         except Exception as e:
+            error = e
             raise _wire(e, method.__name__) from None
+        finally:
+            self.stats.end(error)
 
     return wrapper
 
 
-def _guard_iter(it: Iterator, where: str) -> Iterator:
+def _guard_iter(it: Iterator, where: str, stats: ServerStats | None = None) -> Iterator:
     try:
-        yield from it
+        for batch in it:
+            if stats is not None:
+                stats.add_bytes(sent=batch.nbytes)
+            yield batch
     except Exception as e:
+        if stats is not None:
+            with stats._lock:
+                code = e.code if isinstance(e, TQError) else "INTERNAL_ERROR"
+                stats.errors[code] = stats.errors.get(code, 0) + 1
         raise _wire(e, where) from None
 
 
@@ -90,6 +153,7 @@ _ACTIONS = {
     "getmetadata": protocol.GET_METADATA,
     "get_metadata": protocol.GET_METADATA,
     "health": protocol.HEALTH,
+    "stats": protocol.STATS,
 }
 _QUEUE_ACTIONS = {
     protocol.CONSUME: lambda q, a: q.consume(
@@ -120,6 +184,7 @@ class TQFlightServer(flight.FlightServerBase):
     def __init__(self, location: str, store: Store, **kwargs) -> None:
         self.store = store
         self.started = time.monotonic()
+        self.stats = ServerStats()
         state_dir = None
         if store.storage == "disk":
             state_dir = os.path.join(store.backend.root, "queue")
@@ -166,6 +231,7 @@ class TQFlightServer(flight.FlightServerBase):
                         f"upload of {cmd.key} sent more than one record batch without declaring "
                         "its size: add 'shape' (or 'nbytes') to the command"
                     )
+                self.stats.add_bytes(received=batch.nbytes)
                 session.append(decoder.flatten(batch.column(0)))
             if context.is_cancelled():
                 raise Unavailable(f"upload of {cmd.key} was cancelled by the client")
@@ -191,13 +257,15 @@ class TQFlightServer(flight.FlightServerBase):
         matrix = self.store.open(key)
         if not matrix.verifies:
             # nothing to check batch by batch: let Arrow stream the table in C++
-            return flight.RecordBatchStream(matrix.table())
+            table = matrix.table()
+            self.stats.add_bytes(sent=table.nbytes)
+            return flight.RecordBatchStream(table)
         try:
             schema = matrix.schema()
         except BaseException:
             matrix.close()
             raise
-        return flight.GeneratorStream(schema, _guard_iter(matrix.batches(), "do_get"))
+        return flight.GeneratorStream(schema, _guard_iter(matrix.batches(), "do_get", self.stats))
 
     def _flight_info(self, entry: Entry, descriptor=None) -> flight.FlightInfo:
         command = protocol.read_command(entry.key)
@@ -234,6 +302,7 @@ class TQFlightServer(flight.FlightServerBase):
     def do_action(self, context, action):
         name = _ACTIONS.get(action.type.lower()) if len(action.type) <= 64 else None
         body = action.body.to_pybytes() if action.body is not None else b""
+        self.stats.count(f"action:{name or 'unknown'}")
         if name == protocol.DELETE_MATRIX:
             index_id, mtype = protocol.parse_delete_body(body)
             deleted = self.store.delete(index_id, mtype)
@@ -243,6 +312,9 @@ class TQFlightServer(flight.FlightServerBase):
         elif name == protocol.HEALTH:
             protocol.parse_empty_body(body, "Health body")
             result = self.health()
+        elif name == protocol.STATS:
+            protocol.parse_empty_body(body, "Stats body")
+            result = {**self.health(), **self.stats.snapshot()}
         elif name in _QUEUE_ACTIONS:
             args = protocol.parse_queue_body(body, name)
             result = {"success": True, "message": "success", **_QUEUE_ACTIONS[name](self.queue, args)}
