@@ -125,8 +125,10 @@ class TQDataset(torch.utils.data.IterableDataset):
             ids = index_ids if isinstance(index_ids, range) else [
                 protocol.validate_index_id(i) for i in index_ids
             ]
-            if isinstance(ids, range) and (ids.start < 0 or (len(ids) and max(ids[0], ids[-1]) > protocol.MAX_INDEX_ID)):
-                raise InvalidArgument(f"{ids} holds index_ids outside [0, 2**64-1]")
+            if isinstance(ids, range) and len(ids):
+                ends = (ids[0], ids[-1])
+                if min(ends) < 0 or max(ends) > protocol.MAX_INDEX_ID:
+                    raise InvalidArgument(f"{ids} holds index_ids outside [0, 2**64-1]")
             if not isinstance(ids, range) and len(set(ids)) != len(ids):
                 raise InvalidArgument("index_ids holds duplicates")
             self.index_ids: range | list[int] | None = ids

@@ -62,7 +62,7 @@ def tensor_over(buffer: Any, dtype: torch.dtype, shape: tuple[int, ...], offset:
         return torch.from_dlpack(_C.to_dlpack(buffer, code, bits, tuple(shape), offset))
     # Pure Python: torch.frombuffer over a memoryview (which keeps the buffer alive).
     view = memoryview(buffer).cast("B")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     count = 1
     for d in shape:
         count *= d

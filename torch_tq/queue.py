@@ -38,6 +38,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,10 +195,17 @@ class Queue:
             if held is None or held[0] != lease or held[1] != deadline:
                 continue  # acknowledged, released, renewed or leased again since
             del group.leased[index_id]
-            if group.types <= self.store.types_of(index_id):
-                group.ready[index_id] = None
-                group.ready.move_to_end(index_id, last=False)  # it waited longest
+            if self._requeue(group, index_id):
                 group.redelivered += 1
+
+    def _requeue(self, group: _Group, index_id: int) -> bool:
+        """Puts an index_id no longer leased back at the front of the line (it waited
+        longest), if every required type is still stored; returns whether it did."""
+        if not group.types <= self.store.types_of(index_id):
+            return False
+        group.ready[index_id] = None
+        group.ready.move_to_end(index_id, last=False)
+        return True
 
     def _is_drained(self, group: _Group, now: float) -> bool:
         """Nothing ready, nothing more coming, and every lease still held is *fresh* (granted
@@ -249,7 +257,7 @@ class Queue:
         max_items: int,
         wait_s: float,
         lease_s: float,
-        ack: list[int] = (),  # type: ignore[assignment]
+        ack: Sequence[int] = (),
         delete: bool = False,
     ) -> dict[str, Any]:
         """Leases up to ``max_items`` ready index_ids, waiting up to ``wait_s`` for one.
@@ -356,9 +364,7 @@ class Queue:
             for index_id in reversed(list(dict.fromkeys(ids))):
                 if group.leased.pop(index_id, None) is None:
                     continue
-                if group.types <= self.store.types_of(index_id):
-                    group.ready[index_id] = None
-                    group.ready.move_to_end(index_id, last=False)
+                self._requeue(group, index_id)
                 released.append(index_id)
             if released:
                 self._cv.notify_all()

@@ -90,9 +90,13 @@ class ServerStats:
     def end(self, error: BaseException | None = None) -> None:
         with self._lock:
             self.active -= 1
-            if error is not None:
-                code = error.code if isinstance(error, TQError) else "INTERNAL_ERROR"
-                self.errors[code] = self.errors.get(code, 0) + 1
+        if error is not None:
+            self.error(error)
+
+    def error(self, error: BaseException) -> None:
+        code = error.code if isinstance(error, TQError) else "INTERNAL_ERROR"
+        with self._lock:
+            self.errors[code] = self.errors.get(code, 0) + 1
 
     def add_bytes(self, received: int = 0, sent: int = 0) -> None:
         with self._lock:
@@ -141,9 +145,7 @@ def _guard_iter(it: Iterator, where: str, stats: ServerStats | None = None) -> I
             yield batch
     except Exception as e:
         if stats is not None:
-            with stats._lock:
-                code = e.code if isinstance(e, TQError) else "INTERNAL_ERROR"
-                stats.errors[code] = stats.errors.get(code, 0) + 1
+            stats.error(e)
         raise _wire(e, where) from None
 
 
