@@ -79,7 +79,8 @@ class _FileSink:
             if backend.durable:
                 _fsync_path(backend.objects, directory=True)
         self._sink = pa.OSFile(self.tmp_path, "wb")
-        self._writer = ipc.new_file(self._sink, schema)
+        options = ipc.IpcWriteOptions(compression=backend.compression) if backend.compression else None
+        self._writer = ipc.new_file(self._sink, schema, options=options)
 
     def write_batch(self, batch: pa.RecordBatch, custom_metadata: dict) -> None:
         self._writer.write_batch(batch, custom_metadata=custom_metadata)
@@ -136,9 +137,10 @@ class FileBackend:
     kind = "disk"
     digests = True  # files can rot or be edited: every batch carries and checks a digest
 
-    def __init__(self, root: str, durable: bool) -> None:
+    def __init__(self, root: str, durable: bool, compression: str | None = None) -> None:
         self.root = os.path.abspath(root)
         self.durable = durable
+        self.compression = compression  # zstd/lz4: Arrow IPC buffer compression in the files
         self.objects = os.path.join(self.root, "objects")
         os.makedirs(self.objects, exist_ok=True)
         self._lock_fd = self._take_lock()
@@ -170,7 +172,8 @@ class FileBackend:
             f.write(FORMAT_LINE)
 
     def describe(self) -> str:
-        return f"disk store at {self.root} (fsync {'on' if self.durable else 'off'})"
+        packed = f", {self.compression} at rest" if self.compression else ""
+        return f"disk store at {self.root} (fsync {'on' if self.durable else 'off'}{packed})"
 
     def dir_of(self, index_id: int) -> str:
         return os.path.join(self.objects, str(index_id))

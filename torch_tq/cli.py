@@ -15,6 +15,7 @@ import time
 from torch_tq._config import DEFAULT_SHUTDOWN_GRACE_S, parse_size
 from torch_tq._version import __version__
 from torch_tq.errors import TQError
+from torch_tq.limits import LIMIT_OPTIONS
 
 
 def _serve(args: argparse.Namespace, argv: list[str]) -> int:
@@ -39,6 +40,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         durable=args.fsync,
         chunk_bytes=args.chunk_bytes,
         max_matrix_bytes=args.max_matrix_bytes,
+        compression=args.compression,
+        **{name: getattr(args, name) for name in LIMIT_OPTIONS},
         shutdown_grace=args.shutdown_grace,
         _watch_stdin=args.watch_stdin,
     )
@@ -123,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-bytes", type=parse_size, default=None, help="record batch size (4MiB)")
     s.add_argument("--max-matrix-bytes", type=parse_size, default=None,
                    help="per-matrix limit (default 10GB)")
+    s.add_argument("--compression", choices=["zstd", "lz4", "none"], default=None,
+                   help="compress the disk store's files (default none)")
+    lim = s.add_argument_group("limits (0 switches one off)")
+    lim.add_argument("--qps", type=float, default=None, help="calls/s per client over TCP (1000)")
+    lim.add_argument("--qps-ucx", type=float, default=None, help="calls/s per client over UCX (10000)")
+    lim.add_argument("--qps-burst", type=float, default=None,
+                     help="calls a client may make at once (default qps/10)")
+    lim.add_argument("--streams-per-client", type=int, default=None,
+                     help="concurrent calls per client (100)")
+    lim.add_argument("--max-calls", type=int, default=None, help="concurrent calls per node (1000)")
+    lim.add_argument("--max-batch-items", type=int, default=None,
+                     help="items per BatchWrite/BatchRead (1000)")
+    lim.add_argument("--max-batch-bytes", type=parse_size, default=None,
+                     help="bytes per BatchWrite call (1GiB)")
     s.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
                    help="seconds in-flight calls get at shutdown (default 5)")
     s.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)

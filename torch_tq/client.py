@@ -7,21 +7,32 @@ is unpickled (it pickles as its recipe: location and settings).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 import os
+import random
 import threading
+import time
+import uuid
 from typing import Any, NamedTuple
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import xxhash
 
-from torch_tq import codec, protocol
+from torch_tq import batch as batch_ops, codec, native, protocol
 from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_PORT, DEFAULT_TIMEOUT_S, parse_size, resolve
 from torch_tq._fork import check_fork_safe, note_grpc_use
-from torch_tq.errors import InternalError, InvalidArgument, TQError
+from torch_tq._malloc import tune_malloc
+from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
+from torch_tq.limits import CLIENT_ID_HEADER
 from torch_tq.protocol import Key
 
 if TYPE_CHECKING:
@@ -36,6 +47,17 @@ class Lease(NamedTuple):
     expires_at: int | None  # ms since the epoch
     finished: bool  # the group's types are finished and nothing is left for it
     drained: bool  # the types are finished and nothing is ready (others may hold leases)
+
+
+class ItemResult(NamedTuple):
+    """The outcome of one item of :meth:`Client.put_many` / :meth:`Client.get_many`."""
+
+    index_id: Any
+    matrix_type: Any
+    success: bool
+    code: str  # "OK" or the seed error code (NOT_FOUND, INVALID_ARGUMENT, ...)
+    message: str  # "success" or why it failed (the seed's message)
+    tensor: Any = None  # get_many: the torch.Tensor read
 
 
 class MatrixInfo(NamedTuple):
@@ -65,8 +87,43 @@ def normalize_location(location: str) -> str:
     return f"grpc://{rest}"
 
 
+_DEFAULT: Any = object()  # "the client's setting"
+
+
 def _key(index_id: Any, matrix_type: Any) -> Key:
     return Key(protocol.validate_index_id(index_id), protocol.validate_matrix_type(matrix_type))
+
+
+def _retrying(method):
+    """Retries a call the server turned away over a limit (an :class:`Unavailable` with a
+    ``retry_after_ms`` hint: nothing was done), waiting the hint plus a growing random
+    jitter, until ``retry_deadline`` seconds have passed; then raises that error."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        deadline = None
+        attempt = 0
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except Unavailable as e:
+                hint = e.retry_after_ms
+                if hint is None or not self.retry_deadline:
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.retry_deadline
+                delay = hint / 1000 + random.uniform(0, min(0.25, 0.002 * 2**attempt))
+                if now + delay > deadline:
+                    raise Unavailable(
+                        f"{e.message}; still turned away after {attempt + 1} attempt(s) "
+                        f"within the client's retry_deadline of {self.retry_deadline:g}s"
+                    ) from None
+                self.stats["retries"] += 1
+                time.sleep(delay)
+                attempt += 1
+
+    return wrapper
 
 
 class Client:
@@ -79,6 +136,13 @@ class Client:
         chunk_bytes: record batch size for uploads (default 4MiB).
         checksum: send an XXH3-64 digest with each upload, checked by the server before it
             publishes (end-to-end integrity at the cost of one more pass over the data).
+        client_id: who this client is to the server's quotas (the ``x-tq-client-id``
+            header); default a random id, kept across reconnects and by pickled copies.
+        retry_deadline: seconds to keep retrying a call the server turned away over a limit
+            (it says when to retry); 0 raises :class:`Unavailable` at once. Default 30.
+        compression: ``"zstd"``, ``"lz4"`` or ``"snappy"`` on the wire for this client's
+            puts and gets (each call may override it); off by default: on a fast network it
+            costs more CPU than it saves (``benchmarks/compression.py``).
 
     Example:
         >>> client = torch_tq.Client("grpc://127.0.0.1:8080")  # doctest: +SKIP
@@ -93,6 +157,9 @@ class Client:
         timeout: float | None = DEFAULT_TIMEOUT_S,
         chunk_bytes: int | str | None = None,
         checksum: bool = False,
+        client_id: str | None = None,
+        retry_deadline: float = 30.0,
+        compression: str | None = None,
     ) -> None:
         self.location = normalize_location(
             resolve(location, "LOCATION", f"grpc://127.0.0.1:{DEFAULT_PORT}")
@@ -100,17 +167,27 @@ class Client:
         self.timeout = timeout
         self.chunk_bytes = parse_size(resolve(chunk_bytes, "CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
         self.checksum = checksum
+        self.client_id = client_id if client_id is not None else uuid.uuid4().hex
+        if not isinstance(self.client_id, str) or not 1 <= len(self.client_id) <= 128:
+            raise InvalidArgument("client_id must be a string of 1-128 characters")
+        self.retry_deadline = float(retry_deadline)
+        self.compression = protocol.validate_compression(compression)
+        self._headers = [(CLIENT_ID_HEADER.encode(), self.client_id.encode())]
         self._lock = threading.Lock()
         self._conn: flight.FlightClient | None = None
         self._pid = -1
+        self._pool: list[flight.FlightClient] = []  # more connections, for parallel streams
+        self._pool_pid = -1
+        self._pad = 0  # learnt: app_metadata padding that aligns BatchRead items
         # What gets cost, for tuning and tests: calls, those that made no copy, bytes copied
         # out of received buffers (one copy at most per byte; none for a one-buffer matrix).
-        self.stats = {"gets": 0, "zero_copy_gets": 0, "copied_bytes": 0}
+        self.stats = {"gets": 0, "zero_copy_gets": 0, "copied_bytes": 0, "retries": 0}
 
     # ------------------------------------------------------------------ plumbing
 
     def __reduce__(self):
-        return (_rebuild, (self.location, self.timeout, self.chunk_bytes, self.checksum))
+        return (_rebuild, (self.location, self.timeout, self.chunk_bytes, self.checksum,
+                           self.client_id, self.retry_deadline, self.compression))
 
     def __repr__(self) -> str:
         return f"Client({self.location!r})"
@@ -125,19 +202,46 @@ class Client:
                     # without closing (closing would touch the parent's gRPC state).
                     check_fork_safe()
                     note_grpc_use()
+                    tune_malloc()
                     self._conn = flight.FlightClient(self.location)
                     self._pid = pid
         return self._conn
 
-    def _options(self) -> flight.FlightCallOptions:
-        return flight.FlightCallOptions(timeout=self.timeout)
+    def _options(self, extra_timeout: float = 0.0, **kwargs) -> flight.FlightCallOptions:
+        timeout = self.timeout + extra_timeout if self.timeout is not None else None
+        return flight.FlightCallOptions(timeout=timeout, headers=self._headers, **kwargs)
+
+    @contextlib.contextmanager
+    def _pooled(self) -> Iterator[flight.FlightClient]:
+        """A connection of the pool for one call of a batch (opened on first need, reused
+        afterwards, never shared by two calls at once)."""
+        pid = os.getpid()
+        with self._lock:
+            if self._pool_pid != pid:
+                self._pool, self._pool_pid = [], pid  # a parent's connections are not ours
+            conn = self._pool.pop() if self._pool else None
+        if conn is None:
+            check_fork_safe()
+            note_grpc_use()
+            tune_malloc()
+            conn = flight.FlightClient(self.location)
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                if self._pool_pid == pid:
+                    self._pool.append(conn)
 
     def close(self) -> None:
-        """Closes the connection (a later call opens a new one)."""
+        """Closes the connections (a later call opens new ones)."""
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
+            mine = os.getpid()
+            conns = [self._conn] if self._conn is not None and self._pid == mine else []
+            if self._pool_pid == mine:
+                conns += self._pool
+            self._conn, self._pool = None, []
+        for conn in conns:
+            conn.close()
 
     def __enter__(self) -> Client:
         return self
@@ -145,12 +249,11 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @_retrying
     def _action(
         self, name: str, body: dict[str, Any], what: str, wait: float = 0.0
     ) -> dict[str, Any]:
-        options = self._options()
-        if wait and self.timeout is not None:
-            options = flight.FlightCallOptions(timeout=self.timeout + wait)
+        options = self._options(wait)
         try:
             results = list(
                 self._flight.do_action(flight.Action(name, protocol.dumps(body)), options)
@@ -163,7 +266,9 @@ class Client:
 
     # ------------------------------------------------------------------ data
 
-    def put(self, index_id: int, matrix_type: str, tensor: torch.Tensor) -> None:
+    @_retrying
+    def put(self, index_id: int, matrix_type: str, tensor: torch.Tensor, *,
+            compression: str | None = _DEFAULT) -> None:
         """Stores ``tensor`` under ``(index_id, matrix_type)``, replacing any previous value.
 
         Returns once the server has durably published the matrix (the write is atomic:
@@ -174,6 +279,7 @@ class Client:
             matrix_type: a name such as ``prompt`` (case-insensitive).
             tensor: any shape (0-d included), dtype bool, (u)int8, int16/32/64,
                 float16, bfloat16, float32 or float64; any device and layout.
+            compression: this call's wire compression (default: the client's).
 
         Raises:
             InvalidArgument: bad key, dtype, or a matrix over the server's size limit.
@@ -182,16 +288,25 @@ class Client:
         """
         key = _key(index_id, matrix_type)
         dtype, shape, flat = codec.tensor_values(tensor)
+        self._put_to(self._flight, key, dtype, shape, flat, self._compression(compression))
+
+    def _compression(self, value) -> str | None:
+        return self.compression if value is _DEFAULT else protocol.validate_compression(value)
+
+    def _put_to(self, conn, key: Key, dtype: codec.DType, shape: tuple[int, ...], flat,
+                compression: str | None = None) -> None:
         nbytes = flat.nbytes
         digest = None
         if self.checksum:
             digest = xxhash.xxh3_64_hexdigest(memoryview(flat.view("uint8")))
         command = protocol.write_command(key, shape, dtype.name, nbytes, digest)
-        schema = codec.wire_schema(dtype, shape)
+        snappy = compression == "snappy"
+        schema = codec.snappy_schema(dtype, shape) if snappy else codec.wire_schema(dtype, shape)
         what = f"put {key}"
         try:
-            writer, acks = self._flight.do_put(
-                flight.FlightDescriptor.for_command(command), schema, self._options()
+            writer, acks = conn.do_put(
+                flight.FlightDescriptor.for_command(command), schema,
+                self._options(write_options=codec.ipc_options(compression)),
             )
         except Exception as e:
             raise protocol.from_flight_error(e, what) from None
@@ -199,6 +314,8 @@ class Client:
         try:
             try:
                 for arr in codec.values_to_arrays(dtype, flat, self.chunk_bytes):
+                    if snappy:
+                        arr = codec.snappy_pack(arr)
                     writer.write_batch(pa.RecordBatch.from_arrays([arr], schema=schema))
                 writer.done_writing()
                 ack = acks.read()
@@ -213,6 +330,7 @@ class Client:
         if not reply.get("success"):
             raise InternalError(f"{what}: {reply.get('message', 'not acknowledged')}")
 
+    @_retrying
     def get(
         self,
         index_id: int,
@@ -223,6 +341,7 @@ class Client:
         device: str | torch.device | None = None,
         pin_memory: bool = False,
         non_blocking: bool = False,
+        compression: str | None = _DEFAULT,
     ) -> torch.Tensor:
         """Reads a matrix as a CPU tensor.
 
@@ -244,6 +363,7 @@ class Client:
                 the caller's current stream waits for it (an event), so kernels queued there
                 see the data; the host does not wait. The pinned block goes back to the pool
                 once the event has completed.
+            compression: this call's wire compression (default: the client's).
 
         Raises:
             NotFound: no such matrix.
@@ -252,10 +372,17 @@ class Client:
             InternalError: the stored data failed its checksum, or the server failed.
         """
         key = _key(index_id, matrix_type)
+        return self._get_from(self._flight, key, out, shared, device, pin_memory, non_blocking,
+                              self._compression(compression))
+
+    def _get_from(self, conn, key: Key, out=None, shared=False, device=None, pin_memory=False,
+                  non_blocking=False, compression=None):
         what = f"get {key}"
         try:
-            reader = self._flight.do_get(flight.Ticket(protocol.read_command(key)), self._options())
+            ticket = flight.Ticket(protocol.read_command(key, compression))
+            reader = conn.do_get(ticket, self._options())
             dtype, shape = codec.parse_wire_schema(reader.schema)
+            snappy = codec.is_snappy(reader.schema)
             to_cuda = device is not None and _is_cuda(device)
             if (to_cuda or pin_memory) and out is None and not shared:
                 out = _pinned_out(dtype, shape)
@@ -266,12 +393,10 @@ class Client:
                 except StopIteration:
                     break
                 if chunk.data is not None:
-                    assembler.add(chunk.data.column(0))
+                    column = chunk.data.column(0)
+                    assembler.add(codec.snappy_unpack(column, dtype) if snappy else column)
             result = assembler.finish()
-            self.stats["gets"] += 1
-            self.stats["copied_bytes"] += assembler.copied_bytes
-            if assembler.copied_bytes == 0:
-                self.stats["zero_copy_gets"] += 1
+            self._count_get(assembler.copied_bytes)
             if device is not None:
                 result = _to_device(result, device, non_blocking)
             return result
@@ -279,6 +404,237 @@ class Client:
             raise
         except Exception as e:
             raise protocol.from_flight_error(e, what) from None
+
+    def _count_get(self, copied: int) -> None:
+        with self._lock:
+            self.stats["gets"] += 1
+            self.stats["copied_bytes"] += copied
+            if copied == 0:
+                self.stats["zero_copy_gets"] += 1
+
+    # ------------------------------------------------------------------ batches
+
+    def put_many(
+        self,
+        items: Mapping[tuple[int, str], torch.Tensor] | Iterable[tuple[int, str, torch.Tensor]],
+        *,
+        concurrency: int = 4,
+        batch_items: int = 100,
+        small_bytes: int = 1 << 20,
+    ) -> list[ItemResult]:
+        """Stores many matrices; each item succeeds or fails on its own.
+
+        Matrices of up to ``small_bytes`` travel together in BatchWrite calls of up to
+        ``batch_items`` items; larger ones as their own streams. Up to ``concurrency`` calls
+        run at once, each on a connection of this client's pool (reused by later batches).
+
+        Args:
+            items: ``{(index_id, matrix_type): tensor}`` or ``(index_id, matrix_type,
+                tensor)`` triples.
+
+        Returns:
+            One :class:`ItemResult` per item, in order (``success``, ``code``, ``message``).
+        """
+        entries = _entries(items, 3, "(index_id, matrix_type, tensor)")
+        results: list[ItemResult | None] = [None] * len(entries)
+        small: list[list] = []
+        held = 0
+        tasks = []
+        for i, item in enumerate(entries):
+            try:
+                if isinstance(item, BaseException):
+                    raise item
+                index_id, matrix_type, tensor = item
+                key = _key(index_id, matrix_type)
+                dtype, shape, flat = codec.tensor_values(tensor)
+            except TQError as e:
+                results[i] = _item_failure(item, e)
+                continue
+            if flat.nbytes > small_bytes:
+                tasks.append(functools.partial(self._put_one_task, results, i, key, dtype, shape, flat))
+                continue
+            if not small or len(small[-1]) >= batch_items or held + flat.nbytes > _BATCH_BYTES:
+                small.append([])
+                held = 0
+            small[-1].append((i, key, dtype, shape, flat))
+            held += flat.nbytes
+        for group in small:
+            tasks.append(functools.partial(self._batch_write_task, results, group))
+        self._run(tasks, concurrency)
+        return results  # type: ignore[return-value]
+
+    def get_many(
+        self,
+        items: Iterable[tuple[int, str]],
+        *,
+        concurrency: int = 4,
+        batch_items: int = 100,
+        max_inline_bytes: int | None = None,
+    ) -> list[ItemResult]:
+        """Reads many matrices; each item succeeds or fails on its own (a missing one gets
+        ``success=False, code="NOT_FOUND"``, the others their tensors).
+
+        Items travel in BatchRead streams of up to ``batch_items`` items, spread over up to
+        ``concurrency`` parallel streams on this client's pooled connections; a matrix too
+        large to travel inline (over ``max_inline_bytes``, by default the server's 256 MiB)
+        is read with its own stream.
+
+        Returns:
+            One :class:`ItemResult` per item, in order, with ``tensor`` set on success.
+        """
+        entries = _entries(items, 2, "(index_id, matrix_type)")
+        results: list[ItemResult | None] = [None] * len(entries)
+        valid = []
+        for i, item in enumerate(entries):
+            try:
+                if isinstance(item, BaseException):
+                    raise item
+                valid.append((i, _key(*item)))
+            except TQError as e:
+                results[i] = _item_failure(item, e)
+        if valid:
+            groups = max(math.ceil(len(valid) / batch_items), min(concurrency, len(valid)))
+            size = math.ceil(len(valid) / groups)
+            tasks = [
+                functools.partial(self._batch_read_task, results, valid[g : g + size],
+                                  max_inline_bytes)
+                for g in range(0, len(valid), size)
+            ]
+            self._run(tasks, concurrency)
+        return results  # type: ignore[return-value]
+
+    def _run(self, tasks: list, concurrency: int) -> None:
+        if concurrency < 1:
+            raise InvalidArgument(f"concurrency must be >= 1, got {concurrency}")
+        if len(tasks) <= 1 or concurrency == 1:
+            for task in tasks:
+                task()
+            return
+        with ThreadPoolExecutor(min(concurrency, len(tasks)), "torch_tq-batch") as pool:
+            for future in [pool.submit(task) for task in tasks]:
+                future.result()
+
+    def _retry(self, fn, *args):
+        return _retrying(lambda _self: fn(*args))(self)
+
+    def _put_one_task(self, results, i, key, dtype, shape, flat) -> None:
+        try:
+            with self._pooled() as conn:
+                self._retry(self._put_to, conn, key, dtype, shape, flat, self.compression)
+            results[i] = ItemResult(key.index_id, key.matrix_type, True, "OK", "success")
+        except TQError as e:
+            results[i] = ItemResult(key.index_id, key.matrix_type, False, e.code, e.message)
+
+    def _batch_write_task(self, results, group) -> None:
+        try:
+            with self._pooled() as conn:
+                reply = self._retry(self._batch_write_to, conn, group)
+        except TQError as e:
+            for i, key, *_ in group:
+                results[i] = ItemResult(key.index_id, key.matrix_type, False, e.code, e.message)
+            return
+        for (i, key, *_), r in zip(group, reply):
+            results[i] = ItemResult(key.index_id, key.matrix_type, r["success"], r["code"],
+                                    r["message"])
+
+    def _batch_write_to(self, conn, group) -> list[dict]:
+        table = batch_ops.write_batch_of(group)
+        descriptor = flight.FlightDescriptor.for_command(protocol.dumps({"action": protocol.BATCH_WRITE}))
+        what = f"BatchWrite of {len(group)} items"
+        try:
+            options = self._options(write_options=codec.ipc_options(self.compression))
+            writer, acks = conn.do_put(descriptor, table.schema, options)
+            try:
+                writer.write_batch(table)
+                writer.done_writing()
+                ack = acks.read()
+            finally:
+                writer.close()
+        except Exception as e:
+            raise protocol.from_flight_error(e, what) from None
+        if ack is None:
+            raise InternalError(f"{what}: the server closed the upload without acknowledging it")
+        reply = json.loads(ack.to_pybytes())
+        if len(reply.get("results", ())) != len(group):
+            raise InternalError(f"{what}: the server answered for {len(reply.get('results', ()))} items")
+        return reply["results"]
+
+    def _batch_read_task(self, results, group, max_inline_bytes) -> None:
+        try:
+            with self._pooled() as conn:
+                rows = self._retry(self._batch_read_from, conn, group, max_inline_bytes)
+                for (i, key), row in zip(group, rows):
+                    if row.success and row.tensor is None:  # too large to travel inline
+                        try:
+                            t = self._retry(self._get_from, conn, key, None, False, None,
+                                            False, False, self.compression)
+                            row = row._replace(tensor=t, message="success")
+                        except TQError as e:
+                            row = row._replace(success=False, code=e.code, message=e.message)
+                    results[i] = row
+        except TQError as e:
+            for i, key in group:
+                if results[i] is None:
+                    results[i] = ItemResult(key.index_id, key.matrix_type, False, e.code, e.message)
+
+    def _batch_read_from(self, conn, group, max_inline_bytes=None) -> list[ItemResult]:
+        keys = [key for _, key in group]
+        what = f"BatchRead of {len(keys)} items"
+        rows: list[ItemResult] = []
+        try:
+            pad = self._pad
+            # batches compress with Arrow IPC's codecs (zstd, lz4); snappy frames single
+            # matrices only, so a snappy client's batches travel uncompressed
+            packed = self.compression if self.compression != "snappy" else None
+            ticket = protocol.batch_read_command(keys, max_inline_bytes, packed, pad=pad)
+            reader = conn.do_get(flight.Ticket(ticket), self._options())
+            while True:
+                try:
+                    chunk = reader.read_chunk()
+                except StopIteration:
+                    break
+                if chunk.data is not None:
+                    if chunk.app_metadata is not None and chunk.data.num_rows == 1:
+                        self._learn_pad(chunk.data, chunk.app_metadata.size - 1)
+                    rows.extend(self._result_rows(chunk.data))
+        except TQError:
+            raise
+        except Exception as e:
+            raise protocol.from_flight_error(e, what) from None
+        if len(rows) != len(keys):
+            raise InternalError(f"{what}: the server answered for {len(rows)} items")
+        return rows
+
+    def _learn_pad(self, batch: pa.RecordBatch, pad: int) -> None:
+        """Where gRPC put a lone item's bytes, given the padding the server put before them,
+        tells the padding that puts them 8-byte aligned (constant for a process's gRPC)."""
+        data = batch.column("data")
+        if len(data) != 1 or data.buffers()[2] is None:
+            return
+        misaligned = data.buffers()[2].address % 8
+        self._pad = (pad - misaligned) % 8
+
+    def _result_rows(self, batch: pa.RecordBatch) -> Iterator[ItemResult]:
+        cols = {name: batch.column(name) for name in batch.schema.names}
+        data = cols["data"]
+        offsets = np.frombuffer(data.buffers()[1], dtype=np.int64, count=len(data) + 1,
+                                offset=data.offset * 8) if len(data) else None
+        buf = data.buffers()[2] if len(data) else None
+        for r in range(batch.num_rows):
+            ok = cols["success"][r].as_py()
+            index_id, mtype = cols["index_id"][r].as_py(), cols["matrix_type"][r].as_py()
+            code, message = cols["code"][r].as_py(), cols["message"][r].as_py()
+            tensor = None
+            if ok and cols["inline"][r].as_py():
+                dtype = codec.DTYPES[cols["dtype"][r].as_py()]
+                shape = tuple(cols["shape"][r].as_py())
+                start, end = int(offsets[r]), int(offsets[r + 1])
+                if end - start != codec.numel(shape) * dtype.itemsize:
+                    raise InternalError(f"BatchRead row for index_id={index_id} has the wrong size")
+                tensor = _tensor_from(buf, start, dtype, shape)
+                self._count_get(0 if tensor.untyped_storage().data_ptr() == buf.address + start
+                                else end - start)
+            yield ItemResult(index_id, mtype, ok, code, message, tensor)
 
     # ------------------------------------------------------------------ catalog
 
@@ -305,6 +661,7 @@ class Client:
         body = {"index_id": protocol.validate_index_id(index_id)}
         return self._action(protocol.GET_METADATA, body, f"metadata index_id={index_id}")
 
+    @_retrying
     def list(self, index_id: int | None = None) -> list[MatrixInfo]:
         """Every stored matrix (of ``index_id`` only, when given), sorted by key."""
         criteria = b""
@@ -416,6 +773,46 @@ class Client:
         return self._action(protocol.HEALTH, {}, "health")
 
 
+_BATCH_BYTES = 16 << 20  # bytes of small matrices per BatchWrite call
+
+
+def _entries(items, arity: int, form: str) -> list:
+    """The items of a batch call as a list; a malformed one becomes its own error."""
+    if isinstance(items, Mapping):
+        if arity == 3:
+            items = [(*k, v) if isinstance(k, tuple) else (k, v) for k, v in items.items()]
+        else:
+            items = list(items)
+    out = []
+    for item in items:
+        if isinstance(item, (tuple, list)) and len(item) == arity:
+            out.append(tuple(item))
+        else:
+            out.append(InvalidArgument(f"each item must be {form}, got {type(item).__name__}"))
+    return out
+
+
+def _item_failure(item, error: TQError) -> ItemResult:
+    index_id = matrix_type = None
+    if isinstance(item, tuple):
+        index_id, matrix_type = item[0], item[1]
+    return ItemResult(index_id, matrix_type, False, error.code, error.message)
+
+
+def _tensor_from(buf: pa.Buffer, start: int, dtype: codec.DType, shape: tuple[int, ...]):
+    """A tensor over ``buf[start:]`` (no copy when aligned), else a copy of it."""
+    import torch
+
+    nbytes = codec.numel(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype.torch)
+    if (buf.address + start) % dtype.itemsize == 0:
+        return native.tensor_over(buf, dtype.torch, shape, start)
+    out = codec.empty_tensor(dtype, shape)
+    codec._byte_view(out)[:] = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start)
+    return out
+
+
 def _is_cuda(device) -> bool:
     import torch
 
@@ -472,5 +869,8 @@ def _to_device(t, device, non_blocking: bool = False):
     return moved
 
 
-def _rebuild(location: str, timeout: float | None, chunk_bytes: int, checksum: bool) -> Client:
-    return Client(location, timeout=timeout, chunk_bytes=chunk_bytes, checksum=checksum)
+def _rebuild(location: str, timeout: float | None, chunk_bytes: int, checksum: bool,
+             client_id: str | None = None, retry_deadline: float = 30.0,
+             compression: str | None = None) -> Client:
+    return Client(location, timeout=timeout, chunk_bytes=chunk_bytes, checksum=checksum,
+                  client_id=client_id, retry_deadline=retry_deadline, compression=compression)

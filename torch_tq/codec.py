@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # torch is imported lazily: a storage server never needs it
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 SHAPE_KEY = b"shape"
 DTYPE_KEY = b"dtype"
+COMPRESSION_KEY = b"compression"
 
 # torch.frombuffer over a received Arrow buffer: Arrow marks it read-only, but the memory is
 # ours alone (a fresh receive buffer), so a writable tensor over it is safe.
@@ -102,6 +103,78 @@ def wire_schema(dtype: DType, shape: tuple[int, ...], extra: dict[str, str] | No
     return pa.schema([pa.field("data", dtype.arrow, nullable=False)], metadata=metadata)
 
 
+# --------------------------------------------------------------------------- compression
+#
+# zstd and lz4 are Arrow IPC's own buffer codecs: a writer compresses each record batch's
+# buffers, every Arrow reader decompresses them (nothing of ours in the format). Snappy has no
+# IPC codec, so torch_tq frames it itself: the column ``data`` becomes ``binary``, each value
+# one chunk of raw element bytes (bool: one byte per element) compressed with raw snappy
+# (cramjam), and the schema metadata says ``compression=snappy`` beside shape and dtype.
+
+
+def ipc_options(compression: str | None) -> pa.ipc.IpcWriteOptions | None:
+    """IPC write options for zstd/lz4 (None: none, or snappy, which is framed instead)."""
+    if compression in ("zstd", "lz4"):
+        return pa.ipc.IpcWriteOptions(compression=compression)
+    return None
+
+
+def _cramjam():
+    try:
+        import cramjam
+    except ImportError:
+        raise InvalidArgument(
+            "snappy compression needs the cramjam package: pip install 'torch_tq[snappy]'"
+        ) from None
+    return cramjam
+
+
+def snappy_schema(dtype: DType, shape: tuple[int, ...]) -> pa.Schema:
+    return pa.schema([pa.field("data", pa.binary(), nullable=False)], metadata={
+        SHAPE_KEY: json.dumps(list(shape)).encode(), DTYPE_KEY: dtype.name.encode(),
+        COMPRESSION_KEY: b"snappy"})
+
+
+def snappy_pack(values: pa.Array) -> pa.Array:
+    """One snappy-compressed binary value holding the raw bytes of flat ``values``."""
+    raw = element_bytes(values)
+    return pa.array([bytes(_cramjam().snappy.compress_raw(raw))], pa.binary())
+
+
+def snappy_unpack(column: pa.Array, dtype: DType) -> pa.Array:
+    """The flat values of a snappy-framed ``data`` column (one batch)."""
+    cj = _cramjam()
+    out = []
+    for value in column:
+        if not value.is_valid:
+            raise InvalidArgument("snappy-framed data must not contain nulls")
+        try:
+            raw = cj.snappy.decompress_raw(value.as_buffer())
+        except Exception as e:  # cramjam raises its own DecompressionError
+            raise InvalidArgument(f"snappy data does not decompress: {e}") from None
+        out.append(raw_values(pa.py_buffer(raw), dtype))
+    if not out:
+        return pa.array([], type=dtype.arrow)
+    return out[0] if len(out) == 1 else pa.concat_arrays(out)
+
+
+def raw_values(buf: pa.Buffer, dtype: DType) -> pa.Array:
+    """Flat values over raw element bytes (bool: bytes 0 or 1)."""
+    if buf.size % dtype.itemsize:
+        raise InvalidArgument(f"{buf.size} bytes are not a whole number of {dtype.name} values")
+    n = buf.size // dtype.itemsize
+    if dtype.name == "bool":
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        if raw.size and raw.max() > 1:
+            raise InvalidArgument("bool data must hold bytes 0 or 1")
+        return pa.array(raw.view(np.bool_), type=pa.bool_())
+    return pa.Array.from_buffers(dtype.arrow, n, [None, buf])
+
+
+def is_snappy(schema: pa.Schema) -> bool:
+    return (schema.metadata or {}).get(COMPRESSION_KEY) == b"snappy"
+
+
 def parse_wire_schema(schema: pa.Schema) -> tuple[DType, tuple[int, ...]]:
     """Reads dtype and shape from a canonical schema (what a torch_tq server sends)."""
     md = schema.metadata or {}
@@ -112,7 +185,8 @@ def parse_wire_schema(schema: pa.Schema) -> tuple[DType, tuple[int, ...]]:
         shape = tuple(int(d) for d in json.loads(md[SHAPE_KEY]))
     except (KeyError, ValueError, TypeError):
         raise InternalError("server sent unreadable shape/dtype metadata") from None
-    if schema.field(0).type != dtype.arrow:
+    expected = pa.binary() if md.get(COMPRESSION_KEY) == b"snappy" else dtype.arrow
+    if schema.field(0).type != expected:
         raise InternalError(f"server sent {schema.field(0).type} values for dtype {dtype.name}")
     return dtype, shape
 
@@ -214,6 +288,23 @@ class UploadDecoder:
         named = declared_dtype or meta_dtype
 
         field_type = schema.field(0).type
+        if md.get(COMPRESSION_KEY) not in (None, b"snappy"):
+            raise InvalidArgument(
+                f"unsupported compression {md[COMPRESSION_KEY][:20]!r} in the schema: snappy "
+                "is framed by torch_tq; zstd and lz4 travel as Arrow IPC compression"
+            )
+        if md.get(COMPRESSION_KEY) == b"snappy":
+            if field_type != pa.binary() or not named or named not in DTYPES:
+                raise InvalidArgument(
+                    "a snappy-framed upload is a binary 'data' column with its dtype named"
+                )
+            self.form = "snappy"
+            self.dtype = DTYPES[named]
+            self.tensor_shape = ()
+            self.rows = 0
+            self.row_length = None
+            self.ragged = False
+            return
         self.form = "flat"
         self.tensor_shape: tuple[int, ...] = ()
         value_type = field_type
@@ -257,6 +348,8 @@ class UploadDecoder:
             raise InvalidArgument("uploads must not contain nulls")
         if self.form == "flat":
             return column
+        if self.form == "snappy":
+            return snappy_unpack(column, self.dtype)
         if self.form == "tensor":
             column = column.storage
         self.rows += len(column)
@@ -284,7 +377,7 @@ class UploadDecoder:
 
     def shape_for(self, count: int) -> tuple[int, ...]:
         """The matrix shape after ``count`` values arrived with no declared shape."""
-        if self.form == "flat":
+        if self.form in ("flat", "snappy"):
             return (count,)
         if self.form == "tensor":
             return (self.rows, *self.tensor_shape)

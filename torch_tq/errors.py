@@ -8,6 +8,10 @@ The ``code`` attribute is the seed's code string (``NOT_FOUND``, ``INVALID_ARGUM
 
 from __future__ import annotations
 
+import re
+
+_RETRY_RE = re.compile(r"\(retry_after_ms=([0-9]{1,9})\)")
+
 
 class TQError(Exception):
     """Base class of every torch_tq error.
@@ -49,6 +53,13 @@ class Unavailable(TQError, ConnectionError):
     """The server cannot serve the request now (unreachable, full, shutting down); retry later."""
 
     code = "UNAVAILABLE"
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        """The server's hint when it turned the call away over a limit (nothing was done:
+        the call may be retried after that many milliseconds); None otherwise."""
+        match = _RETRY_RE.search(self.message)
+        return int(match.group(1)) if match else None
 
 
 class InternalError(TQError, RuntimeError):

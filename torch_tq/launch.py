@@ -93,6 +93,7 @@ def start_server(
     startup_timeout: float = 60.0,
     env: dict[str, str] | None = None,
     stderr=None,
+    **options,
 ) -> ServerHandle:
     """Starts a storage server in its own process and waits until it accepts calls.
 
@@ -102,6 +103,8 @@ def start_server(
         startup_timeout: seconds to wait for the server to listen.
         env: extra environment variables for the server process.
         stderr: where the server's log goes (default: this process's stderr).
+        options: more ``torch-tq serve`` options by their Python names, e.g. ``qps=200``,
+            ``streams_per_client=10``.
 
     Returns:
         A :class:`ServerHandle`; use it as a context manager to stop the server.
@@ -123,6 +126,9 @@ def start_server(
         cmd += ["--chunk-bytes", str(chunk_bytes)]
     if max_matrix_bytes is not None:
         cmd += ["--max-matrix-bytes", str(max_matrix_bytes)]
+    for name, value in options.items():
+        if value is not None:
+            cmd += ["--" + name.replace("_", "-"), str(value)]
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")

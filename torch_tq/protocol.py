@@ -51,6 +51,9 @@ FINISH_STREAM = "FinishStream"
 REOPEN_STREAM = "ReopenStream"
 GROUP_STATUS = "GroupStatus"
 DELETE_GROUP = "DeleteGroup"
+BATCH_WRITE = "BatchWrite"  # a DoPut whose stream is a table of items
+BATCH_READ = "BatchRead"  # a DoGet whose stream is a table of results
+COMPRESSIONS = ("zstd", "lz4", "snappy")
 
 ACTION_DESCRIPTIONS = {
     DELETE_MATRIX: 'Delete one matrix, or every type of an index_id: {"index_id": N, "matrix_type": "prompt"|""}',
@@ -74,6 +77,10 @@ _ACTION_SPELLINGS = {
     "write_matrix": WRITE_MATRIX,
     "readmatrix": READ_MATRIX,
     "read_matrix": READ_MATRIX,
+    "batchwrite": BATCH_WRITE,
+    "batch_write": BATCH_WRITE,
+    "batchread": BATCH_READ,
+    "batch_read": BATCH_READ,
 }
 
 MAX_COMMAND_BYTES = 64 * 1024
@@ -125,14 +132,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_json_object(raw: bytes | str, what: str) -> dict[str, Any]:
+def parse_json_object(raw: bytes | str, what: str, limit: int = MAX_COMMAND_BYTES) -> dict[str, Any]:
     """Parses ``raw`` as one strict JSON object.
 
     Raises:
         InvalidArgument: not UTF-8, not JSON, not an object, too long, duplicate keys, NaN.
     """
-    if len(raw) > MAX_COMMAND_BYTES:
-        raise InvalidArgument(f"{what} is {len(raw)} bytes; the limit is {MAX_COMMAND_BYTES}")
+    if len(raw) > limit:
+        raise InvalidArgument(f"{what} is {len(raw)} bytes; the limit is {limit}")
     if isinstance(raw, (bytes, bytearray, memoryview)):
         try:
             text = bytes(raw).decode("utf-8")
@@ -311,6 +318,133 @@ def parse_ticket(raw: bytes) -> Key:
     return parse_read_body(raw, "ticket")
 
 
+@dataclass(frozen=True)
+class ReadRequest:
+    """A parsed ReadMatrix ticket: the key and how to send it."""
+
+    key: Key
+    compression: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchWriteCommand:
+    """A parsed BatchWrite DoPut command (the items are the rows of the uploaded table)."""
+
+
+@dataclass(frozen=True)
+class BatchReadCommand:
+    """A parsed BatchRead ticket. ``items`` holds a :class:`Key` per well-formed item and an
+    :class:`InvalidArgument` (with what could be read of the address) per bad one."""
+
+    items: tuple
+    max_inline_bytes: int
+    compression: str | None = None
+    pad: int = 0
+
+
+class BadItem(NamedTuple):
+    """An item of a batch that failed validation on its own."""
+
+    index_id: int | None
+    matrix_type: str | None
+    error: TQError
+
+
+MAX_BATCH_TICKET_BYTES = 1 << 20
+DEFAULT_MAX_INLINE_BYTES = 256 << 20
+MAX_INLINE_BYTES = 1 << 30  # one Arrow record batch stays well under 2 GiB
+
+
+def validate_compression(value: Any, wire_only_ok: bool = True) -> str | None:
+    if value is None or value == "" or value == "none":
+        return None
+    if not isinstance(value, str) or value.lower() not in COMPRESSIONS:
+        raise InvalidArgument(f"compression must be one of {list(COMPRESSIONS)} or none, got {value!r:.40}")
+    return value.lower()
+
+
+def _batch_item(item: Any, pos: int) -> Key | BadItem:
+    if not isinstance(item, dict):
+        return BadItem(None, None, InvalidArgument(f"item {pos} must be a JSON object"))
+    raw_id, raw_type = item.get("index_id"), item.get("matrix_type", item.get("type"))
+    index_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) and 0 <= raw_id <= MAX_INDEX_ID else None
+    mtype = raw_type if isinstance(raw_type, str) and len(raw_type) <= 64 else None
+    try:
+        _check_keys(item, {"index_id", "matrix_type", "type"}, {"index_id"}, f"item {pos}")
+        if "matrix_type" in item and "type" in item:
+            raise InvalidArgument(f"item {pos} names both 'matrix_type' and 'type'")
+        if raw_type is None:
+            raise InvalidArgument(f"missing field(s) ['matrix_type'] in item {pos}")
+        return Key(validate_index_id(raw_id), validate_matrix_type(raw_type))
+    except InvalidArgument as e:
+        return BadItem(index_id, mtype, e)
+
+
+def parse_get_ticket(raw: bytes, max_items: int = 0) -> ReadRequest | BatchReadCommand:
+    """Parses any DoGet ticket: a ReadMatrix (with an optional ``compression``) or a
+    BatchRead ``{"action": "BatchRead", "items": [{"index_id", "matrix_type"}, ...],
+    "max_inline_bytes": N, "compression": ...}``.
+
+    Raises:
+        InvalidArgument: a malformed ticket, or more than ``max_items`` items (0: no cap).
+    """
+    what = "ticket"
+    body, action = _unwrap_envelope(parse_json_object(raw, what, MAX_BATCH_TICKET_BYTES), what)
+    if _spelling(action) == BATCH_READ:
+        what = "BatchRead ticket"
+        _check_keys(body, {"action", "items", "max_inline_bytes", "compression", "pad"}, {"items"},
+                    what)
+        items = body["items"]
+        if not isinstance(items, list):
+            raise InvalidArgument(f"{what}: items must be a list of {{index_id, matrix_type}} objects")
+        if max_items and len(items) > max_items:
+            raise InvalidArgument(
+                f"{what}: {len(items)} items; the limit is {max_items} per call (split the batch)"
+            )
+        inline = _validate_int(body.get("max_inline_bytes", DEFAULT_MAX_INLINE_BYTES),
+                               "max_inline_bytes", 0, MAX_INLINE_BYTES)
+        return BatchReadCommand(tuple(_batch_item(it, i) for i, it in enumerate(items)), inline,
+                                validate_compression(body.get("compression")),
+                                _validate_int(body.get("pad", 0), "pad", 0, 63))
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise InvalidArgument(f"{what} is {len(raw)} bytes; the limit is {MAX_COMMAND_BYTES}")
+    _check_action(action, READ_MATRIX, what)
+    _check_keys(body, _READ_FIELDS | {"compression"}, {"index_id", "matrix_type"}, what)
+    key = Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"]))
+    return ReadRequest(key, validate_compression(body.get("compression")))
+
+
+def parse_put_request(descriptor: flight.FlightDescriptor) -> PutCommand | BatchWriteCommand:
+    """Parses any DoPut descriptor: a WriteMatrix or a BatchWrite ``{"action": "BatchWrite"}``."""
+    if descriptor.descriptor_type == flight.DescriptorType.CMD:
+        what = "BatchWrite command"
+        try:
+            body, action = _unwrap_envelope(parse_json_object(descriptor.command, what), what)
+        except InvalidArgument:
+            body, action = {}, None  # parse_put_descriptor reports it as a WriteMatrix
+        if _spelling(action) == BATCH_WRITE:
+            _check_keys(body, {"action"}, set(), what)
+            return BatchWriteCommand()
+    return parse_put_descriptor(descriptor)
+
+
+def batch_read_command(
+    keys: list[Key], max_inline_bytes: int | None = None, compression: str | None = None,
+    pad: int = 0,
+) -> bytes:
+    body: dict[str, Any] = {
+        "action": BATCH_READ,
+        "items": [{"index_id": k.index_id, "matrix_type": k.matrix_type} for k in keys],
+    }
+    if max_inline_bytes is not None:
+        body["max_inline_bytes"] = max_inline_bytes
+    if compression is not None:
+        body["compression"] = compression
+    if pad:
+        body["pad"] = pad
+    return dumps(body)
+
+
 def parse_delete_body(raw: bytes) -> tuple[int, str | None]:
     """Returns ``(index_id, matrix_type or None for every type)``."""
     what = "DeleteMatrix body"
@@ -445,9 +579,13 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def read_command(key: Key) -> bytes:
+def read_command(key: Key, compression: str | None = None) -> bytes:
     """The ReadMatrix command, used as both descriptor command and ticket."""
-    return dumps({"action": READ_MATRIX, "index_id": key.index_id, "matrix_type": key.matrix_type})
+    body: dict[str, Any] = {"action": READ_MATRIX, "index_id": key.index_id,
+                            "matrix_type": key.matrix_type}
+    if compression is not None:
+        body["compression"] = compression
+    return dumps(body)
 
 
 def write_command(

@@ -13,7 +13,6 @@ INVALID_ARGUMENT exceptions holds no traceback (RELIABILITY.md §4).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from torch_tq import codec, protocol
+from torch_tq import batch as batch_ops, codec, protocol
 from torch_tq._config import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_HOST,
@@ -42,6 +41,8 @@ from torch_tq._config import (
 from torch_tq._version import __version__
 from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
 from torch_tq._fork import check_fork_safe, note_grpc_use
+from torch_tq._malloc import tune_malloc
+from torch_tq.limits import Limiter, Limits, client_identity, limits_from
 from torch_tq.queue import Queue
 from torch_tq.store import Entry, Store
 
@@ -119,15 +120,57 @@ class ServerStats:
             }
 
 
+class _CallMiddleware(flight.ServerMiddleware):
+    """Per call: who the caller is and whether the limiter admitted it; tells the limiter
+    when the call has completed (also after a cancelled or broken stream)."""
+
+    def __init__(self, limiter: Limiter, headers: dict) -> None:
+        self.limiter = limiter
+        self.headers = headers
+        self.client: str | None = None
+
+    def call_completed(self, exception) -> None:
+        if self.client is not None:
+            self.limiter.release(self.client)
+            self.client = None
+
+
+class _CallMiddlewareFactory(flight.ServerMiddlewareFactory):
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    def start_call(self, info, headers):
+        return _CallMiddleware(self.limiter, headers)
+
+
+_MIDDLEWARE = "torch_tq"
+
+
+def _admit(server, context) -> None:
+    mw = context.get_middleware(_MIDDLEWARE)
+    if mw is None:  # no middleware: nothing could release the call, so nothing is admitted
+        return
+    client = client_identity(mw.headers, context.peer())
+    server.limiter.admit(client)
+    mw.client = client
+
+
+def _caller(context) -> str | None:
+    mw = context.get_middleware(_MIDDLEWARE)
+    return mw.client if mw is not None else None
+
+
 def _guard(method):
-    """Runs a handler so that only clean Flight errors reach the client; counts it."""
+    """Runs a handler so that only clean Flight errors reach the client; counts it and
+    admits it against the limits first."""
 
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self, context, *args, **kwargs):
         self.stats.begin(method.__name__)
         error = None
         try:
-            return method(self, *args, **kwargs)
+            _admit(self, context)
+            return method(self, context, *args, **kwargs)
         except Exception as e:
             error = e
             raise _wire(e, method.__name__) from None
@@ -139,10 +182,10 @@ def _guard(method):
 
 def _guard_iter(it: Iterator, where: str, stats: ServerStats | None = None) -> Iterator:
     try:
-        for batch in it:
+        for item in it:  # a RecordBatch, or (RecordBatch, app_metadata)
             if stats is not None:
-                stats.add_bytes(sent=batch.nbytes)
-            yield batch
+                stats.add_bytes(sent=(item[0] if isinstance(item, tuple) else item).nbytes)
+            yield item
     except Exception as e:
         if stats is not None:
             stats.error(e)
@@ -156,6 +199,10 @@ _ACTIONS = {
     "get_metadata": protocol.GET_METADATA,
     "health": protocol.HEALTH,
     "stats": protocol.STATS,
+    "batchread": protocol.BATCH_READ,
+    "batch_read": protocol.BATCH_READ,
+    "batchwrite": protocol.BATCH_WRITE,
+    "batch_write": protocol.BATCH_WRITE,
 }
 _QUEUE_ACTIONS = {
     protocol.CONSUME: lambda q, a: q.consume(
@@ -183,10 +230,13 @@ class TQFlightServer(flight.FlightServerBase):
         store: the storage engine it serves.
     """
 
-    def __init__(self, location: str, store: Store, **kwargs) -> None:
+    def __init__(self, location: str, store: Store, limits: Limits | None = None, **kwargs) -> None:
         self.store = store
         self.started = time.monotonic()
         self.stats = ServerStats()
+        self.limits = limits or Limits()
+        self.limiter = Limiter(self.limits)
+        kwargs.setdefault("middleware", {})[_MIDDLEWARE] = _CallMiddlewareFactory(self.limiter)
         state_dir = None
         if store.storage == "disk":
             state_dir = os.path.join(store.backend.root, "queue")
@@ -199,7 +249,9 @@ class TQFlightServer(flight.FlightServerBase):
 
     @_guard
     def do_put(self, context, descriptor, reader, writer):
-        cmd = protocol.parse_put_descriptor(descriptor)
+        cmd = protocol.parse_put_request(descriptor)
+        if isinstance(cmd, protocol.BatchWriteCommand):
+            return self._batch_write(context, reader, writer)
         decoder = codec.UploadDecoder(reader.schema, cmd.dtype, cmd.shape)
         dtype = decoder.dtype
         shape = decoder.declared_shape
@@ -251,23 +303,81 @@ class TQFlightServer(flight.FlightServerBase):
                "matrix_type": entry.key.matrix_type, **entry.describe()}
         writer.write(pa.py_buffer(protocol.dumps(ack)))
 
+    def _batch_write(self, context, reader, writer) -> None:
+        lim = self.limits
+        batches = []
+        rows = held = 0
+        while True:
+            try:
+                chunk = reader.read_chunk()
+            except StopIteration:
+                break
+            if chunk.data is None:
+                continue
+            rows += chunk.data.num_rows
+            held += chunk.data.nbytes
+            self.stats.add_bytes(received=chunk.data.nbytes)
+            if lim.max_batch_items and rows > lim.max_batch_items:
+                self.limiter.count_rejection("batch_items")
+                raise InvalidArgument(
+                    f"BatchWrite of more than {lim.max_batch_items} items; the limit is "
+                    f"{lim.max_batch_items} per call (split the batch): nothing was stored"
+                )
+            if lim.max_batch_bytes and held > lim.max_batch_bytes:
+                self.limiter.count_rejection("batch_bytes")
+                raise InvalidArgument(
+                    f"BatchWrite of more than {lim.max_batch_bytes} bytes; the limit is "
+                    f"{lim.max_batch_bytes} per call (send large matrices with WriteMatrix): "
+                    "nothing was stored"
+                )
+            batches.append(chunk.data)
+        if context.is_cancelled():
+            raise Unavailable("BatchWrite was cancelled by the client: nothing was stored")
+        client = _caller(context)
+        if client is not None:
+            self.limiter.charge(client, rows - 1)
+        results = batch_ops.write_items(self.store, batches, reader.schema)
+        reply = {"success": True, "message": "success", "results": results}
+        writer.write(pa.py_buffer(protocol.dumps(reply)))
+
     # ------------------------------------------------------------------ reads
 
     @_guard
     def do_get(self, context, ticket):
-        key = protocol.parse_ticket(ticket.ticket)
+        request = protocol.parse_get_ticket(ticket.ticket, self.limits.max_batch_items)
+        if isinstance(request, protocol.BatchReadCommand):
+            client = _caller(context)
+            if client is not None:
+                self.limiter.charge(client, len(request.items) - 1)
+            if request.compression == "snappy":
+                raise InvalidArgument("BatchRead supports zstd or lz4 compression (snappy is "
+                                      "framed for ReadMatrix streams only)")
+            return flight.GeneratorStream(
+                batch_ops.RESULT_SCHEMA,
+                _guard_iter(batch_ops.read_items(self.store, request, self.store.chunk_bytes),
+                            "BatchRead", self.stats),
+                options=codec.ipc_options(request.compression),
+            )
+        key = request.key
+        options = codec.ipc_options(request.compression)
         matrix = self.store.open(key)
-        if not matrix.verifies:
+        if not matrix.verifies and request.compression != "snappy":
             # nothing to check batch by batch: let Arrow stream the table in C++
             table = matrix.table()
             self.stats.add_bytes(sent=table.nbytes)
-            return flight.RecordBatchStream(table)
+            return flight.RecordBatchStream(table, options=options)
         try:
             schema = matrix.schema()
         except BaseException:
             matrix.close()
             raise
-        return flight.GeneratorStream(schema, _guard_iter(matrix.batches(), "do_get", self.stats))
+        batches = matrix.batches()
+        if request.compression == "snappy":
+            schema = codec.snappy_schema(matrix.dtype, matrix.entry.shape)
+            batches = (pa.RecordBatch.from_arrays([codec.snappy_pack(b.column(0))], schema=schema)
+                       for b in batches)
+        return flight.GeneratorStream(schema, _guard_iter(batches, "do_get", self.stats),
+                                      options=options)
 
     def _flight_info(self, entry: Entry, descriptor=None) -> flight.FlightInfo:
         command = protocol.read_command(entry.key)
@@ -282,6 +392,13 @@ class TQFlightServer(flight.FlightServerBase):
 
     @_guard
     def get_flight_info(self, context, descriptor):
+        if descriptor.descriptor_type == flight.DescriptorType.CMD:
+            request = protocol.parse_get_ticket(descriptor.command, self.limits.max_batch_items)
+            if isinstance(request, protocol.BatchReadCommand):
+                return flight.FlightInfo(
+                    batch_ops.RESULT_SCHEMA, descriptor,
+                    [flight.FlightEndpoint(descriptor.command, [])], len(request.items), -1,
+                )
         key = protocol.parse_read_descriptor(descriptor)
         return self._flight_info(self.store.get(key), descriptor)
 
@@ -316,7 +433,13 @@ class TQFlightServer(flight.FlightServerBase):
             result = self.health()
         elif name == protocol.STATS:
             protocol.parse_empty_body(body, "Stats body")
-            result = {**self.health(), **self.stats.snapshot()}
+            result = {**self.health(), **self.stats.snapshot(), **self.limiter.snapshot()}
+        elif name in (protocol.BATCH_READ, protocol.BATCH_WRITE):
+            raise InvalidArgument(
+                f"{name} carries matrices, so it is not an action: send BatchRead as a DoGet "
+                'ticket {"action": "BatchRead", "items": [...]}, BatchWrite as a DoPut with the '
+                'command {"action": "BatchWrite"} and a table of items (see the README)'
+            )
         elif name in _QUEUE_ACTIONS:
             args = protocol.parse_queue_body(body, name)
             result = {"success": True, "message": "success", **_QUEUE_ACTIONS[name](self.queue, args)}
@@ -358,38 +481,6 @@ def _location(host: str, port: int) -> str:
     return f"grpc://{host}:{port}"
 
 
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-
-
-def tune_malloc() -> bool:
-    """Keeps glibc from handing gRPC's receive buffers back to the kernel after every message.
-
-    gRPC receives each message into buffers from glibc's malloc, which by default unmaps or
-    trims freed multi-MiB blocks, so the next message faults in fresh pages while the kernel
-    copies into them: 13-21 thousand page faults per 256 MiB upload here, a quarter of the
-    server's CPU. Fixed mmap and trim thresholds (32 MiB, 64 MiB retained at most) and a
-    16 MiB top pad bring that to a few hundred (benchmarks/roundtrip.py: put 2.0 -> 2.5 GB/s
-    in an A/B of two servers). Skipped where the user set any ``MALLOC_*`` tunable, where
-    ``TORCH_TQ_TUNE_MALLOC=0``, and off glibc. Returns whether it applied the settings.
-    """
-    if os.environ.get("TORCH_TQ_TUNE_MALLOC", "1") == "0" or any(k in os.environ for k in _MALLOC_ENV):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    return all(
-        mallopt(param, value) == 1
-        for param, value in (
-            (m_mmap_threshold, 32 << 20),
-            (m_trim_threshold, 64 << 20),
-            (m_top_pad, 16 << 20),
-        )
-    )
-
-
 def make_server(
     host: str | None = None,
     port: int | None = None,
@@ -399,6 +490,9 @@ def make_server(
     durable: bool | None = None,
     chunk_bytes: int | str | None = None,
     max_matrix_bytes: int | str | None = None,
+    compression: str | None = None,
+    limits: Limits | None = None,
+    **limit_options,
 ) -> TQFlightServer:
     """Builds a running server (it serves from construction on); see :func:`serve`."""
     host = resolve(host, "HOST", DEFAULT_HOST)
@@ -409,10 +503,16 @@ def make_server(
     cap = parse_size(resolve(max_matrix_bytes, "MAX_MATRIX_BYTES", DEFAULT_MAX_MATRIX_BYTES, parse_size))
     if chunk < 1024 or chunk > (1 << 30):
         raise InvalidArgument(f"chunk_bytes must be within [1KiB, 1GiB], got {chunk}")
+    if limits is None:
+        limits = limits_from(**limit_options)
+    elif limit_options:
+        raise InvalidArgument("pass either limits= or individual limit options, not both")
     tune_malloc()
-    store = Store(data_dir, storage, durable=durable, chunk_bytes=chunk, max_matrix_bytes=cap)
+    compression = protocol.validate_compression(resolve(compression, "COMPRESSION", None))
+    store = Store(data_dir, storage, durable=durable, chunk_bytes=chunk, max_matrix_bytes=cap,
+                  compression=compression)
     try:
-        return TQFlightServer(_location(host, port), store)
+        return TQFlightServer(_location(host, port), store, limits)
     except BaseException:
         store.close()
         raise
@@ -428,7 +528,10 @@ def serve(
     chunk_bytes: int | str | None = None,
     max_matrix_bytes: int | str | None = None,
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S,
+    compression: str | None = None,
+    limits: Limits | None = None,
     _watch_stdin: bool = False,
+    **limit_options,
 ) -> None:
     """Runs a storage server until SIGINT/SIGTERM, then shuts it down within a deadline.
 
@@ -443,8 +546,15 @@ def serve(
         durable: fsync before acknowledging (default: on for ``disk``; ``TORCH_TQ_FSYNC``).
         chunk_bytes: record batch size of stored matrices (default 4MiB).
         max_matrix_bytes: per-matrix limit (default 10 GB).
+        compression: ``"zstd"`` or ``"lz4"`` to compress the disk store's files (at rest;
+            off by default; ``TORCH_TQ_COMPRESSION``). Clients choose wire compression
+            per call.
         shutdown_grace: seconds in-flight calls get to finish before the process exits hard
             (safe: uploads are published atomically).
+        limits: a :class:`torch_tq.Limits`, or its fields as keywords (``qps=1000``,
+            ``qps_burst``, ``streams_per_client=100``, ``max_calls=1000``,
+            ``max_batch_items=1000``, ``max_batch_bytes``; 0 switches one off;
+            ``TORCH_TQ_QPS`` etc.).
 
     Example:
         >>> import torch_tq
@@ -455,7 +565,8 @@ def serve(
     sys.tracebacklimit = 0
     server = make_server(
         host, port, data_dir, storage, durable=durable, chunk_bytes=chunk_bytes,
-        max_matrix_bytes=max_matrix_bytes,
+        max_matrix_bytes=max_matrix_bytes, compression=compression, limits=limits,
+        **limit_options,
     )
     _check_allocator(server.store.storage)
     stop = threading.Event()

@@ -91,19 +91,29 @@ class Store:
         durable: bool | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_matrix_bytes: int = DEFAULT_MAX_MATRIX_BYTES,
+        compression: str | None = None,
     ) -> None:
+        if compression not in (None, "zstd", "lz4"):
+            raise InvalidArgument(
+                f"at-rest compression must be zstd or lz4 (Arrow IPC's file codecs), got "
+                f"{compression!r}"
+            )
         if storage == "disk":
             self.backend: FileBackend | MemoryBackend = FileBackend(
                 data_dir if data_dir is not None else default_data_dir(),
                 True if durable is None else durable,
+                compression,
             )
         elif storage == "memory":
             if data_dir is not None:
                 raise InvalidArgument("storage='memory' keeps no files: leave data_dir unset")
+            if compression is not None:
+                raise InvalidArgument("at-rest compression applies to the disk store")
             self.backend = MemoryBackend()
         else:
             raise InvalidArgument(f"storage must be 'disk' or 'memory', got {storage!r}")
         self.storage = storage
+        self.compression = compression
         self.chunk_bytes = chunk_bytes
         self.max_matrix_bytes = max_matrix_bytes
         self._lock = threading.Lock()

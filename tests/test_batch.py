@@ -1,0 +1,250 @@
+"""BatchWrite / BatchRead against real servers: per-item results in request order, partial
+failures, the generic Flight wire forms, the item cap and the QPS charge per item."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+import torch
+
+import torch_tq
+
+_DTYPES = ["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32",
+           "float64"]
+
+
+def _tensor(dtype: str, shape, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == "bool":
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype in ("uint8", "int8", "int16", "int32", "int64"):
+        return torch.randint(-100 if dtype != "uint8" else 0, 100, shape, generator=g).to(
+            getattr(torch, dtype))
+    return torch.randn(shape, generator=g).to(getattr(torch, dtype))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.numel() else t.reshape(-1)
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    """Matrices over 1 MiB are refused; matrices over 64 KiB travel as their own streams."""
+    with torch_tq.start_server(storage="memory", max_matrix_bytes="1MiB", qps=0,
+                               max_batch_items=50) as srv:
+        yield srv
+
+
+@pytest.fixture
+def bc(small_server):
+    with torch_tq.Client(small_server.location) as c:
+        yield c
+
+
+def test_put_many_partial_failure_in_order(bc, unique_id):
+    good = torch.randn(3, 4)
+    large = torch.randn(200, 1000)  # 800 kB: its own stream (over small_bytes below)
+    items = [
+        (unique_id, "prompt", good),
+        (unique_id, "bad type!", torch.zeros(2)),
+        (unique_id, "huge", torch.zeros(300_000)),  # over the server's 1 MiB
+        (unique_id, "large", large),
+        (unique_id, "complex", torch.zeros(2, dtype=torch.complex64)),
+        (unique_id, "notatensor", [1, 2, 3]),
+        (-1, "prompt", torch.zeros(1)),
+        "not a triple",
+        (unique_id, "resp", torch.arange(5)),
+    ]
+    results = bc.put_many(items, small_bytes=64 << 10, batch_items=3, concurrency=3)
+    assert [r.success for r in results] == [True, False, False, True, False, False, False, False,
+                                           True]
+    assert [r.code for r in results] == ["OK", "INVALID_ARGUMENT", "INVALID_ARGUMENT", "OK",
+                                         "INVALID_ARGUMENT", "INVALID_ARGUMENT",
+                                         "INVALID_ARGUMENT", "INVALID_ARGUMENT", "OK"]
+    assert "matrix too large" in results[2].message
+    assert "invalid matrix_type" in results[1].message
+    assert (results[0].index_id, results[0].matrix_type) == (unique_id, "prompt")
+    stored = {m.matrix_type for m in bc.list(unique_id)}
+    assert stored == {"prompt", "large", "resp"}
+    assert torch.equal(bc.get(unique_id, "large"), large)
+    assert torch.equal(bc.get(unique_id, "prompt"), good)
+
+
+def test_get_many_partial_failure_in_order(bc, unique_id):
+    a, b = torch.randn(8, 8), torch.arange(100)
+    bc.put_many({(unique_id, "a"): a, (unique_id, "b"): b})
+    keys = [(unique_id, "b"), (unique_id + 1, "a"), (unique_id, "bad type"), "junk",
+            (unique_id, "a"), (unique_id, "b")]
+    results = bc.get_many(keys, concurrency=2, batch_items=2)
+    assert [r.success for r in results] == [True, False, False, False, True, True]
+    assert results[1].code == "NOT_FOUND"
+    assert results[1].message == f"matrix not found: index_id={unique_id + 1}, type=a"
+    assert results[2].code == "INVALID_ARGUMENT"
+    assert torch.equal(results[0].tensor, b) and torch.equal(results[5].tensor, b)
+    assert torch.equal(results[4].tensor, a)
+    assert results[1].tensor is None
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+def test_every_dtype_round_trips_through_batches(bc, unique_id, dtype):
+    shapes = [(), (0,), (7,), (3, 5, 2), (64, 300)]
+    items = {(unique_id + i, dtype): _tensor(dtype, s, i) for i, s in enumerate(shapes)}
+    assert all(r.success for r in bc.put_many(items, small_bytes=1 << 16))
+    for r, (key, t) in zip(bc.get_many(list(items)), items.items()):
+        assert r.success, r
+        assert r.tensor.dtype == t.dtype and r.tensor.shape == t.shape
+        assert torch.equal(_bits(r.tensor), _bits(t))
+
+
+def test_large_item_over_inline_limit_read_by_its_own_stream(bc, unique_id):
+    t = torch.randn(1000)
+    bc.put(unique_id, "x", t)
+    before = bc.stats["gets"]
+    (r,) = bc.get_many([(unique_id, "x")], max_inline_bytes=1024)
+    assert r.success and torch.equal(r.tensor, t)
+    assert bc.stats["gets"] == before + 1
+
+
+def test_results_when_the_server_is_gone(unique_id):
+    with torch_tq.start_server(storage="memory") as srv:
+        c = torch_tq.Client(srv.location, timeout=5)
+        c.put(1, "a", torch.ones(2))
+    results = c.get_many([(1, "a"), (2, "a")])
+    assert [r.code for r in results] == ["UNAVAILABLE", "UNAVAILABLE"]
+    results = c.put_many([(1, "a", torch.ones(2)), (1, "b!", torch.ones(2))])
+    assert [r.code for r in results] == ["UNAVAILABLE", "INVALID_ARGUMENT"]
+
+
+# ------------------------------------------------------------------ the wire forms
+
+
+def _batch_write(fc, table: pa.Table) -> dict:
+    desc = flight.FlightDescriptor.for_command(json.dumps({"action": "BatchWrite"}))
+    writer, reader = fc.do_put(desc, table.schema)
+    writer.write_table(table)
+    writer.done_writing()
+    ack = reader.read()
+    writer.close()  # raises the server's error, if any
+    return json.loads(ack.to_pybytes())
+
+
+def test_generic_flight_batch_write_binary_and_list_forms(small_server, bc, unique_id):
+    fc = flight.FlightClient(small_server.location)
+    binary = pa.table({
+        "index_id": pa.array([unique_id, unique_id, unique_id, None], pa.int64()),
+        "matrix_type": ["prompt", "resp", "adv", "x"],
+        "dtype": ["float32", "int64", "nosuch", "float32"],
+        "shape": pa.array([[2, 2], None, None, None], pa.list_(pa.int32())),
+        "data": [np.arange(4, dtype=np.float32).tobytes(), np.arange(3).tobytes(), b"xx",
+                 b"\0" * 4],
+    })
+    reply = _batch_write(fc, binary)
+    assert reply["success"] is True
+    assert [r["success"] for r in reply["results"]] == [True, True, False, False]
+    assert "unsupported dtype" in reply["results"][2]["message"]
+    assert reply["results"][3]["message"] == "index_id is null"
+    assert torch.equal(bc.get(unique_id, "prompt"), torch.arange(4.0).reshape(2, 2))
+    assert torch.equal(bc.get(unique_id, "resp"), torch.arange(3))
+
+    lists = pa.table({
+        "index_id": pa.array([unique_id + 1, unique_id + 1], pa.uint64()),
+        "type": ["prompt", "resp"],
+        "shape": pa.array([[2, 3], [5]], pa.list_(pa.int64())),
+        "data": [np.arange(6, dtype=np.float64), np.arange(4, dtype=np.float64)],
+    })
+    results = _batch_write(fc, lists)["results"]
+    assert results[0]["success"] and not results[1]["success"]
+    assert results[1]["message"] == "shape [5] holds 5 elements, data has 4"
+    assert torch.equal(bc.get(unique_id + 1, "prompt"),
+                       torch.arange(6, dtype=torch.float64).reshape(2, 3))
+
+
+def test_generic_flight_batch_read_via_flight_info(small_server, bc, unique_id):
+    bc.put(unique_id, "prompt", torch.arange(6, dtype=torch.int32).reshape(2, 3))
+    fc = flight.FlightClient(small_server.location)
+    command = json.dumps({"action": "BatchRead", "items": [
+        {"index_id": unique_id, "matrix_type": "PROMPT"},
+        {"index_id": unique_id, "matrix_type": "missing"},
+        {"index_id": "12", "matrix_type": "prompt"},
+        [1, 2],
+    ]})
+    info = fc.get_flight_info(flight.FlightDescriptor.for_command(command))
+    table = fc.do_get(info.endpoints[0].ticket).read_all()
+    rows = table.drop_columns(["data"]).to_pylist()
+    assert [r["success"] for r in rows] == [True, False, False, False]
+    assert rows[0]["shape"] == [2, 3] and rows[0]["dtype"] == "int32" and rows[0]["inline"]
+    assert rows[1]["code"] == "NOT_FOUND"
+    assert rows[1]["message"] == f"matrix not found: index_id={unique_id}, type=missing"
+    assert rows[2]["code"] == "INVALID_ARGUMENT" and rows[2]["index_id"] is None
+    assert rows[3]["message"] == "item 3 must be a JSON object"
+    values = np.frombuffer(table["data"][0].as_py(), dtype=np.int32)
+    assert values.tolist() == [0, 1, 2, 3, 4, 5]
+    assert table["data"][1].as_py() is None
+    # an action of that name points at the right method
+    with pytest.raises(pa.ArrowException, match="not an action"):
+        list(fc.do_action(flight.Action("BatchRead", b"{}")))
+
+
+def test_batch_over_item_cap_rejected_whole_and_stores_nothing(small_server, bc, unique_id):
+    fc = flight.FlightClient(small_server.location)
+    n = 51  # the server's max_batch_items is 50
+    table = pa.table({
+        "index_id": pa.array([unique_id + i for i in range(n)], pa.uint64()),
+        "matrix_type": ["capped"] * n,
+        "data": [np.zeros(2, np.float32)] * n,
+    })
+    with pytest.raises(pa.ArrowException, match="limit is 50 per call"):
+        _batch_write(fc, table)
+    assert not [m for m in bc.list() if m.matrix_type == "capped"]
+    ticket = json.dumps({"action": "BatchRead",
+                         "items": [{"index_id": i, "matrix_type": "x"} for i in range(n)]})
+    with pytest.raises(pa.ArrowException, match="limit is 50 per call"):
+        fc.do_get(flight.Ticket(ticket)).read_all()
+    # the client splits to fit
+    results = bc.put_many({(unique_id + i, "capped"): torch.ones(2) for i in range(n)},
+                          batch_items=50)
+    assert all(r.success for r in results)
+
+
+@pytest.mark.parametrize("table, match", [
+    (pa.table({"index_id": [1], "data": [b"x"]}), "no 'matrix_type' column"),
+    (pa.table({"index_id": [1], "matrix_type": ["a"], "data": [b"x"]}), "needs a 'dtype' column"),
+    (pa.table({"index_id": ["1"], "matrix_type": ["a"], "data": [[1.0]]}), "integer type"),
+    (pa.table({"index_id": [1], "matrix_type": ["a"], "data": [1.0]}), "must be binary"),
+    (pa.table({"index_id": [1], "matrix_type": ["a"], "data": [[1.0]], "extra": [1]}),
+     "columns must be distinct and among"),
+])
+def test_malformed_batch_write_tables(small_server, table, match):
+    fc = flight.FlightClient(small_server.location)
+    with pytest.raises(pa.ArrowException, match=match):
+        _batch_write(fc, table)
+
+
+def test_batch_charges_one_token_per_item(unique_id):
+    with torch_tq.start_server(storage="memory", qps=20, qps_burst=20) as srv:
+        c = torch_tq.Client(srv.location, retry_deadline=0)
+        results = c.put_many({(i, "t"): torch.ones(1) for i in range(20)}, concurrency=1)
+        assert all(r.success for r in results)  # one call, 20 items: the whole bucket
+        with pytest.raises(torch_tq.Unavailable) as e:
+            c.health()
+        assert e.value.retry_after_ms >= 40  # a full token's wait at 20/s
+        patient = torch_tq.Client(srv.location, client_id=c.client_id, retry_deadline=10)
+        assert patient.health()["status"] == "SERVING"
+
+
+def test_result_rows_alignment_learning_gives_zero_copy(unique_id):
+    with torch_tq.start_server(storage="memory", chunk_bytes="64KiB") as srv:
+        c = torch_tq.Client(srv.location)
+        items = {(unique_id + i, "big"): torch.randn(64 << 10) for i in range(6)}  # 256 KiB
+        c.put_many(items)
+        c.get_many(list(items), concurrency=1)  # learns where gRPC puts the bytes
+        before = dict(c.stats)
+        results = c.get_many(list(items), concurrency=1)
+        assert all(torch.equal(r.tensor, t) for r, t in zip(results, items.values()))
+        assert c.stats["zero_copy_gets"] - before["zero_copy_gets"] == len(items)
+        assert c.stats["copied_bytes"] == before["copied_bytes"]
+

@@ -1,0 +1,319 @@
+"""Limits and quotas against real servers: QPS per client, streams per client, calls per
+node, oversized matrices, and the client's retry of calls turned away."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+import torch
+
+import torch_tq
+from torch_tq.limits import Limiter, Limits, client_identity, peer_host
+
+
+def _opts(client_id: str) -> flight.FlightCallOptions:
+    return flight.FlightCallOptions(headers=[(b"x-tq-client-id", client_id.encode())])
+
+
+def _in_flight(client: torch_tq.Client) -> int:
+    """Calls in flight on the server, not counting the Stats call asking."""
+    return client.server_stats()["calls_in_flight"] - 1
+
+
+def _wait_in_flight(client: torch_tq.Client, expected: int, timeout: float = 15.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        n = _in_flight(client)
+        if n == expected or time.monotonic() > deadline:
+            return n
+        time.sleep(0.05)
+
+
+_SCHEMA = pa.schema([("data", pa.float32())])
+
+
+def _open_put(fc: flight.FlightClient, client_id: str, index_id: int):
+    desc = flight.FlightDescriptor.for_command(
+        json.dumps({"index_id": index_id, "matrix_type": "held", "shape": [4]}))
+    return fc.do_put(desc, _SCHEMA, _opts(client_id))
+
+
+def _close_quietly(writers) -> None:
+    for w, _ in writers:
+        try:
+            w.close()
+        except pa.ArrowException:
+            pass  # the upload was abandoned empty: the server says INVALID_ARGUMENT
+
+
+# ------------------------------------------------------------------ unit: the limiter itself
+
+
+def test_token_bucket_rate_debt_and_hint():
+    now = [0.0]
+    lim = Limiter(Limits(qps=10, qps_burst=2), clock=lambda: now[0])
+    lim.admit("a"), lim.release("a")
+    lim.admit("a"), lim.release("a")
+    with pytest.raises(torch_tq.Unavailable) as e:
+        lim.admit("a")
+    assert e.value.retry_after_ms == 100
+    lim.admit("b"), lim.release("b")  # another client is not affected
+    now[0] += 0.1
+    lim.admit("a")
+    lim.charge("a", 5)  # a batch of 6 items: 5 more tokens, into debt
+    lim.release("a")
+    now[0] += 0.3
+    with pytest.raises(torch_tq.Unavailable) as e:
+        lim.admit("a")
+    assert e.value.retry_after_ms == 300  # 3 tokens of debt left to wait off, and one to spend
+    assert lim.snapshot()["rejected"] == {"qps": 2}
+
+
+def test_client_identity_header_or_peer_ip():
+    assert client_identity({"x-tq-client-id": [b"trainer-7"]}, "ipv4:127.0.0.1:5000") == "id:trainer-7"
+    assert client_identity({}, "ipv4:127.0.0.1:5000") == "ip:127.0.0.1"
+    assert client_identity({}, "ipv6:[::1]:5000") == "ip:::1"
+    assert peer_host("ipv4:10.0.0.2:1") == "10.0.0.2"
+    with pytest.raises(torch_tq.InvalidArgument):
+        client_identity({"x-tq-client-id": [b"bad id\n"]}, "ipv4:127.0.0.1:1")
+
+
+@pytest.mark.parametrize("bad", [{"qps": -1}, {"streams_per_client": 1.5}, {"qps_burst": 0},
+                                 {"max_calls": True}])
+def test_limits_reject_nonsense(bad):
+    with pytest.raises(torch_tq.InvalidArgument):
+        Limits(**bad)
+
+
+# ------------------------------------------------------------------ QPS
+
+
+def test_qps_enforced_for_eager_client_while_another_keeps_its_rate():
+    rate, burst, window = 200, 20, 2.0
+    with torch_tq.start_server(storage="memory", qps=rate, qps_burst=burst) as srv:
+        eager = torch_tq.Client(srv.location, retry_deadline=0)
+        calm = torch_tq.Client(srv.location, retry_deadline=0)
+        eager.health(), calm.health()
+        time.sleep(0.2)  # both buckets full again
+        accepted, rejected, calm_done = [0], [0], [0]
+        start = time.monotonic()
+        stop = start + window
+
+        def hammer() -> None:
+            while time.monotonic() < stop:
+                try:
+                    eager.health()
+                    if time.monotonic() <= stop:
+                        accepted[0] += 1
+                except torch_tq.Unavailable as e:
+                    assert e.retry_after_ms is not None
+                    rejected[0] += 1
+
+        def steady() -> None:  # half the quota, evenly paced: never turned away
+            for i in range(int(window * rate / 2) - 20):
+                time.sleep(max(0.0, start + i * 2 / rate - time.monotonic()))
+                calm.health()
+                calm_done[0] += 1
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        threads.append(threading.Thread(target=steady))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        expected = burst + rate * window
+        assert abs(accepted[0] - expected) <= 0.1 * expected, (accepted[0], expected)
+        assert rejected[0] > accepted[0]  # it really was over the limit
+        assert calm_done[0] == int(window * rate / 2) - 20  # no Unavailable was raised
+        stats = calm.server_stats()
+        assert stats["rejected"]["qps"] == rejected[0]
+        assert stats["limits"]["qps"] == rate
+
+
+def test_client_retry_honours_hint_and_deadline():
+    with torch_tq.start_server(storage="memory", qps=4, qps_burst=1) as srv:
+        patient = torch_tq.Client(srv.location, retry_deadline=10)
+        patient.health()
+        t0 = time.monotonic()
+        patient.health()  # bucket empty: the server says retry after ~250 ms
+        waited = time.monotonic() - t0
+        assert 0.2 <= waited < 2.0
+        assert patient.stats["retries"] >= 1
+
+        hasty = torch_tq.Client(srv.location, retry_deadline=0.1)
+        hasty.health()
+        t0 = time.monotonic()
+        with pytest.raises(torch_tq.Unavailable, match="retry_deadline") as e:
+            hasty.health()  # the hint (~250 ms) lies past the deadline: give up at once
+        assert time.monotonic() - t0 < 0.2
+        assert e.value.retry_after_ms is not None
+
+        # a pickled copy is the same client to the quota
+        import pickle
+
+        twin = pickle.loads(pickle.dumps(hasty))
+        assert twin.client_id == hasty.client_id
+        with pytest.raises(torch_tq.Unavailable):
+            twin.health()
+
+
+# ------------------------------------------------------------------ streams and calls
+
+
+def test_101st_stream_rejected_and_counters_return_to_zero():
+    with torch_tq.start_server(storage="memory") as srv:
+        fc = flight.FlightClient(srv.location)
+        observer = torch_tq.Client(srv.location)
+        writers = [_open_put(fc, "greedy", i) for i in range(100)]
+        assert _wait_in_flight(observer, 100) == 100
+        w, _ = _open_put(fc, "greedy", 100)
+        with pytest.raises(flight.FlightUnavailableError, match="too many concurrent streams"):
+            w.write_table(pa.table({"data": pa.array([1, 2, 3, 4], pa.float32())}))
+            w.close()
+        # another client is unaffected
+        other = torch_tq.Client(srv.location)
+        other.put(1, "fine", torch.ones(4))
+        # completion with errors (empty uploads) brings the count back
+        _close_quietly(writers[:50])
+        assert _wait_in_flight(observer, 50) == 50
+        # completion with success too
+        for i, (w, r) in enumerate(writers[50:]):
+            w.write_table(pa.table({"data": pa.array([1, 2, 3, float(i)], pa.float32())}))
+            w.done_writing()
+            r.read()
+            w.close()
+        assert _wait_in_flight(observer, 0) == 0
+        stats = observer.server_stats()
+        assert stats["rejected"]["client_streams"] == 1
+        assert stats["clients_active"] == 1  # only the observer, asking now
+
+
+def test_killed_client_releases_its_streams():
+    with torch_tq.start_server(storage="memory") as srv:
+        observer = torch_tq.Client(srv.location)
+        script = textwrap.dedent(f"""
+            import json, sys, time, pyarrow as pa, pyarrow.flight as flight
+            fc = flight.FlightClient({srv.location!r})
+            opts = flight.FlightCallOptions(headers=[(b"x-tq-client-id", b"doomed")])
+            schema = pa.schema([("data", pa.float32())])
+            held = []
+            for i in range(30):
+                d = flight.FlightDescriptor.for_command(json.dumps(
+                    {{"index_id": i, "matrix_type": "doomed", "shape": [1 << 20]}}))
+                w, r = fc.do_put(d, schema, opts)
+                w.write_table(pa.table({{"data": pa.array([1.0] * 1000, pa.float32())}}))
+                held.append((w, r))
+            print("ready", flush=True)
+            time.sleep(600)
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            assert _wait_in_flight(observer, 30) == 30
+            proc.kill()
+            proc.wait(10)
+            assert _wait_in_flight(observer, 0) == 0
+            assert not [m for m in observer.list() if m.matrix_type == "doomed"]
+        finally:
+            proc.kill()
+            proc.stdout.close()
+
+
+def test_node_call_limit_across_clients():
+    with torch_tq.start_server(storage="memory", max_calls=20) as srv:
+        fc = flight.FlightClient(srv.location)
+        writers = [_open_put(fc, f"c{i % 2}", i) for i in range(19)]
+        observer = torch_tq.Client(srv.location, retry_deadline=0)
+        assert _wait_in_flight(observer, 19) == 19
+        writers.append(_open_put(fc, "c2", 19))  # the 20th call in flight
+        time.sleep(0.5)
+        with pytest.raises(torch_tq.Unavailable, match="server busy"):
+            observer.health()
+        w, _ = _open_put(fc, "c3", 99)
+        with pytest.raises(flight.FlightUnavailableError, match="server busy"):
+            w.write_table(pa.table({"data": pa.array([1, 2, 3, 4], pa.float32())}))
+            w.close()
+        _close_quietly(writers)
+        assert _wait_in_flight(observer, 0) == 0
+        assert observer.server_stats()["rejected"]["node_calls"] >= 1
+
+
+# ------------------------------------------------------------------ matrix size
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_oversize_rejected_from_declared_size_before_streaming():
+    with torch_tq.start_server(storage="memory") as srv:  # the default 10 GB limit
+        fc = flight.FlightClient(srv.location)
+        client = torch_tq.Client(srv.location)
+        client.health()
+        rss0 = _rss_kib(srv.pid)
+        chunk = pa.table({"data": pa.array(torch.zeros(16 << 20).numpy())})  # 64 MiB
+        numel = 11 * 10**9 // 4  # 11 GB of float32 declared
+        desc = flight.FlightDescriptor.for_command(json.dumps(
+            {"index_id": 5, "matrix_type": "huge", "shape": [numel], "dtype": "float32"}))
+        writer, _ = fc.do_put(desc, chunk.schema)
+        sent = 0
+        with pytest.raises(pa.ArrowException, match="matrix too large"):
+            for _ in range(32):  # would be 2 GiB, if the server kept reading
+                writer.write_table(chunk)
+                sent += 1
+            writer.close()
+        assert sent < 32
+        assert _rss_kib(srv.pid) - rss0 < 200 * 1024  # stayed flat (no 2 GiB received)
+        with pytest.raises(torch_tq.NotFound):
+            client.get(5, "huge")
+        assert client.server_stats()["errors"]["INVALID_ARGUMENT"] >= 1
+
+
+def test_oversize_aborted_mid_stream_and_by_client_put():
+    with torch_tq.start_server(storage="memory", max_matrix_bytes="1MiB") as srv:
+        client = torch_tq.Client(srv.location)
+        with pytest.raises(torch_tq.InvalidArgument, match="matrix too large"):
+            client.put(1, "big", torch.zeros(300_000))  # 1.2 MB
+        # no declared size: the server counts as the bytes arrive and stops the stream
+        fc = flight.FlightClient(srv.location)
+        desc = flight.FlightDescriptor.for_command(json.dumps({"index_id": 2, "matrix_type": "big"}))
+        table = pa.table({"data": pa.array(torch.zeros(400_000).numpy())})
+        writer, _ = fc.do_put(desc, table.schema)
+        with pytest.raises(pa.ArrowException, match="matrix too large|more than one record batch"):
+            writer.write_table(table, max_chunksize=100_000)
+            writer.close()
+        # more than declared: aborted mid-stream
+        desc = flight.FlightDescriptor.for_command(
+            json.dumps({"index_id": 3, "matrix_type": "big", "shape": [1000]}))
+        writer, _ = fc.do_put(desc, table.schema)
+        with pytest.raises(pa.ArrowException, match="more than the 1000 elements"):
+            writer.write_table(table.slice(0, 2000), max_chunksize=500)
+            writer.close()
+        assert client.list() == []
+
+
+def test_limits_configurable_from_cli_and_reported(tmp_path):
+    with torch_tq.start_server(storage="memory", qps=0, streams_per_client=7, max_calls=50,
+                               max_batch_items=10) as srv:
+        limits = torch_tq.Client(srv.location).server_stats()["limits"]
+        assert limits["qps"] == 0 and limits["qps_burst"] is None
+        assert limits["streams_per_client"] == 7
+        assert limits["max_calls"] == 50
+        assert limits["max_batch_items"] == 10
+    env = {**os.environ, "TORCH_TQ_QPS": "nope"}
+    out = subprocess.run([sys.executable, "-m", "torch_tq", "serve", "--port", "0", "--storage",
+                          "memory"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "TORCH_TQ_QPS" in out.stderr

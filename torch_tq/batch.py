@@ -1,0 +1,327 @@
+"""BatchWrite and BatchRead: many ``(index_id, matrix_type)`` items in one Flight call.
+
+Matrices are binary data, so both travel as Arrow tables, one row per item (an action body
+is JSON and size-limited):
+
+* **BatchWrite** is a DoPut with the command ``{"action": "BatchWrite"}`` whose stream is a
+  table with the columns ``index_id`` (any integer type), ``matrix_type`` (string),
+  ``data`` (``binary``/``large_binary`` raw little-endian element bytes, or a ``list`` of
+  values), and optionally ``dtype`` (string; required with binary data) and ``shape``
+  (``list<int64>``; default one dimension). The server answers with one metadata message:
+  ``{"success": true, "results": [{"index_id", "matrix_type", "success", "code",
+  "message"}, ...]}`` in request order.
+* **BatchRead** is a DoGet with the ticket ``{"action": "BatchRead", "items": [{"index_id",
+  "matrix_type"}, ...]}`` (GetFlightInfo on the same command works too). The stream is
+  :data:`RESULT_SCHEMA`, one row per item in request order: ``success``, ``code``,
+  ``message`` (``"matrix not found: ..."``), ``dtype``, ``shape`` and ``data`` (raw element
+  bytes; bool as one byte per element, bfloat16 as its 16 bits). A matrix larger than
+  ``max_inline_bytes`` (default 256 MiB) comes back with ``inline: false`` and no data:
+  read it with ReadMatrix.
+
+Every item stands alone: a missing, invalid or oversized one fails with ``success: false``
+and the others go ahead. The call as a whole fails only when it is malformed or over the
+item cap (then nothing is stored).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from torch_tq import codec, protocol
+from torch_tq.errors import InternalError, InvalidArgument, TQError
+from torch_tq.protocol import BadItem, Key
+
+log = logging.getLogger(__name__)
+
+RESULT_SCHEMA = pa.schema([
+    pa.field("index_id", pa.uint64()),
+    pa.field("matrix_type", pa.string()),
+    pa.field("success", pa.bool_(), nullable=False),
+    pa.field("code", pa.string(), nullable=False),
+    pa.field("message", pa.string(), nullable=False),
+    pa.field("dtype", pa.string()),
+    pa.field("shape", pa.list_(pa.int64())),
+    pa.field("inline", pa.bool_(), nullable=False),
+    pa.field("data", pa.large_binary()),
+])
+
+_WRITE_COLUMNS = {"index_id", "matrix_type", "type", "data", "dtype", "shape"}
+
+
+def _ok(key: Key) -> dict:
+    return {"index_id": key.index_id, "matrix_type": key.matrix_type, "success": True,
+            "code": "OK", "message": "success"}
+
+
+def _failed(index_id, matrix_type, error: TQError) -> dict:
+    return {"index_id": index_id, "matrix_type": matrix_type, "success": False,
+            "code": error.code, "message": error.message}
+
+
+def _unexpected(e: BaseException, where: str) -> InternalError:
+    from torch_tq.server import format_exception
+
+    ref = uuid.uuid4().hex[:12]
+    log.error("%s failed (ref %s):\n%s", where, ref, format_exception(e))
+    return InternalError(f"internal server error (ref {ref}); see the server log")
+
+
+# --------------------------------------------------------------------------- BatchWrite
+
+
+class _WriteTable:
+    """The columns of a BatchWrite upload, checked once for the whole call."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        names = schema.names
+        unknown = set(names) - _WRITE_COLUMNS
+        if unknown or len(set(names)) != len(names):
+            raise InvalidArgument(
+                f"BatchWrite columns must be distinct and among {sorted(_WRITE_COLUMNS)}, got {names}"
+            )
+        type_col = "matrix_type" if "matrix_type" in names else "type"
+        for required in ("index_id", type_col, "data"):
+            if required not in names:
+                raise InvalidArgument(f"BatchWrite table has no {required!r} column"
+                                      .replace("'type'", "'matrix_type'"))
+        if not pa.types.is_integer(schema.field("index_id").type):
+            raise InvalidArgument("BatchWrite column 'index_id' must be of an integer type")
+        if not (pa.types.is_string(schema.field(type_col).type)
+                or pa.types.is_large_string(schema.field(type_col).type)):
+            raise InvalidArgument(f"BatchWrite column {type_col!r} must be a string column")
+        data = schema.field("data").type
+        self.binary = pa.types.is_binary(data) or pa.types.is_large_binary(data)
+        if not self.binary and not (pa.types.is_list(data) or pa.types.is_large_list(data)
+                                    or pa.types.is_fixed_size_list(data)):
+            raise InvalidArgument(
+                "BatchWrite column 'data' must be binary (raw element bytes, with a 'dtype' "
+                f"column) or a list of values, got {data}"
+            )
+        if self.binary and "dtype" not in names:
+            raise InvalidArgument("BatchWrite with binary 'data' needs a 'dtype' column")
+        if "dtype" in names and not pa.types.is_string(schema.field("dtype").type):
+            raise InvalidArgument("BatchWrite column 'dtype' must be a string column")
+        if "shape" in names:
+            st = schema.field("shape").type
+            if not ((pa.types.is_list(st) or pa.types.is_large_list(st))
+                    and pa.types.is_integer(st.value_type)):
+                raise InvalidArgument("BatchWrite column 'shape' must be a list of integers")
+        self.type_col = type_col
+        self.names = names
+
+
+def _item_values(table: _WriteTable, batch: pa.RecordBatch, row: int,
+                 dtype_name: str | None) -> tuple[codec.DType, pa.Array]:
+    data = batch.column("data")
+    if not data[row].is_valid:
+        raise InvalidArgument("item has no data (null)")
+    if table.binary:
+        if dtype_name is None or dtype_name not in codec.DTYPES:
+            raise InvalidArgument(
+                f"unsupported dtype {dtype_name!r}; supported: {', '.join(codec.DTYPES)}"
+            )
+        dtype = codec.DTYPES[dtype_name]
+        buf = data[row].as_buffer()
+        if buf.size % dtype.itemsize:
+            raise InvalidArgument(
+                f"data has {buf.size} bytes, not a multiple of the {dtype.name} item size"
+            )
+        n = buf.size // dtype.itemsize
+        if dtype.name == "bool":
+            raw = np.frombuffer(buf, dtype=np.uint8)
+            if raw.size and raw.max() > 1:
+                raise InvalidArgument("bool data must hold bytes 0 or 1")
+            return dtype, pa.array(raw.view(np.bool_), type=pa.bool_())
+        if buf.address % dtype.itemsize:
+            buf = pa.py_buffer(buf.to_pybytes())  # misaligned in the upload: one copy
+        return dtype, pa.Array.from_buffers(dtype.arrow, n, [None, buf])
+    values = data[row].values
+    if values is None:
+        raise InvalidArgument("item has no data (null)")
+    if values.null_count:
+        raise InvalidArgument("uploads must not contain nulls")
+    if dtype_name is not None:
+        if dtype_name not in codec.DTYPES:
+            raise InvalidArgument(
+                f"unsupported dtype {dtype_name!r}; supported: {', '.join(codec.DTYPES)}"
+            )
+        dtype = codec.DTYPES[dtype_name]
+        if values.type != dtype.arrow:
+            raise InvalidArgument(f"values of type {values.type} cannot carry dtype {dtype_name}")
+        return dtype, values
+    if values.type not in codec._BY_ARROW:
+        raise InvalidArgument(f"unsupported value type {values.type}")
+    return codec._BY_ARROW[values.type], values
+
+
+def write_items(store, batches: list[pa.RecordBatch], schema: pa.Schema) -> list[dict]:
+    """Stores every row of a BatchWrite upload on its own; returns a result per row."""
+    table = _WriteTable(schema)
+    results: list[dict] = []
+    for batch in batches:
+        ids = batch.column("index_id")
+        types = batch.column(table.type_col)
+        dtypes = batch.column("dtype") if "dtype" in table.names else None
+        shapes = batch.column("shape") if "shape" in table.names else None
+        for row in range(batch.num_rows):
+            raw_id = ids[row].as_py()
+            raw_type = types[row].as_py()
+            index_id = raw_id if raw_id is not None and 0 <= raw_id <= protocol.MAX_INDEX_ID else None
+            mtype = raw_type if isinstance(raw_type, str) and len(raw_type) <= 64 else None
+            try:
+                if raw_id is None:
+                    raise InvalidArgument("index_id is null")
+                key = Key(protocol.validate_index_id(raw_id), protocol.validate_matrix_type(raw_type))
+                mtype = key.matrix_type
+                dtype, values = _item_values(
+                    table, batch, row, dtypes[row].as_py() if dtypes is not None else None
+                )
+                shape = (len(values),)
+                if shapes is not None and shapes[row].is_valid:
+                    shape = protocol.validate_shape(shapes[row].as_py())
+                    if codec.numel(shape) != len(values):
+                        raise InvalidArgument(
+                            f"shape {list(shape)} holds {codec.numel(shape)} elements, data has "
+                            f"{len(values)}"
+                        )
+                session = store.begin_put(key, dtype, len(values))
+                try:
+                    session.append(values)
+                    session.commit(shape)
+                finally:
+                    session.abort()
+                results.append(_ok(key))
+            except TQError as e:
+                results.append(_failed(index_id, mtype, e))
+            except Exception as e:  # one item's failure must not fail the others
+                results.append(_failed(index_id, mtype, _unexpected(e, "BatchWrite item")))
+    return results
+
+
+# --------------------------------------------------------------------------- BatchRead
+
+
+def _row_batch(rows: list[dict], pieces: list) -> pa.RecordBatch:
+    """One record batch of result rows; ``pieces`` holds each row's data (buffers or None)."""
+    n = len(rows)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    validity = np.zeros(n, dtype=bool)
+    sizes = [sum(p.size for p in row) if row is not None else 0 for row in pieces]
+    np.cumsum(sizes, out=offsets[1:])
+    for i, row in enumerate(pieces):
+        validity[i] = row is not None
+    if len(pieces) == 1 and pieces[0] is not None and len(pieces[0]) == 1:
+        data_buf = pieces[0][0]  # one contiguous value: no copy
+    else:
+        out = bytearray(int(offsets[-1]))
+        pos = 0
+        for row in pieces:
+            for p in row or ():
+                out[pos : pos + p.size] = memoryview(p)
+                pos += p.size
+        data_buf = pa.py_buffer(out)
+    data = pa.Array.from_buffers(
+        pa.large_binary(), n, [pa.array(validity).buffers()[1], pa.py_buffer(offsets), data_buf]
+    )
+    cols = [
+        pa.array([r["index_id"] for r in rows], pa.uint64()),
+        pa.array([r["matrix_type"] for r in rows], pa.string()),
+        pa.array([r["success"] for r in rows], pa.bool_()),
+        pa.array([r["code"] for r in rows], pa.string()),
+        pa.array([r["message"] for r in rows], pa.string()),
+        pa.array([r.get("dtype") for r in rows], pa.string()),
+        pa.array([r.get("shape") for r in rows], pa.list_(pa.int64())),
+        pa.array([r.get("inline", False) for r in rows], pa.bool_()),
+        data,
+    ]
+    return pa.RecordBatch.from_arrays(cols, schema=RESULT_SCHEMA)
+
+
+def _read_one(store, key: Key, max_inline: int) -> tuple[dict, list | None]:
+    reader = store.open(key)
+    entry = reader.entry
+    row = {**_ok(key), "dtype": entry.dtype, "shape": list(entry.shape)}
+    if entry.nbytes > max_inline:
+        reader.close()
+        row["message"] = (
+            f"matrix of {entry.nbytes} bytes is over max_inline_bytes={max_inline}: read it "
+            "with ReadMatrix"
+        )
+        return row, None
+    row["inline"] = True
+    pieces = []
+    for batch in reader.batches():  # verified; closes the reader at the end
+        column = batch.column(0)
+        if column.type == pa.bool_():
+            pieces.append(pa.py_buffer(codec.element_bytes(column)))
+        elif len(column):
+            width = column.type.byte_width
+            pieces.append(column.buffers()[1].slice(column.offset * width, len(column) * width))
+    return row, pieces
+
+
+def read_items(store, cmd: protocol.BatchReadCommand, chunk_bytes: int) -> Iterator[pa.RecordBatch]:
+    """Yields result rows in request order, cut into record batches of about
+    ``chunk_bytes``; an item of that size or more goes alone (and without a copy)."""
+    rows: list[dict] = []
+    pieces: list = []
+    held = 0
+    for item in cmd.items:
+        if isinstance(item, BadItem):
+            row, data = _failed(item.index_id, item.matrix_type, item.error), None
+        else:
+            try:
+                row, data = _read_one(store, item, cmd.max_inline_bytes)
+            except TQError as e:
+                row, data = _failed(item.index_id, item.matrix_type, e), None
+            except Exception as e:
+                err = _unexpected(e, "BatchRead item")
+                row, data = _failed(item.index_id, item.matrix_type, err), None
+        size = sum(p.size for p in data) if data is not None else 0
+        if size >= chunk_bytes:
+            if rows:
+                yield _row_batch(rows, pieces)
+                rows, pieces, held = [], [], 0
+            # alone in its batch, with pad + 1 bytes of app_metadata before the body: what
+            # the client asked for so that the item lands 8-byte aligned in its receive
+            # buffer (and becomes a tensor without a copy)
+            yield _row_batch([row], [data]), pa.py_buffer(b"\0" * (cmd.pad + 1))
+            continue
+        rows.append(row)
+        pieces.append(data)
+        held += size
+        if held >= chunk_bytes or len(rows) >= 4096:
+            yield _row_batch(rows, pieces)
+            rows, pieces, held = [], [], 0
+    if rows or not cmd.items:
+        yield _row_batch(rows, pieces)
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def write_batch_of(group: list) -> pa.RecordBatch:
+    """The BatchWrite table of ``(i, key, dtype, shape, flat)`` entries (one copy of the
+    values, into one buffer)."""
+    n = len(group)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum([flat.nbytes for *_, flat in group], out=offsets[1:])
+    data = np.empty(int(offsets[-1]), dtype=np.uint8)
+    for (_, _, _, _, flat), start, end in zip(group, offsets[:-1], offsets[1:]):
+        data[start:end] = flat.view(np.uint8).reshape(-1)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array([key.index_id for _, key, *_ in group], pa.uint64()),
+            pa.array([key.matrix_type for _, key, *_ in group], pa.string()),
+            pa.array([dtype.name for _, _, dtype, _, _ in group], pa.string()),
+            pa.array([list(shape) for _, _, _, shape, _ in group], pa.list_(pa.int64())),
+            pa.Array.from_buffers(pa.large_binary(), n,
+                                  [None, pa.py_buffer(offsets), pa.py_buffer(data)]),
+        ],
+        names=["index_id", "matrix_type", "dtype", "shape", "data"],
+    )
