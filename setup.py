@@ -55,7 +55,8 @@ setup(
         "xxhash>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pandas>=2", "torchdata>=0.9"],
+        "snappy": ["cramjam>=2.7"],
+        "test": ["pytest>=7", "hypothesis>=6", "pandas>=2", "torchdata>=0.9", "cramjam>=2.7"],
     },
     entry_points={"console_scripts": ["torch-tq=torch_tq.cli:main"]},
     zip_safe=False,

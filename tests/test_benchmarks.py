@@ -70,3 +70,30 @@ def test_rl_pipeline_example_runs():
     )
     assert proc.returncode == 0, proc.stderr
     assert "every index_id exactly once with all 3 types" in proc.stdout
+
+
+def test_batch_benchmark_tiny():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "batch.py"), "--items", "8",
+         "--item-bytes", "256KiB", "--small-items", "50", "--runs", "1", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    figures = json.loads(lines[0])
+    assert figures["large_get_many_vs_seq"] > 0 and figures["small_put_many_vs_seq"] > 0
+    assert re.fullmatch(r"get_many vs sequential get, 8 x 262144 B: [0-9.]+x \(target >= 1.5\)",
+                        lines[-1]), lines[-1]
+
+
+def test_compression_benchmark_tiny():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "compression.py"), "-n", "256KiB",
+         "--runs", "1", "--kinds", "int64_tokens"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("int64_tokens")]
+    assert [r[1] for r in rows] == ["none", "lz4", "zstd", "snappy"]
+    ratios = {r[1]: float(r[2]) for r in rows}
+    assert ratios["none"] == 1.0 and ratios["zstd"] < 0.5  # token ids < 32k compress well

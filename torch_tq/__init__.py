@@ -5,7 +5,7 @@ as torch tensors; storage nodes run :func:`serve`.
 """
 
 from torch_tq._version import __version__
-from torch_tq.client import Client, Lease, MatrixInfo
+from torch_tq.client import Client, ItemResult, Lease, MatrixInfo
 from torch_tq.errors import (
     ForkedProcessError,
     InternalError,
@@ -15,6 +15,7 @@ from torch_tq.errors import (
     Unavailable,
 )
 from torch_tq.launch import ServerHandle, start_server
+from torch_tq.limits import Limits
 from torch_tq.server import serve
 
 
@@ -33,7 +34,9 @@ __all__ = [
     "InternalError",
     "ForkedProcessError",
     "InvalidArgument",
+    "ItemResult",
     "Lease",
+    "Limits",
     "MatrixInfo",
     "NotFound",
     "ServerHandle",
