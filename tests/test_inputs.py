@@ -204,6 +204,48 @@ def test_garbage_ticket(fc, ticket):
     _assert_clean(info.value)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"action": "BatchRead"},                                   # no items
+        {"action": "BatchRead", "items": {"index_id": 1}},         # not a list
+        {"action": "BatchRead", "items": [], "extra": 1},          # unknown field
+        {"action": "BatchRead", "items": [], "max_inline_bytes": -1},
+        {"action": "BatchRead", "items": [], "max_inline_bytes": 1 << 40},
+        {"action": "BatchRead", "items": [], "pad": 64},
+        {"action": "BatchRead", "items": [], "compression": "gzip"},
+        {"action": "BatchRead", "items": [{"index_id": i, "matrix_type": "x"} for i in range(1001)]},
+        {"command": "batch_read", "body": {"items": 5}},
+        {"action": "ReadMatrix", "index_id": 1, "matrix_type": "x", "compression": 1},
+    ],
+)
+def test_bad_batch_read_or_read_options(fc, body):
+    with pytest.raises(pa.ArrowInvalid) as info:
+        fc.do_get(flight.Ticket(json.dumps(body).encode())).read_all()
+    _assert_clean(info.value)
+
+
+def test_oversized_batch_ticket_is_refused(fc):
+    items = [{"index_id": 1, "matrix_type": "x" * 60}] * 20_000  # over 1 MiB of JSON
+    with pytest.raises(pa.ArrowInvalid) as info:
+        fc.do_get(flight.Ticket(json.dumps({"action": "BatchRead", "items": items}).encode()))\
+            .read_all()
+    _assert_clean(info.value)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [{"action": "BatchWrite", "index_id": 1}, {"command": "batch_write", "body": {"x": 1}}],
+)
+def test_bad_batch_write_command(fc, command):
+    table = pa.table({"index_id": [1], "matrix_type": ["a"], "data": [[1.0]]})
+    writer, _ = fc.do_put(flight.FlightDescriptor.for_command(json.dumps(command)), table.schema)
+    with pytest.raises(pa.ArrowInvalid) as info:
+        writer.write_table(table)
+        writer.close()
+    _assert_clean(info.value)
+
+
 def test_missing_matrix_ticket_is_not_found(fc):
     ticket = json.dumps({"action": "ReadMatrix", "index_id": ID, "matrix_type": "prompt"}).encode()
     with pytest.raises(pa.ArrowKeyError) as info:

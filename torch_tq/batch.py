@@ -127,19 +127,9 @@ def _item_values(table: _WriteTable, batch: pa.RecordBatch, row: int,
             )
         dtype = codec.DTYPES[dtype_name]
         buf = data[row].as_buffer()
-        if buf.size % dtype.itemsize:
-            raise InvalidArgument(
-                f"data has {buf.size} bytes, not a multiple of the {dtype.name} item size"
-            )
-        n = buf.size // dtype.itemsize
-        if dtype.name == "bool":
-            raw = np.frombuffer(buf, dtype=np.uint8)
-            if raw.size and raw.max() > 1:
-                raise InvalidArgument("bool data must hold bytes 0 or 1")
-            return dtype, pa.array(raw.view(np.bool_), type=pa.bool_())
         if buf.address % dtype.itemsize:
             buf = pa.py_buffer(buf.to_pybytes())  # misaligned in the upload: one copy
-        return dtype, pa.Array.from_buffers(dtype.arrow, n, [None, buf])
+        return dtype, codec.raw_values(buf, dtype)
     values = data[row].values
     if values is None:
         raise InvalidArgument("item has no data (null)")
