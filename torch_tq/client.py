@@ -302,21 +302,25 @@ class Client:
         command = protocol.write_command(key, shape, dtype.name, nbytes, digest)
         snappy = compression == "snappy"
         schema = codec.snappy_schema(dtype, shape) if snappy else codec.wire_schema(dtype, shape)
-        what = f"put {key}"
-        try:
-            writer, acks = conn.do_put(
-                flight.FlightDescriptor.for_command(command), schema,
-                self._options(write_options=codec.ipc_options(compression)),
-            )
-        except Exception as e:
-            raise protocol.from_flight_error(e, what) from None
+        batches = (
+            pa.RecordBatch.from_arrays([codec.snappy_pack(a) if snappy else a], schema=schema)
+            for a in codec.values_to_arrays(dtype, flat, self.chunk_bytes)
+        )
+        reply = self._upload(conn, flight.FlightDescriptor.for_command(command), schema, batches,
+                             f"put {key}", compression)
+        if not reply.get("success"):
+            raise InternalError(f"put {key}: {reply.get('message', 'not acknowledged')}")
+
+    def _upload(self, conn, descriptor, schema, batches, what: str,
+                compression: str | None = None) -> dict:
+        """One DoPut: streams ``batches`` and returns the server's JSON acknowledgement."""
+        options = self._options(write_options=codec.ipc_options(compression))
         ack = None
         try:
+            writer, acks = conn.do_put(descriptor, schema, options)
             try:
-                for arr in codec.values_to_arrays(dtype, flat, self.chunk_bytes):
-                    if snappy:
-                        arr = codec.snappy_pack(arr)
-                    writer.write_batch(pa.RecordBatch.from_arrays([arr], schema=schema))
+                for batch in batches:
+                    writer.write_batch(batch)
                 writer.done_writing()
                 ack = acks.read()
             finally:
@@ -326,9 +330,7 @@ class Client:
             raise protocol.from_flight_error(e, what) from None
         if ack is None:
             raise InternalError(f"{what}: the server closed the upload without acknowledging it")
-        reply = json.loads(ack.to_pybytes())
-        if not reply.get("success"):
-            raise InternalError(f"{what}: {reply.get('message', 'not acknowledged')}")
+        return json.loads(ack.to_pybytes())
 
     @_retrying
     def get(
@@ -541,20 +543,7 @@ class Client:
         table = batch_ops.write_batch_of(group)
         descriptor = flight.FlightDescriptor.for_command(protocol.dumps({"action": protocol.BATCH_WRITE}))
         what = f"BatchWrite of {len(group)} items"
-        try:
-            options = self._options(write_options=codec.ipc_options(self.compression))
-            writer, acks = conn.do_put(descriptor, table.schema, options)
-            try:
-                writer.write_batch(table)
-                writer.done_writing()
-                ack = acks.read()
-            finally:
-                writer.close()
-        except Exception as e:
-            raise protocol.from_flight_error(e, what) from None
-        if ack is None:
-            raise InternalError(f"{what}: the server closed the upload without acknowledging it")
-        reply = json.loads(ack.to_pybytes())
+        reply = self._upload(conn, descriptor, table.schema, [table], what, self.compression)
         if len(reply.get("results", ())) != len(group):
             raise InternalError(f"{what}: the server answered for {len(reply.get('results', ()))} items")
         return reply["results"]
