@@ -210,6 +210,17 @@ class FileBackend:
         if self.durable:
             _fsync_path(sink.dir, directory=True)
 
+    def adopt(self, key: Key, path: str) -> None:
+        """Publishes a complete file from the staging directory (same filesystem): fsync,
+        rename over the final name, fsync of the directory."""
+        directory = self.dir_of(key.index_id)
+        os.makedirs(directory, exist_ok=True)
+        if self.durable:
+            _fsync_path(path)
+        os.replace(path, self.path_of(key))
+        if self.durable:
+            _fsync_path(directory, directory=True)
+
     def delete(self, key: Key) -> bool:
         try:
             os.unlink(self.path_of(key))

@@ -143,6 +143,11 @@ class Client:
         compression: ``"zstd"``, ``"lz4"`` or ``"snappy"`` on the wire for this client's
             puts and gets (each call may override it); off by default: on a fast network it
             costs more CPU than it saves (``benchmarks/compression.py``).
+        same_host: ``"auto"`` (default; ``TORCH_TQ_SAME_HOST``): when the server runs on this
+            host with a disk store this process can see, ``get`` maps the stored files and
+            ``put`` stages files the server checks and publishes, instead of copying through
+            a socket (:mod:`torch_tq.local`); ``True`` insists (raises when it cannot);
+            ``False`` always uses gRPC.
 
     Example:
         >>> client = torch_tq.Client("grpc://127.0.0.1:8080")  # doctest: +SKIP
@@ -160,6 +165,7 @@ class Client:
         client_id: str | None = None,
         retry_deadline: float = 30.0,
         compression: str | None = None,
+        same_host: bool | str | None = None,
     ) -> None:
         self.location = normalize_location(
             resolve(location, "LOCATION", f"grpc://127.0.0.1:{DEFAULT_PORT}")
@@ -172,6 +178,8 @@ class Client:
             raise InvalidArgument("client_id must be a string of 1-128 characters")
         self.retry_deadline = float(retry_deadline)
         self.compression = protocol.validate_compression(compression)
+        self.same_host = _parse_same_host(resolve(same_host, "SAME_HOST", "auto"))
+        self._local_state: tuple[int, Any] = (-1, None)  # (pid, LocalStore or None)
         self._headers = [(CLIENT_ID_HEADER.encode(), self.client_id.encode())]
         self._lock = threading.Lock()
         self._conn: flight.FlightClient | None = None
@@ -187,7 +195,8 @@ class Client:
 
     def __reduce__(self):
         return (_rebuild, (self.location, self.timeout, self.chunk_bytes, self.checksum,
-                           self.client_id, self.retry_deadline, self.compression))
+                           self.client_id, self.retry_deadline, self.compression,
+                           self.same_host))
 
     def __repr__(self) -> str:
         return f"Client({self.location!r})"
@@ -210,6 +219,34 @@ class Client:
     def _options(self, extra_timeout: float = 0.0, **kwargs) -> flight.FlightCallOptions:
         timeout = self.timeout + extra_timeout if self.timeout is not None else None
         return flight.FlightCallOptions(timeout=timeout, headers=self._headers, **kwargs)
+
+    def _local(self):
+        """The same-host view of the server's store, or None (decided once per process)."""
+        if self.same_host is False:
+            return None
+        pid, store = self._local_state
+        if pid == os.getpid():
+            return store
+        from torch_tq import local
+
+        store, reason = None, ""
+        try:
+            info = self._action(protocol.LOCAL_INFO, {"host_id": local.host_id()}, "local info")
+            store = local.attach(info, self.chunk_bytes)
+            reason = info.get("reason") or ("" if store else "its directory is not visible here")
+        except TQError as e:
+            if self.same_host is True or not isinstance(e, InvalidArgument):
+                raise
+            reason = "the server has no same-host access"
+        if store is None and self.same_host is True:
+            raise Unavailable(f"same_host=True, but the server cannot be reached that way: {reason}")
+        self._local_state = (os.getpid(), store)
+        return store
+
+    @property
+    def transport(self) -> str:
+        """How this client moves matrices: ``"same-host"`` or ``"grpc"``."""
+        return "same-host" if self._local() is not None else "grpc"
 
     @contextlib.contextmanager
     def _pooled(self) -> Iterator[flight.FlightClient]:
@@ -288,7 +325,23 @@ class Client:
         """
         key = _key(index_id, matrix_type)
         dtype, shape, flat = codec.tensor_values(tensor)
+        store = self._local()
+        if store is not None:
+            self._put_local(store, key, dtype, shape, flat)
+            return
         self._put_to(self._flight, key, dtype, shape, flat, self._compression(compression))
+
+    def _put_local(self, store, key: Key, dtype: codec.DType, shape, flat) -> None:
+        try:
+            name = store.stage(key, dtype, shape, flat)
+        except OSError as e:
+            raise Unavailable(f"put {key}: could not stage the file ({e})") from None
+        try:
+            body = {"index_id": key.index_id, "matrix_type": key.matrix_type, "file": name}
+            self._action(protocol.PUBLISH_LOCAL, body, f"put {key}")
+        except BaseException:
+            store.discard(name)  # refused or not reached: leave nothing behind
+            raise
 
     def _compression(self, value) -> str | None:
         return self.compression if value is _DEFAULT else protocol.validate_compression(value)
@@ -374,6 +427,11 @@ class Client:
             InternalError: the stored data failed its checksum, or the server failed.
         """
         key = _key(index_id, matrix_type)
+        store = self._local() if device is None and not pin_memory else None
+        if store is not None:
+            result, copied = store.read(key, out, shared)
+            self._count_get(copied)
+            return result
         return self._get_from(self._flight, key, out, shared, device, pin_memory, non_blocking,
                               self._compression(compression))
 
@@ -860,6 +918,21 @@ def _to_device(t, device, non_blocking: bool = False):
 
 def _rebuild(location: str, timeout: float | None, chunk_bytes: int, checksum: bool,
              client_id: str | None = None, retry_deadline: float = 30.0,
-             compression: str | None = None) -> Client:
+             compression: str | None = None, same_host: bool | str = "auto") -> Client:
     return Client(location, timeout=timeout, chunk_bytes=chunk_bytes, checksum=checksum,
-                  client_id=client_id, retry_deadline=retry_deadline, compression=compression)
+                  client_id=client_id, retry_deadline=retry_deadline, compression=compression,
+                  same_host=same_host)
+
+
+def _parse_same_host(value) -> bool | str:
+    if value in (True, False, "auto"):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low == "auto":
+            return "auto"
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+    raise InvalidArgument(f"same_host must be True, False or 'auto', got {value!r}")

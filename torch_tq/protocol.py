@@ -51,6 +51,8 @@ FINISH_STREAM = "FinishStream"
 REOPEN_STREAM = "ReopenStream"
 GROUP_STATUS = "GroupStatus"
 DELETE_GROUP = "DeleteGroup"
+LOCAL_INFO = "LocalInfo"
+PUBLISH_LOCAL = "PublishLocal"
 BATCH_WRITE = "BatchWrite"  # a DoPut whose stream is a table of items
 BATCH_READ = "BatchRead"  # a DoGet whose stream is a table of results
 COMPRESSIONS = ("zstd", "lz4", "snappy")
@@ -70,6 +72,10 @@ ACTION_DESCRIPTIONS = {
     REOPEN_STREAM: 'Clear the finished mark of matrix types: {"types": [...]}',
     GROUP_STATUS: 'Ready, leased and consumed counts of a consumer group: {"group": "g"}',
     DELETE_GROUP: 'Forget a consumer group and what it consumed: {"group": "g"}',
+    LOCAL_INFO: 'Same-host access: the store directory, if the caller runs on this host: '
+                '{"host_id": "32 hex"}',
+    PUBLISH_LOCAL: 'Check and publish a matrix file a same-host client staged: '
+                   '{"index_id": N, "matrix_type": "prompt", "file": "<32 hex>.arrow"}',
 }
 
 _ACTION_SPELLINGS = {
@@ -565,6 +571,30 @@ def parse_queue_body(raw: bytes, action: str) -> dict[str, Any]:
         out["lease_s"] = _validate_int(
             body.get("lease_ms", 60_000), "lease_ms", 50, int(MAX_LEASE_S * 1000)) / 1000
     return out
+
+
+def parse_local_info_body(raw: bytes) -> str:
+    what = "LocalInfo body"
+    body = parse_json_object(raw, what)
+    _check_keys(body, {"host_id"}, {"host_id"}, what)
+    if not isinstance(body["host_id"], str) or not _HOST_ID_RE.fullmatch(body["host_id"]):
+        raise InvalidArgument("host_id must be 32 lower-case hex digits")
+    return body["host_id"]
+
+
+def parse_publish_local_body(raw: bytes) -> tuple[Key, str]:
+    what = "PublishLocal body"
+    body = parse_json_object(raw, what)
+    _check_keys(body, {"index_id", "matrix_type", "file"}, {"index_id", "matrix_type", "file"},
+                what)
+    key = Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"]))
+    if not isinstance(body["file"], str) or not _STAGED_RE.fullmatch(body["file"]):
+        raise InvalidArgument("file must be a staged file name: 32 hex digits + '.arrow'")
+    return key, body["file"]
+
+
+_HOST_ID_RE = re.compile(r"[0-9a-f]{32}", re.ASCII)
+_STAGED_RE = re.compile(r"[0-9a-f]{32}\.arrow", re.ASCII)
 
 
 def parse_empty_body(raw: bytes, what: str) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from torch_tq import batch as batch_ops, codec, protocol
+from torch_tq import batch as batch_ops, codec, local, protocol
 from torch_tq._config import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_HOST,
@@ -199,6 +199,10 @@ _ACTIONS = {
     "get_metadata": protocol.GET_METADATA,
     "health": protocol.HEALTH,
     "stats": protocol.STATS,
+    "localinfo": protocol.LOCAL_INFO,
+    "local_info": protocol.LOCAL_INFO,
+    "publishlocal": protocol.PUBLISH_LOCAL,
+    "publish_local": protocol.PUBLISH_LOCAL,
     "batchread": protocol.BATCH_READ,
     "batch_read": protocol.BATCH_READ,
     "batchwrite": protocol.BATCH_WRITE,
@@ -241,6 +245,8 @@ class TQFlightServer(flight.FlightServerBase):
         if store.storage == "disk":
             state_dir = os.path.join(store.backend.root, "queue")
         self.queue = Queue(store, state_dir, durable=store.backend.durable)
+        self.host_id = local.host_id()
+        self.probe = local.prepare_server_dir(store.backend.root) if store.storage == "disk" else None
         check_fork_safe()
         note_grpc_use()
         super().__init__(location, **kwargs)  # serves from here on
@@ -434,6 +440,16 @@ class TQFlightServer(flight.FlightServerBase):
         elif name == protocol.STATS:
             protocol.parse_empty_body(body, "Stats body")
             result = {**self.health(), **self.stats.snapshot(), **self.limiter.snapshot()}
+        elif name == protocol.LOCAL_INFO:
+            result = self._local_info(protocol.parse_local_info_body(body))
+        elif name == protocol.PUBLISH_LOCAL:
+            key, staged = protocol.parse_publish_local_body(body)
+            if self.probe is None:
+                raise InvalidArgument("same-host uploads need a disk store")
+            path = os.path.join(self.store.backend.root, local.STAGING, staged)
+            entry = self.store.publish_staged(key, path)
+            result = {"success": True, "message": "success", "index_id": key.index_id,
+                      "matrix_type": key.matrix_type, **entry.describe()}
         elif name in (protocol.BATCH_READ, protocol.BATCH_WRITE):
             raise InvalidArgument(
                 f"{name} carries matrices, so it is not an action: send BatchRead as a DoGet "
@@ -449,6 +465,18 @@ class TQFlightServer(flight.FlightServerBase):
                 f"{', '.join(protocol.ACTION_DESCRIPTIONS)}"
             )
         return [flight.Result(pa.py_buffer(protocol.dumps(result)))]
+
+    def _local_info(self, client_host: str) -> dict:
+        if client_host != self.host_id:
+            return {"success": True, "message": "success", "same_host": False,
+                    "reason": "another host"}
+        if self.probe is None:
+            return {"success": True, "message": "success", "same_host": False,
+                    "reason": f"{self.store.storage} store (same-host access needs a disk store)"}
+        return {"success": True, "message": "success", "same_host": True,
+                "root": self.store.backend.root, "probe": self.probe,
+                "compression": self.store.compression,
+                "max_matrix_bytes": self.store.max_matrix_bytes}
 
     def health(self) -> dict:
         return {

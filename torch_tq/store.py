@@ -254,19 +254,53 @@ class Store:
         if expected_numel is not None:
             nbytes = expected_numel * dtype.itemsize
             self.check_size(key, nbytes)
-            free = self.backend.free_bytes()
-            if nbytes + _SPACE_MARGIN > free:
-                raise Unavailable(
-                    f"not enough space for {key}: {nbytes} bytes declared, {free} free"
-                )
+            check_space(key, nbytes, self.backend.free_bytes())
         return PutSession(self, key, dtype, expected_numel, xxh3)
 
+    def created_at(self, key: Key, default: int) -> int:
+        """When ``key`` was first stored (kept across overwrites), else ``default``."""
+        try:
+            return self.get(key).created_at
+        except NotFound:
+            return default
+
+    def publish_staged(self, key: Key, path: str) -> Entry:
+        """Publishes a matrix file a same-host client wrote in the staging directory, after
+        checking it completely (format, trailer, every batch's digest, the size limit).
+        The server stays the authority: nothing unchecked becomes visible.
+
+        Raises:
+            InvalidArgument: the file is not a complete, valid matrix of ``key``.
+            Unavailable / InternalError: it could not be published.
+        """
+        from torch_tq.backends import _FileSource
+
+        if not isinstance(self.backend, FileBackend):
+            raise InvalidArgument("same-host uploads need a disk store")
+        try:
+            reader = MatrixReader(_FileSource(path, key), key, digests=True)
+        except NotFound:
+            raise InvalidArgument(f"staged file for {key} is missing") from None
+        except InternalError as e:
+            raise InvalidArgument(f"staged file for {key} is invalid: {e.message}") from None
+        try:
+            for _ in reader.batches():
+                pass
+        except InternalError as e:
+            raise InvalidArgument(f"staged file for {key} is invalid: {e.message}") from None
+        entry = reader.entry
+        self.check_size(key, entry.nbytes)
+        with self._stripe(key.index_id):
+            try:
+                self.backend.adopt(key, path)
+            except OSError as e:
+                raise io_error(e, f"publish {key}") from None
+            self._set(entry)
+            self._notify(key.index_id)
+        return entry
+
     def check_size(self, key: Key, nbytes: int) -> None:
-        if nbytes > self.max_matrix_bytes:
-            raise InvalidArgument(
-                f"matrix too large: {key} is {nbytes} bytes; the limit is "
-                f"{self.max_matrix_bytes} bytes per matrix"
-            )
+        check_size(key, nbytes, self.max_matrix_bytes)
 
     def _publish(self, key: Key, sink, entry: Entry) -> None:
         with self._stripe(key.index_id):
@@ -320,6 +354,107 @@ class Store:
         return MatrixReader(self.backend.open(key), key, self.backend.digests)
 
 
+def check_size(key: Key, nbytes: int, limit: int) -> None:
+    if nbytes > limit:
+        raise InvalidArgument(
+            f"matrix too large: {key} is {nbytes} bytes; the limit is {limit} bytes per matrix"
+        )
+
+
+def check_space(key: Key, nbytes: int, free: int) -> None:
+    if nbytes + _SPACE_MARGIN > free:
+        raise Unavailable(f"not enough space for {key}: {nbytes} bytes declared, {free} free")
+
+
+class MatrixWriter:
+    """Writes one matrix in the stored format to a sink: record batches of at most
+    ``chunk_bytes``, each with the XXH3-64 digest of its values (when ``digests``), the last
+    one with the trailer. Used by uploads on the server and by same-host clients, which
+    stage files the server then checks and publishes."""
+
+    def __init__(self, sink, key: Key, dtype: codec.DType, chunk_bytes: int, digests: bool,
+                 xxh3: str | None = None) -> None:
+        self.sink = sink
+        self.key = key
+        self.dtype = dtype
+        self.digests = digests
+        self.expected_xxh3 = xxh3
+        self.count = 0
+        self.batches = 0
+        self._hasher = xxhash.xxh3_64() if xxh3 else None
+        self._pending: pa.Array | None = None
+        self._step = codec.chunk_elements(dtype, chunk_bytes)
+        self.schema = pa.schema([pa.field("data", dtype.arrow, nullable=False)])
+
+    def append(self, values: pa.Array) -> None:
+        """Adds flat values; cuts them into pieces of at most chunk_bytes (the last piece
+        waits for the trailer)."""
+        n = len(values)
+        self.count += n
+        for start in range(0, n, self._step):
+            piece = values if (start == 0 and n <= self._step) else values.slice(start, self._step)
+            if self._pending is not None:
+                self._write(self._pending, None)
+            self._pending = piece
+
+    def _write(self, piece: pa.Array, trailer: bytes | None) -> None:
+        metadata = {}
+        if self._hasher is not None or self.digests:
+            data = codec.element_bytes(piece)
+            if self._hasher is not None:
+                self._hasher.update(data)
+            if self.digests:
+                metadata[DIGEST_KEY] = _digest(data).encode()
+        if trailer is not None:
+            metadata[TRAILER_KEY] = trailer
+            metadata[TRAILER_DIGEST_KEY] = _digest(trailer).encode()
+        batch = pa.RecordBatch.from_arrays([piece], schema=self.schema)
+        try:
+            self.sink.write_batch(batch, custom_metadata=metadata)
+        except (OSError, pa.ArrowException) as e:
+            raise io_error(e, f"write {self.key}") from None
+        self.batches += 1
+
+    def finish(self, shape: tuple[int, ...], created: int, stamp: int) -> Entry:
+        """Writes the last batch with the trailer; returns the entry it describes.
+
+        Raises:
+            InvalidArgument: fewer/more values than ``shape`` holds, or a digest mismatch.
+        """
+        if codec.numel(shape) != self.count:
+            raise InvalidArgument(
+                f"upload of {self.key} ended after {self.count} of "
+                f"{codec.numel(shape)} elements (shape {list(shape)})"
+            )
+        piece = self._pending
+        if piece is None:
+            piece = pa.array([], type=self.dtype.arrow)
+        nbytes = self.count * self.dtype.itemsize
+        trailer = json.dumps(
+            {
+                "format": 1,
+                "shape": list(shape),
+                "dtype": self.dtype.name,
+                "numel": self.count,
+                "nbytes": nbytes,
+                "batches": self.batches + 1,
+                "created_at": created,
+                "updated_at": stamp,
+            },
+            separators=(",", ":"),
+        ).encode()
+        self._write(piece, trailer)  # also feeds the last piece to the hasher
+        self._pending = None
+        if self._hasher is not None:
+            actual = self._hasher.hexdigest()
+            if actual != self.expected_xxh3:
+                raise InvalidArgument(
+                    f"checksum mismatch for {self.key}: declared xxh3 "
+                    f"{self.expected_xxh3}, received data has {actual}"
+                )
+        return Entry(self.key, self.dtype.name, tuple(shape), nbytes, created, stamp)
+
+
 class PutSession:
     """One upload in progress; it becomes visible only on :meth:`commit`."""
 
@@ -335,19 +470,19 @@ class PutSession:
         self.key = key
         self.dtype = dtype
         self.expected_numel = expected_numel
-        self.expected_xxh3 = xxh3
-        self.count = 0
-        self.batches = 0
-        self._hasher = xxhash.xxh3_64() if xxh3 else None
-        self._pending: pa.Array | None = None
-        self._step = codec.chunk_elements(dtype, store.chunk_bytes)
         self._done = False
-        self._schema = pa.schema([pa.field("data", dtype.arrow, nullable=False)])
+        schema = pa.schema([pa.field("data", dtype.arrow, nullable=False)])
         try:
-            self._sink = store.backend.begin(key, self._schema)
+            self._sink = store.backend.begin(key, schema)
         except (OSError, pa.ArrowException) as e:
             self._done = True
             raise io_error(e, f"write {key}") from None
+        self._writer = MatrixWriter(self._sink, key, dtype, store.chunk_bytes,
+                                    store.backend.digests, xxh3)
+
+    @property
+    def count(self) -> int:
+        return self._writer.count
 
     def append(self, values: pa.Array) -> None:
         """Adds flat values (of the session's Arrow type) at the end of the matrix.
@@ -356,39 +491,14 @@ class PutSession:
             InvalidArgument: more values than declared, or over the size limit.
             Unavailable / InternalError: the batch could not be stored.
         """
-        n = len(values)
-        total = self.count + n
+        total = self.count + len(values)
         if self.expected_numel is not None and total > self.expected_numel:
             raise InvalidArgument(
                 f"upload of {self.key} carries more than the {self.expected_numel} "
                 "elements it declared"
             )
         self.store.check_size(self.key, total * self.dtype.itemsize)
-        self.count = total
-        # Cut into pieces of at most chunk_bytes; the last piece waits for the trailer.
-        for start in range(0, n, self._step):
-            piece = values if (start == 0 and n <= self._step) else values.slice(start, self._step)
-            if self._pending is not None:
-                self._write(self._pending, None)
-            self._pending = piece
-
-    def _write(self, piece: pa.Array, trailer: bytes | None) -> None:
-        metadata = {}
-        if self._hasher is not None or self.store.backend.digests:
-            data = codec.element_bytes(piece)
-            if self._hasher is not None:
-                self._hasher.update(data)
-            if self.store.backend.digests:
-                metadata[DIGEST_KEY] = _digest(data).encode()
-        if trailer is not None:
-            metadata[TRAILER_KEY] = trailer
-            metadata[TRAILER_DIGEST_KEY] = _digest(trailer).encode()
-        batch = pa.RecordBatch.from_arrays([piece], schema=self._schema)
-        try:
-            self._sink.write_batch(batch, custom_metadata=metadata)
-        except (OSError, pa.ArrowException) as e:
-            raise io_error(e, f"write {self.key}") from None
-        self.batches += 1
+        self._writer.append(values)
 
     def commit(self, shape: tuple[int, ...]) -> Entry:
         """Checks what arrived against ``shape``, publishes, and returns the catalog entry.
@@ -398,43 +508,8 @@ class PutSession:
             Unavailable: storage full.
         """
         try:
-            if codec.numel(shape) != self.count:
-                raise InvalidArgument(
-                    f"upload of {self.key} ended after {self.count} of "
-                    f"{codec.numel(shape)} elements (shape {list(shape)})"
-                )
-            piece = self._pending
-            if piece is None:
-                piece = pa.array([], type=self.dtype.arrow)
             stamp = now_ms()
-            try:
-                created = self.store.get(self.key).created_at
-            except NotFound:
-                created = stamp
-            nbytes = self.count * self.dtype.itemsize
-            trailer = json.dumps(
-                {
-                    "format": 1,
-                    "shape": list(shape),
-                    "dtype": self.dtype.name,
-                    "numel": self.count,
-                    "nbytes": nbytes,
-                    "batches": self.batches + 1,
-                    "created_at": created,
-                    "updated_at": stamp,
-                },
-                separators=(",", ":"),
-            ).encode()
-            self._write(piece, trailer)  # also feeds the last piece to the hasher
-            self._pending = None
-            if self._hasher is not None:
-                actual = self._hasher.hexdigest()
-                if actual != self.expected_xxh3:
-                    raise InvalidArgument(
-                        f"checksum mismatch for {self.key}: declared xxh3 "
-                        f"{self.expected_xxh3}, received data has {actual}"
-                    )
-            entry = Entry(self.key, self.dtype.name, tuple(shape), nbytes, created, stamp)
+            entry = self._writer.finish(shape, self.store.created_at(self.key, stamp), stamp)
             try:
                 self._sink.finish()
                 self.store._publish(self.key, self._sink, entry)
@@ -451,7 +526,6 @@ class PutSession:
         if self._done:
             return
         self._done = True
-        self._pending = None
         self._sink.abort()
 
 
