@@ -21,16 +21,39 @@ from torch_tq.codec import DTYPES
 from .test_codec import bits, random_tensor
 
 
+# Every test here runs on each transport: gRPC (memory store) and same-host (disk store,
+# the client mapping and staging the files itself).
+TRANSPORTS = ["grpc", "same-host"]
+
+
 @pytest.fixture(scope="module")
-def tiny_chunk_server():
-    """Stores 1 KiB batches, so small matrices already stream as many batches."""
-    with torch_tq.start_server(storage="memory", chunk_bytes="1KiB") as srv:
+def same_host_server(tmp_path_factory):
+    with torch_tq.start_server(data_dir=str(tmp_path_factory.mktemp("same_host"))) as srv:
         yield srv
 
 
-@pytest.fixture(scope="module")
-def tiny_client(tiny_chunk_server):
-    with torch_tq.Client(tiny_chunk_server.location, chunk_bytes=1024) as c:
+@pytest.fixture(params=TRANSPORTS)
+def client(request, memory_server):
+    if request.param == "grpc":
+        c = torch_tq.Client(memory_server.location, same_host=False)
+    else:
+        c = torch_tq.Client(request.getfixturevalue("same_host_server").location, same_host=True)
+    assert c.transport == request.param
+    with c:
+        yield c
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def tiny_client(request, tmp_path_factory):
+    """Stores 1 KiB batches, so small matrices already stream as many batches."""
+    if request.param == "grpc":
+        srv = torch_tq.start_server(storage="memory", chunk_bytes="1KiB")
+    else:
+        srv = torch_tq.start_server(data_dir=str(tmp_path_factory.mktemp("tiny")),
+                                    chunk_bytes="1KiB", durable=False)
+    with srv, torch_tq.Client(srv.location, chunk_bytes=1024,
+                              same_host=request.param == "same-host") as c:
+        assert c.transport == request.param
         yield c
 
 
@@ -153,8 +176,8 @@ def test_client_used_in_a_spawned_process(client, unique_id, memory_server):
     assert torch.equal(client.get(unique_id, "resp"), torch.ones(2))
 
 
-def test_checksum_option(memory_server, unique_id):
-    with torch_tq.Client(memory_server.location, checksum=True) as c:
+def test_checksum_option(client, unique_id):
+    with torch_tq.Client(client.location, checksum=True, same_host=client.same_host) as c:
         t = torch.randn(3, 1 << 20)
         c.put(unique_id, "prompt", t)
         assert torch.equal(c.get(unique_id, "prompt"), t)

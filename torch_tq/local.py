@@ -22,6 +22,7 @@ mount namespaces fail this check and stay on gRPC).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import socket
 import uuid
@@ -30,9 +31,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from torch_tq import codec
-from torch_tq.backends import _FileSource, io_error
-from torch_tq.errors import TQError
-from torch_tq.protocol import Key
+from torch_tq.backends import _FileSource, first_line, io_error
+from torch_tq.errors import InternalError, TQError
+from torch_tq.protocol import Key, not_found
 from torch_tq.store import (
     MatrixReader,
     MatrixWriter,
@@ -83,7 +84,7 @@ class LocalStore:
             NotFound: no such matrix.
             InternalError: the file failed its checks.
         """
-        reader = MatrixReader(_FileSource(self.path_of(key), key), key, digests=True)
+        reader = MatrixReader(_PrivateMapping(self.path_of(key), key), key, digests=True)
         assembler = codec.TensorAssembler(reader.dtype, reader.entry.shape, out, shared)
         for batch in reader.batches():  # verified, then the mapping is released
             assembler.add(batch.column(0))
@@ -131,10 +132,38 @@ class LocalStore:
         return name
 
     def discard(self, name: str) -> None:
+        discard(os.path.join(self.staging, name))
+
+
+class _PrivateMapping:
+    """A published file mapped copy-on-write (``MAP_PRIVATE``): a tensor over it may be
+    written (the writes stay in this process; the file never changes), and the mapping
+    lives as long as a tensor or buffer over it does."""
+
+    def __init__(self, path: str, key: Key) -> None:
         try:
-            os.unlink(os.path.join(self.staging, name))
-        except OSError:
-            pass
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise not_found(key) from None
+        except OSError as e:
+            raise io_error(e, f"read {key}") from None
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self._reader = ipc.open_file(pa.py_buffer(mm))
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise InternalError(f"stored file of {key} is damaged ({first_line(e)})") from None
+        finally:
+            os.close(fd)
+        self.schema = self._reader.schema
+        self.num_record_batches = self._reader.num_record_batches
+
+    def get_batch_with_custom_metadata(self, i: int):
+        return self._reader.get_batch_with_custom_metadata(i)
+
+    def close(self) -> None:
+        self._reader = None  # the mapping goes with the last buffer over it
 
 
 class _Sink:
@@ -161,6 +190,13 @@ class _Sink:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def attach(info: dict, chunk_bytes: int) -> LocalStore | None:

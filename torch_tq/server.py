@@ -447,7 +447,11 @@ class TQFlightServer(flight.FlightServerBase):
             if self.probe is None:
                 raise InvalidArgument("same-host uploads need a disk store")
             path = os.path.join(self.store.backend.root, local.STAGING, staged)
-            entry = self.store.publish_staged(key, path)
+            try:
+                entry = self.store.publish_staged(key, path)
+            except BaseException:
+                local.discard(path)  # refused: a staged file is garbage once answered
+                raise
             result = {"success": True, "message": "success", "index_id": key.index_id,
                       "matrix_type": key.matrix_type, **entry.describe()}
         elif name in (protocol.BATCH_READ, protocol.BATCH_WRITE):

@@ -1,0 +1,200 @@
+"""The same-host path against real servers: detection and fallback, readers that keep their
+data across overwrites and deletes, the server as the authority over staged files, and no
+mapping or descriptor leaks."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import threading
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+import torch
+
+import torch_tq
+from torch_tq import local
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory):
+    d = tmp_path_factory.mktemp("local")
+    with torch_tq.start_server(data_dir=str(d), qps=0, chunk_bytes="256KiB") as srv:
+        srv.data_dir = str(d)
+        yield srv
+
+
+@pytest.fixture
+def lc(disk):
+    with torch_tq.Client(disk.location, same_host=True, chunk_bytes="256KiB") as c:
+        yield c
+
+
+def test_detection_and_choice(disk, memory_server):
+    assert torch_tq.Client(disk.location).transport == "same-host"  # auto
+    assert torch_tq.Client(disk.location, same_host=False).transport == "grpc"
+    assert torch_tq.Client(memory_server.location).transport == "grpc"  # auto: memory store
+    with pytest.raises(torch_tq.Unavailable, match="same_host=True.*memory store"):
+        torch_tq.Client(memory_server.location, same_host=True).put(1, "x", torch.ones(1))
+    os.environ["TORCH_TQ_SAME_HOST"] = "0"
+    try:
+        assert torch_tq.Client(disk.location).transport == "grpc"
+    finally:
+        del os.environ["TORCH_TQ_SAME_HOST"]
+    with pytest.raises(torch_tq.InvalidArgument):
+        torch_tq.Client(disk.location, same_host="sometimes")
+
+
+def test_directory_not_visible_means_grpc(disk, tmp_path):
+    good = {"same_host": True, "root": disk.data_dir,
+            "probe": open(os.path.join(disk.data_dir, local.PROBE)).read()}
+    assert local.attach(good, 1 << 20) is not None
+    assert local.attach({**good, "probe": "0" * 32}, 1 << 20) is None  # another filesystem
+    assert local.attach({**good, "root": str(tmp_path)}, 1 << 20) is None
+    assert local.attach({"same_host": False}, 1 << 20) is None
+
+
+def test_same_host_and_grpc_see_the_same_store(disk, lc, unique_id):
+    remote = torch_tq.Client(disk.location, same_host=False)
+    t = torch.randn(300, 1000)  # several 256 KiB batches
+    lc.put(unique_id, "prompt", t)
+    assert torch.equal(remote.get(unique_id, "prompt"), t)
+    remote.put(unique_id, "resp", t * 2)
+    assert torch.equal(lc.get(unique_id, "resp"), t * 2)
+    meta = remote.metadata(unique_id)
+    assert meta["dimensions"] == {"prompt": [300, 1000], "resp": [300, 1000]}
+    created = meta["matrices"]["prompt"]["created_at"]
+    lc.put(unique_id, "prompt", t + 1)  # an overwrite keeps the creation time
+    meta = remote.metadata(unique_id)
+    assert meta["matrices"]["prompt"]["created_at"] == created
+    assert meta["matrices"]["prompt"]["updated_at"] >= created
+    with pytest.raises(torch_tq.NotFound, match=f"matrix not found: index_id={unique_id}"):
+        lc.get(unique_id, "nothing")
+
+
+def test_one_batch_get_is_a_view_of_the_file_and_survives_overwrite_and_delete(lc, unique_id):
+    t = torch.arange(1000, dtype=torch.float32)
+    lc.put(unique_id, "x", t)
+    before = dict(lc.stats)
+    got = lc.get(unique_id, "x")
+    assert lc.stats["zero_copy_gets"] == before["zero_copy_gets"] + 1
+    lc.put(unique_id, "x", torch.zeros(1000))
+    lc.delete(unique_id)
+    gc.collect()
+    assert torch.equal(got, t)  # the mapping holds the old file
+    with pytest.raises(torch_tq.NotFound):
+        lc.get(unique_id, "x")
+
+
+def test_concurrent_overwrites_never_show_a_mix(disk, lc, unique_id):
+    n = 200_000  # ~800 KB: several batches
+    lc.put(unique_id, "v", torch.full((n,), 0.0))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        w = torch_tq.Client(disk.location, same_host=True, chunk_bytes="256KiB")
+        i = 1
+        while not stop.is_set():
+            try:
+                w.put(unique_id, "v", torch.full((n,), float(i)))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                return
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        seen = set()
+        for _ in range(60):
+            got = lc.get(unique_id, "v")
+            assert got.min() == got.max(), "a read mixed two versions"
+            seen.add(got[0].item())
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert len(seen) > 1  # it really raced with the writer
+
+
+def test_staged_files_are_checked_by_the_server(disk, lc, unique_id):
+    store = lc._local()
+    t = torch.randn(1000)
+    name = store.stage(torch_tq.protocol.Key(unique_id, "bad"), torch_tq.codec.DTYPES["float32"],
+                       (1000,), t.numpy())
+    path = os.path.join(store.staging, name)
+    with open(path, "r+b") as f:  # flip a byte in the middle of the values
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    fc = flight.FlightClient(disk.location)
+    body = json.dumps({"index_id": unique_id, "matrix_type": "bad", "file": name}).encode()
+    with pytest.raises(pa.ArrowInvalid, match="staged file .* is invalid"):
+        list(fc.do_action(flight.Action("PublishLocal", body)))
+    with pytest.raises(torch_tq.NotFound):
+        lc.get(unique_id, "bad")
+    for bad in ("../objects/1/x.arrow", "a" * 32 + ".arrow/..", "x.arrow"):
+        body = json.dumps({"index_id": 1, "matrix_type": "x", "file": bad}).encode()
+        with pytest.raises(pa.ArrowInvalid, match="staged file name"):
+            list(fc.do_action(flight.Action("PublishLocal", body)))
+    body = json.dumps({"index_id": 1, "matrix_type": "x", "file": "0" * 32 + ".arrow"}).encode()
+    with pytest.raises(pa.ArrowInvalid, match="missing"):
+        list(fc.do_action(flight.Action("PublishLocal", body)))
+
+
+def test_refused_put_leaves_nothing_staged(tmp_path):
+    with torch_tq.start_server(data_dir=str(tmp_path), max_matrix_bytes="1MiB") as srv:
+        c = torch_tq.Client(srv.location, same_host=True)
+        with pytest.raises(torch_tq.InvalidArgument, match="matrix too large"):
+            c.put(1, "big", torch.zeros(1 << 19))
+        c.put(2, "ok", torch.ones(10))
+        assert os.listdir(tmp_path / "staging") == []
+        with pytest.raises(torch_tq.InvalidArgument, match="unsupported tensor dtype"):
+            c.put(3, "c", torch.zeros(2, dtype=torch.complex64))
+    (tmp_path / "staging" / ("f" * 32 + ".arrow")).write_bytes(b"left by a dead client")
+    with torch_tq.start_server(data_dir=str(tmp_path)) as srv:  # a restart clears staging
+        assert os.listdir(tmp_path / "staging") == []
+        assert torch.equal(torch_tq.Client(srv.location).get(2, "ok"), torch.ones(10))
+
+
+def test_consumer_groups_see_same_host_puts(lc, unique_id):
+    group = f"g{unique_id}"
+    lc.put(unique_id, "p", torch.ones(3))
+    lc.put(unique_id, "r", torch.ones(3))
+    lease = lc.consume(group, ["p", "r"], max_items=10, timeout=5)
+    assert unique_id in lease.index_ids
+
+
+def _maps_under(root: str) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if root in line)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_mapping_or_descriptor_leaks_after_1000_calls(disk, lc, unique_id):
+    small, big = torch.randn(100), torch.randn(200_000)
+    lc.put(unique_id, "s", small)
+    lc.put(unique_id, "b", big)
+    lc.get(unique_id, "s"), lc.get(unique_id, "b")
+    gc.collect()
+    maps0, fds0 = _maps_under(disk.data_dir), _open_fds()
+    held = []
+    for i in range(1000):
+        if i % 100 == 0:
+            lc.put(unique_id, "s", small + i)
+        got = lc.get(unique_id, "s" if i % 10 else "b")
+        if i % 250 == 0:
+            held.append(got)  # a few results alive at the end: their mappings stay
+    assert _maps_under(disk.data_dir) <= maps0 + len(held)
+    del held, got
+    gc.collect()
+    assert _maps_under(disk.data_dir) == maps0
+    assert _open_fds() <= fds0
+    assert os.listdir(os.path.join(disk.data_dir, "staging")) == []
