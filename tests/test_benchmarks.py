@@ -97,3 +97,17 @@ def test_compression_benchmark_tiny():
     assert [r[1] for r in rows] == ["none", "lz4", "zstd", "snappy"]
     ratios = {r[1]: float(r[2]) for r in rows}
     assert ratios["none"] == 1.0 and ratios["zstd"] < 0.5  # token ids < 32k compress well
+
+
+def test_transports_benchmark_tiny():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "transports.py"), "-n", "1MiB",
+         "--runs", "1", "--small-count", "20"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for name in ("memcpy", "tcp get", "write+fsync", "grpc disk get", "same-host disk get",
+                 "same-host disk put"):
+        assert re.search(rf"^  {re.escape(name)}\s+[0-9.]+$", out, re.M), name
+    assert re.search(r"small get p50: same-host [0-9]+ µs", out)

@@ -133,10 +133,27 @@ def test_staged_files_are_checked_by_the_server(disk, lc, unique_id):
         f.write(bytes([byte[0] ^ 0xFF]))
     fc = flight.FlightClient(disk.location)
     body = json.dumps({"index_id": unique_id, "matrix_type": "bad", "file": name}).encode()
-    with pytest.raises(pa.ArrowInvalid, match="staged file .* is invalid"):
-        list(fc.do_action(flight.Action("PublishLocal", body)))
-    with pytest.raises(torch_tq.NotFound):
+    # the server checks the structure, not the digests: every read verifies those
+    list(fc.do_action(flight.Action("PublishLocal", body)))
+    with pytest.raises(torch_tq.InternalError, match="failed its checksum"):
         lc.get(unique_id, "bad")
+    with pytest.raises(torch_tq.InternalError, match="failed its checksum"):
+        torch_tq.Client(disk.location, same_host=False).get(unique_id, "bad")
+    # a truncated file, or one that is not a matrix file at all, is refused
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b"not arrow at all"):
+        name = store.stage(torch_tq.protocol.Key(unique_id, "bad2"),
+                           torch_tq.codec.DTYPES["float32"], (1000,), t.numpy())
+        path = os.path.join(store.staging, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(damage(data))
+        body = json.dumps({"index_id": unique_id, "matrix_type": "bad2", "file": name}).encode()
+        with pytest.raises(pa.ArrowInvalid, match="staged file .* is invalid"):
+            list(fc.do_action(flight.Action("PublishLocal", body)))
+        assert not os.path.exists(path)
+    with pytest.raises(torch_tq.NotFound):
+        lc.get(unique_id, "bad2")
     for bad in ("../objects/1/x.arrow", "a" * 32 + ".arrow/..", "x.arrow"):
         body = json.dumps({"index_id": 1, "matrix_type": "x", "file": bad}).encode()
         with pytest.raises(pa.ArrowInvalid, match="staged file name"):

@@ -266,8 +266,10 @@ class Store:
 
     def publish_staged(self, key: Key, path: str) -> Entry:
         """Publishes a matrix file a same-host client wrote in the staging directory, after
-        checking it completely (format, trailer, every batch's digest, the size limit).
-        The server stays the authority: nothing unchecked becomes visible.
+        checking it: the format, the trailer, every batch's type, length and digest field
+        (not the digests themselves: every read verifies those, and hashing here would cost
+        a pass over the data), and the size limit. The server stays the authority: nothing
+        it could not read becomes visible.
 
         Raises:
             InvalidArgument: the file is not a complete, valid matrix of ``key``.
@@ -277,19 +279,27 @@ class Store:
 
         if not isinstance(self.backend, FileBackend):
             raise InvalidArgument("same-host uploads need a disk store")
+        bad = f"staged file for {key} is invalid"
         try:
-            reader = MatrixReader(_FileSource(path, key), key, digests=True)
+            source = _FileSource(path, key)
         except NotFound:
             raise InvalidArgument(f"staged file for {key} is missing") from None
         except InternalError as e:
-            raise InvalidArgument(f"staged file for {key} is invalid: {e.message}") from None
+            raise InvalidArgument(f"{bad}: {e.message}") from None
         try:
+            reader = MatrixReader(source, key, digests=False)
+            self.check_size(key, reader.entry.nbytes)
+            for i in range(source.num_record_batches):
+                _, md = source.get_batch_with_custom_metadata(i)
+                if DIGEST_KEY not in (md or {}):
+                    raise InternalError(f"batch {i} carries no digest")
             for _ in reader.batches():
                 pass
         except InternalError as e:
-            raise InvalidArgument(f"staged file for {key} is invalid: {e.message}") from None
+            raise InvalidArgument(f"{bad}: {e.message}") from None
+        finally:
+            source.close()
         entry = reader.entry
-        self.check_size(key, entry.nbytes)
         with self._stripe(key.index_id):
             try:
                 self.backend.adopt(key, path)

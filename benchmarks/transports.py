@@ -1,0 +1,177 @@
+"""The transports side by side, in one run: gRPC, same-host, and the baselines.
+
+For a ``-n`` matrix (default 256 MiB float32) and a ``--small`` one (default 1 KiB):
+
+* **grpc**: ``Client(same_host=False)`` against a disk-store server (fsync on, its
+  default) and against a memory-store server;
+* **same-host**: ``Client(same_host=True)`` against the same disk-store server: get maps
+  the stored file, put stages a file the server checks and publishes;
+* baselines: **memcpy** of the same bytes into a reused buffer; raw loopback **TCP**
+  between two Python processes (``sendall``/``recv_into`` a reused buffer); **write+fsync**
+  of the same bytes to a file in the store's directory (what a durable put cannot beat);
+  ``ucx_perftest`` when it is on the PATH.
+
+Large figures are GB/s (medians of ``--runs``); small ones are p50/p99 latency in µs over
+``--small-count`` calls. A get returns a usable tensor: every byte has been read once
+(same-host gets verify each batch's digest, which reads it). The last lines print the
+ratios the project tracks.
+
+Example:
+    python benchmarks/transports.py -n 256MiB --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import torch_tq
+from torch_tq._config import parse_size
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from roundtrip import TcpBaseline  # noqa: E402  (the same raw TCP baseline)
+
+
+def _median_time(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _latency(fn, count: int) -> tuple[float, float]:
+    for _ in range(min(100, count)):
+        fn()
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6
+
+
+def _write_fsync(path: str, data: np.ndarray) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.unlink(path)
+
+
+def _ucx_perftest(size: int) -> float | None:
+    exe = shutil.which("ucx_perftest")
+    if exe is None:
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([exe, "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        out = subprocess.run([exe, "127.0.0.1", "-p", str(port), "-t", "tag_bw", "-s", str(size),
+                              "-n", "20"], capture_output=True, text=True, timeout=60).stdout
+        for line in reversed(out.splitlines()):
+            parts = line.split()
+            if len(parts) > 6 and parts[0].isdigit():
+                return float(parts[-3]) * 1e6 / 1e9  # MB/s column -> GB/s
+    except (subprocess.TimeoutExpired, ValueError):
+        return None
+    finally:
+        server.kill()
+        server.wait()
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-n", "--size", type=parse_size, default=256 << 20)
+    ap.add_argument("--small", type=parse_size, default=1024)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--small-count", type=int, default=1000)
+    args = ap.parse_args(argv)
+    size, runs = args.size, args.runs
+
+    big = torch.randn(size // 4)
+    small = torch.randn(max(1, args.small // 4))
+    gbps: dict[str, float] = {}
+    lat: dict[str, tuple[float, float]] = {}
+
+    dst = np.empty(size, np.uint8)
+    src = big.view(torch.uint8).numpy()
+    dst[:] = src
+    gbps["memcpy"] = size / _median_time(lambda: np.copyto(dst, src), runs) / 1e9
+    tcp = TcpBaseline(size)
+    try:
+        gbps["tcp put"] = size / _median_time(lambda: tcp.put(src), runs) / 1e9
+        gbps["tcp get"] = size / _median_time(lambda: tcp.get(dst), runs) / 1e9
+    finally:
+        tcp.close()
+
+    tmp = tempfile.mkdtemp(prefix="tq-transports-")
+    try:
+        with torch_tq.start_server(data_dir=tmp, qps=0, stderr=open(os.devnull, "w")) as disk, \
+             torch_tq.start_server(storage="memory", qps=0, stderr=open(os.devnull, "w")) as mem:
+            probe = os.path.join(tmp, "fsync-probe")
+            gbps["write+fsync"] = size / _median_time(lambda: _write_fsync(probe, src), runs) / 1e9
+            clients = {
+                "grpc memory": torch_tq.Client(mem.location, same_host=False),
+                "grpc disk": torch_tq.Client(disk.location, same_host=False),
+                "same-host disk": torch_tq.Client(disk.location, same_host=True),
+            }
+            assert clients["same-host disk"].transport == "same-host"
+            for name, c in clients.items():
+                c.put(1, "big", big)  # warm-up, and a check
+                assert torch.equal(c.get(1, "big"), big)
+                gbps[f"{name} put"] = size / _median_time(lambda c=c: c.put(1, "big", big), runs) / 1e9
+                gbps[f"{name} get"] = size / _median_time(lambda c=c: c.get(1, "big"), runs) / 1e9
+                c.put(2, "small", small)
+                lat[f"{name} put"] = _latency(lambda c=c: c.put(2, "small", small),
+                                              max(10, args.small_count // 10))
+                lat[f"{name} get"] = _latency(lambda c=c: c.get(2, "small"), args.small_count)
+                c.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    perftest = _ucx_perftest(size)
+
+    print(f"{size} bytes, medians of {runs} runs (GB/s)")
+    for name, value in gbps.items():
+        print(f"  {name:<22}{value:8.2f}")
+    print(f"  {'ucx_perftest tag_bw':<22}{perftest:8.2f}" if perftest else
+          "  ucx_perftest           not on PATH")
+    print(f"{args.small} bytes, {args.small_count} calls (latency µs, p50 / p99)")
+    for name, (p50, p99) in lat.items():
+        print(f"  {name:<22}{p50:8.0f} /{p99:8.0f}")
+    print("ratios:")
+    print(f"  same-host get {gbps['same-host disk get']:.2f} GB/s (target >= 8) = "
+          f"{gbps['same-host disk get'] / gbps['grpc disk get']:.2f}x grpc get, "
+          f"{gbps['same-host disk get'] / gbps['memcpy']:.2f}x memcpy")
+    print(f"  same-host put (disk store, fsync) = "
+          f"{gbps['same-host disk put'] / gbps['write+fsync']:.2f}x write+fsync (target >= 0.8)")
+    print(f"  small get p50: same-host {lat['same-host disk get'][0]:.0f} µs (target <= 150), "
+          f"grpc {lat['grpc disk get'][0]:.0f} µs")
+    return 0
+
+
+if __name__ == "__main__":
+    mp.set_start_method("spawn", force=True)
+    sys.exit(main())
