@@ -56,6 +56,7 @@ setup(
     ],
     extras_require={
         "snappy": ["cramjam>=2.7"],
+        "ucx": ["ucxx-cu12>=0.52"],
         "test": ["pytest>=7", "hypothesis>=6", "pandas>=2", "torchdata>=0.9", "cramjam>=2.7"],
     },
     entry_points={"console_scripts": ["torch-tq=torch_tq.cli:main"]},

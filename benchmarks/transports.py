@@ -2,10 +2,12 @@
 
 For a ``-n`` matrix (default 256 MiB float32) and a ``--small`` one (default 1 KiB):
 
-* **grpc**: ``Client(same_host=False)`` against a disk-store server (fsync on, its
+* **grpc**: ``Client(transport="grpc")`` against a disk-store server (fsync on, its
   default) and against a memory-store server;
-* **same-host**: ``Client(same_host=True)`` against the same disk-store server: get maps
-  the stored file, put stages a file the server checks and publishes;
+* **same-host**: ``Client(transport="same-host")`` against the same disk-store server: get
+  maps the stored file, put stages a file the server checks and publishes;
+* **ucx**: ``Client(["ucx://...", "grpc://..."], transport="ucx")`` against the
+  memory-store server, when ucxx is installed (bytes over UCX, control over gRPC);
 * baselines: **memcpy** of the same bytes into a reused buffer; raw loopback **TCP**
   between two Python processes (``sendall``/``recv_into`` a reused buffer); **write+fsync**
   of the same bytes to a file in the store's directory (what a durable put cannot beat);
@@ -77,6 +79,14 @@ def _write_fsync(path: str, data: np.ndarray) -> None:
     os.unlink(path)
 
 
+def _have_ucxx() -> bool:
+    try:
+        import ucxx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _ucx_perftest(size: int) -> float | None:
     exe = shutil.which("ucx_perftest")
     if exe is None:
@@ -134,10 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             probe = os.path.join(tmp, "fsync-probe")
             gbps["write+fsync"] = size / _median_time(lambda: _write_fsync(probe, src), runs) / 1e9
             clients = {
-                "grpc memory": torch_tq.Client(mem.location, same_host=False),
-                "grpc disk": torch_tq.Client(disk.location, same_host=False),
-                "same-host disk": torch_tq.Client(disk.location, same_host=True),
+                "grpc memory": torch_tq.Client(mem.location, transport="grpc"),
+                "grpc disk": torch_tq.Client(disk.location, transport="grpc"),
+                "same-host disk": torch_tq.Client(disk.location, transport="same-host"),
             }
+            if _have_ucxx():
+                host = mem.location.split("://", 1)[1].rsplit(":", 1)[0]
+                clients["ucx memory"] = torch_tq.Client([f"ucx://{host}:8081", mem.location],
+                                                        transport="ucx")
             assert clients["same-host disk"].transport == "same-host"
             for name, c in clients.items():
                 c.put(1, "big", big)  # warm-up, and a check
@@ -169,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{gbps['same-host disk put'] / gbps['write+fsync']:.2f}x write+fsync (target >= 0.8)")
     print(f"  small get p50: same-host {lat['same-host disk get'][0]:.0f} µs (target <= 150), "
           f"grpc {lat['grpc disk get'][0]:.0f} µs")
+    if "ucx memory get" in gbps:
+        print(f"  ucx get {gbps['ucx memory get']:.2f} GB/s = "
+              f"{gbps['ucx memory get'] / gbps['grpc memory get']:.2f}x grpc get (target >= 2), "
+              f"ucx put = {gbps['ucx memory put'] / gbps['grpc memory put']:.2f}x grpc put; "
+              f"small get p50 {lat['ucx memory get'][0]:.0f} µs")
+    else:
+        print("  ucx: not measured (ucxx is not installed)")
     return 0
 
 

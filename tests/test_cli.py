@@ -115,6 +115,7 @@ def test_demo_runs_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "bit-exact yes" in out
+    assert "transport same-host" in out  # the demo's disk store is on this host
     assert re.search(r"put .* GB/s", out) and re.search(r"get .* GB/s", out)
     assert "types=['prompt']" in out
 

@@ -21,9 +21,19 @@ from torch_tq.codec import DTYPES
 from .test_codec import bits, random_tensor
 
 
-# Every test here runs on each transport: gRPC (memory store) and same-host (disk store,
-# the client mapping and staging the files itself).
-TRANSPORTS = ["grpc", "same-host"]
+# Every test here runs on each transport: gRPC (memory store), same-host (disk store, the
+# client mapping and staging the files itself) and UCX (memory store), when ucxx is here.
+try:
+    import ucxx  # noqa: F401
+
+    TRANSPORTS = ["grpc", "same-host", "ucx"]
+except ImportError:
+    TRANSPORTS = ["grpc", "same-host"]
+
+
+def _ucx_locations(location: str) -> list[str]:
+    host = location.split("://", 1)[1].rsplit(":", 1)[0]
+    return [f"ucx://{host}:8081", location]
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +45,12 @@ def same_host_server(tmp_path_factory):
 @pytest.fixture(params=TRANSPORTS)
 def client(request, memory_server):
     if request.param == "grpc":
-        c = torch_tq.Client(memory_server.location, same_host=False)
+        c = torch_tq.Client(memory_server.location, transport="grpc")
+    elif request.param == "ucx":
+        c = torch_tq.Client(_ucx_locations(memory_server.location), transport="ucx")
     else:
-        c = torch_tq.Client(request.getfixturevalue("same_host_server").location, same_host=True)
+        c = torch_tq.Client(request.getfixturevalue("same_host_server").location,
+                            transport="same-host")
     assert c.transport == request.param
     with c:
         yield c
@@ -46,15 +59,16 @@ def client(request, memory_server):
 @pytest.fixture(scope="module", params=TRANSPORTS)
 def tiny_client(request, tmp_path_factory):
     """Stores 1 KiB batches, so small matrices already stream as many batches."""
-    if request.param == "grpc":
-        srv = torch_tq.start_server(storage="memory", chunk_bytes="1KiB")
-    else:
+    if request.param == "same-host":
         srv = torch_tq.start_server(data_dir=str(tmp_path_factory.mktemp("tiny")),
                                     chunk_bytes="1KiB", durable=False)
-    with srv, torch_tq.Client(srv.location, chunk_bytes=1024,
-                              same_host=request.param == "same-host") as c:
-        assert c.transport == request.param
-        yield c
+    else:
+        srv = torch_tq.start_server(storage="memory", chunk_bytes="1KiB")
+    with srv:
+        where = _ucx_locations(srv.location) if request.param == "ucx" else srv.location
+        with torch_tq.Client(where, chunk_bytes=1024, transport=request.param) as c:
+            assert c.transport == request.param
+            yield c
 
 
 shapes = st.lists(st.integers(0, 40), min_size=0, max_size=4).map(tuple).filter(
@@ -177,7 +191,8 @@ def test_client_used_in_a_spawned_process(client, unique_id, memory_server):
 
 
 def test_checksum_option(client, unique_id):
-    with torch_tq.Client(client.location, checksum=True, same_host=client.same_host) as c:
+    where = [*client.ucx_locations, client.location]
+    with torch_tq.Client(where, checksum=True, transport=client.transport_mode) as c:
         t = torch.randn(3, 1 << 20)
         c.put(unique_id, "prompt", t)
         assert torch.equal(c.get(unique_id, "prompt"), t)

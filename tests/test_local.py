@@ -28,23 +28,21 @@ def disk(tmp_path_factory):
 
 @pytest.fixture
 def lc(disk):
-    with torch_tq.Client(disk.location, same_host=True, chunk_bytes="256KiB") as c:
+    with torch_tq.Client(disk.location, transport="same-host", chunk_bytes="256KiB") as c:
         yield c
 
 
 def test_detection_and_choice(disk, memory_server):
     assert torch_tq.Client(disk.location).transport == "same-host"  # auto
-    assert torch_tq.Client(disk.location, same_host=False).transport == "grpc"
+    assert torch_tq.Client(disk.location, transport="grpc").transport == "grpc"
     assert torch_tq.Client(memory_server.location).transport == "grpc"  # auto: memory store
-    with pytest.raises(torch_tq.Unavailable, match="same_host=True.*memory store"):
-        torch_tq.Client(memory_server.location, same_host=True).put(1, "x", torch.ones(1))
-    os.environ["TORCH_TQ_SAME_HOST"] = "0"
+    with pytest.raises(torch_tq.Unavailable, match="transport='same-host'.*memory store"):
+        torch_tq.Client(memory_server.location, transport="same-host").put(1, "x", torch.ones(1))
+    os.environ["TORCH_TQ_TRANSPORT"] = "grpc"
     try:
         assert torch_tq.Client(disk.location).transport == "grpc"
     finally:
-        del os.environ["TORCH_TQ_SAME_HOST"]
-    with pytest.raises(torch_tq.InvalidArgument):
-        torch_tq.Client(disk.location, same_host="sometimes")
+        del os.environ["TORCH_TQ_TRANSPORT"]
 
 
 def test_directory_not_visible_means_grpc(disk, tmp_path):
@@ -57,7 +55,7 @@ def test_directory_not_visible_means_grpc(disk, tmp_path):
 
 
 def test_same_host_and_grpc_see_the_same_store(disk, lc, unique_id):
-    remote = torch_tq.Client(disk.location, same_host=False)
+    remote = torch_tq.Client(disk.location, transport="grpc")
     t = torch.randn(300, 1000)  # several 256 KiB batches
     lc.put(unique_id, "prompt", t)
     assert torch.equal(remote.get(unique_id, "prompt"), t)
@@ -95,7 +93,7 @@ def test_concurrent_overwrites_never_show_a_mix(disk, lc, unique_id):
     errors: list[BaseException] = []
 
     def writer() -> None:
-        w = torch_tq.Client(disk.location, same_host=True, chunk_bytes="256KiB")
+        w = torch_tq.Client(disk.location, transport="same-host", chunk_bytes="256KiB")
         i = 1
         while not stop.is_set():
             try:
@@ -138,7 +136,7 @@ def test_staged_files_are_checked_by_the_server(disk, lc, unique_id):
     with pytest.raises(torch_tq.InternalError, match="failed its checksum"):
         lc.get(unique_id, "bad")
     with pytest.raises(torch_tq.InternalError, match="failed its checksum"):
-        torch_tq.Client(disk.location, same_host=False).get(unique_id, "bad")
+        torch_tq.Client(disk.location, transport="grpc").get(unique_id, "bad")
     # a truncated file, or one that is not a matrix file at all, is refused
     for damage in (lambda b: b[: len(b) // 2], lambda b: b"not arrow at all"):
         name = store.stage(torch_tq.protocol.Key(unique_id, "bad2"),
@@ -165,7 +163,7 @@ def test_staged_files_are_checked_by_the_server(disk, lc, unique_id):
 
 def test_refused_put_leaves_nothing_staged(tmp_path):
     with torch_tq.start_server(data_dir=str(tmp_path), max_matrix_bytes="1MiB") as srv:
-        c = torch_tq.Client(srv.location, same_host=True)
+        c = torch_tq.Client(srv.location, transport="same-host")
         with pytest.raises(torch_tq.InvalidArgument, match="matrix too large"):
             c.put(1, "big", torch.zeros(1 << 19))
         c.put(2, "ok", torch.ones(10))

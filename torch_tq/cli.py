@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         chunk_bytes=args.chunk_bytes,
         max_matrix_bytes=args.max_matrix_bytes,
         compression=args.compression,
+        ucx=args.ucx,
         **{name: getattr(args, name) for name in LIMIT_OPTIONS},
         shutdown_grace=args.shutdown_grace,
         _watch_stdin=args.watch_stdin,
@@ -63,7 +64,8 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         with start_server(data_dir=data_dir, storage=args.storage, stderr=log_file) as srv:
             print(f"server    {srv.location}  ({args.storage} store in {data_dir}, pid {srv.pid})")
-            client = Client(srv.location)
+            client = Client(srv.location, transport=args.transport)
+            print(f"transport {client.transport}")
             tensor = torch.randn(shape, generator=torch.Generator().manual_seed(0))
             size = tensor.numel() * tensor.element_size()
             desc = f"index_id=12345 type=prompt float32{list(shape)} {size / 2**20:.1f} MiB"
@@ -126,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-bytes", type=parse_size, default=None, help="record batch size (4MiB)")
     s.add_argument("--max-matrix-bytes", type=parse_size, default=None,
                    help="per-matrix limit (default 10GB)")
+    u = s.add_mutually_exclusive_group()
+    u.add_argument("--ucx", dest="ucx", action="store_true", default=None,
+                   help="offer the UCX data plane (default; needs ucxx)")
+    u.add_argument("--no-ucx", dest="ucx", action="store_false",
+                   help="do not offer the UCX data plane")
     s.add_argument("--compression", choices=["zstd", "lz4", "none"], default=None,
                    help="compress the disk store's files (default none)")
     lim = s.add_argument_group("limits (0 switches one off)")
@@ -150,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--storage", choices=["disk", "memory"], default="disk")
     d.add_argument("--data-dir", default=None, help="default: a temporary directory")
     d.add_argument("--repeat", type=int, default=3, help="warm rounds after the first (default 3)")
+    d.add_argument("--transport", choices=["auto", "grpc", "same-host", "ucx"], default="auto",
+                   help="how the client moves the bytes (default auto: same-host here)")
     d.set_defaults(func=_demo)
 
     st = sub.add_parser("stats", help="print a server's Stats (calls, errors, bytes, ...) as JSON")

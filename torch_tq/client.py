@@ -7,9 +7,11 @@ is unpickled (it pickles as its recipe: location and settings).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
+import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +90,7 @@ def normalize_location(location: str) -> str:
 
 
 _DEFAULT: Any = object()  # "the client's setting"
+log = logging.getLogger(__name__)
 
 
 def _key(index_id: Any, matrix_type: Any) -> Key:
@@ -131,7 +134,9 @@ class Client:
 
     Args:
         location: ``grpc://HOST:PORT`` (or ``HOST:PORT``); default ``TORCH_TQ_LOCATION`` or
-            ``grpc://127.0.0.1:8080``.
+            ``grpc://127.0.0.1:8080``. Or a list such as ``["ucx://HOST:8081",
+            "grpc://HOST:8080"]`` (the seed's form; ``rdma://`` is accepted for ``ucx://``):
+            UCX is preferred, the gRPC location is the control plane and the fallback.
         timeout: seconds each call may take (``None``: no limit); default 60.
         chunk_bytes: record batch size for uploads (default 4MiB).
         checksum: send an XXH3-64 digest with each upload, checked by the server before it
@@ -143,11 +148,13 @@ class Client:
         compression: ``"zstd"``, ``"lz4"`` or ``"snappy"`` on the wire for this client's
             puts and gets (each call may override it); off by default: on a fast network it
             costs more CPU than it saves (``benchmarks/compression.py``).
-        same_host: ``"auto"`` (default; ``TORCH_TQ_SAME_HOST``): when the server runs on this
-            host with a disk store this process can see, ``get`` maps the stored files and
-            ``put`` stages files the server checks and publishes, instead of copying through
-            a socket (:mod:`torch_tq.local`); ``True`` insists (raises when it cannot);
-            ``False`` always uses gRPC.
+        transport: how matrices move (``TORCH_TQ_TRANSPORT``): ``"auto"`` (default) uses
+            the same-host path when the server runs on this host with a disk store this
+            process can see (:mod:`torch_tq.local`), else UCX when a ``ucx://`` (or
+            ``rdma://``) location is given and UCX works (:mod:`torch_tq.ucx`), else gRPC,
+            falling back to gRPC for good when a UCX transfer fails; ``"same-host"``,
+            ``"ucx"`` or ``"grpc"`` insist on one (raising :class:`Unavailable` when it
+            cannot be had). gRPC always carries the control calls.
 
     Example:
         >>> client = torch_tq.Client("grpc://127.0.0.1:8080")  # doctest: +SKIP
@@ -165,11 +172,10 @@ class Client:
         client_id: str | None = None,
         retry_deadline: float = 30.0,
         compression: str | None = None,
-        same_host: bool | str | None = None,
+        transport: str | None = None,
     ) -> None:
-        self.location = normalize_location(
-            resolve(location, "LOCATION", f"grpc://127.0.0.1:{DEFAULT_PORT}")
-        )
+        self.location, self.ucx_locations = _split_locations(
+            resolve(location, "LOCATION", f"grpc://127.0.0.1:{DEFAULT_PORT}"))
         self.timeout = timeout
         self.chunk_bytes = parse_size(resolve(chunk_bytes, "CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
         self.checksum = checksum
@@ -178,10 +184,14 @@ class Client:
             raise InvalidArgument("client_id must be a string of 1-128 characters")
         self.retry_deadline = float(retry_deadline)
         self.compression = protocol.validate_compression(compression)
-        self.same_host = _parse_same_host(resolve(same_host, "SAME_HOST", "auto"))
-        self._local_state: tuple[int, Any] = (-1, None)  # (pid, LocalStore or None)
+        self.transport_mode = resolve(transport, "TRANSPORT", "auto")
+        if self.transport_mode not in _TRANSPORTS:
+            raise InvalidArgument(
+                f"transport must be one of {list(_TRANSPORTS)}, got {self.transport_mode!r}")
+        self._route_state: tuple[int, str, Any] = (-1, "grpc", None)  # (pid, kind, state)
         self._headers = [(CLIENT_ID_HEADER.encode(), self.client_id.encode())]
         self._lock = threading.Lock()
+        self._route_lock = threading.Lock()
         self._conn: flight.FlightClient | None = None
         self._pid = -1
         self._pool: list[flight.FlightClient] = []  # more connections, for parallel streams
@@ -194,9 +204,10 @@ class Client:
     # ------------------------------------------------------------------ plumbing
 
     def __reduce__(self):
-        return (_rebuild, (self.location, self.timeout, self.chunk_bytes, self.checksum,
+        locations = [*self.ucx_locations, self.location] if self.ucx_locations else self.location
+        return (_rebuild, (locations, self.timeout, self.chunk_bytes, self.checksum,
                            self.client_id, self.retry_deadline, self.compression,
-                           self.same_host))
+                           self.transport_mode))
 
     def __repr__(self) -> str:
         return f"Client({self.location!r})"
@@ -220,33 +231,77 @@ class Client:
         timeout = self.timeout + extra_timeout if self.timeout is not None else None
         return flight.FlightCallOptions(timeout=timeout, headers=self._headers, **kwargs)
 
-    def _local(self):
-        """The same-host view of the server's store, or None (decided once per process)."""
-        if self.same_host is False:
-            return None
-        pid, store = self._local_state
+    def _route(self) -> tuple[str, Any]:
+        """How this process moves matrices: ``("same-host", LocalStore)``, ``("ucx",
+        server worker address)`` or ``("grpc", None)``; decided once per process."""
+        pid, kind, state = self._route_state
         if pid == os.getpid():
-            return store
+            return kind, state
+        with self._route_lock:
+            pid, kind, state = self._route_state
+            if pid != os.getpid():
+                kind, state = self._choose()
+                self._route_state = (os.getpid(), kind, state)
+        return kind, state
+
+    def _choose(self) -> tuple[str, Any]:
+        mode = self.transport_mode
+        reasons = []
+        if mode in ("auto", "same-host"):
+            store, reason = self._try_same_host()
+            if store is not None:
+                return "same-host", store
+            if mode == "same-host":
+                raise Unavailable(f"transport='same-host', but the server cannot be reached "
+                                  f"that way: {reason}")
+            reasons.append(f"same-host: {reason}")
+        if mode == "ucx" or (mode == "auto" and self.ucx_locations):
+            try:
+                from torch_tq import ucx
+
+                rt = ucx.runtime()
+                info = self._action(protocol.UCX_INFO, {}, "ucx info")
+                address = ucx.decode_address(info["address"])
+                rt.run(rt.endpoint(address), ucx.DEFAULT_TIMEOUT_S)
+                log.info("torch_tq client %s: transport ucx", self.location)
+                return "ucx", address
+            except TQError as e:
+                if mode == "ucx":
+                    raise Unavailable(f"transport='ucx', but UCX cannot be used: {e}") from None
+                log.warning("torch_tq client %s: UCX unavailable (%s); using gRPC",
+                            self.location, e)
+        return "grpc", None
+
+    def _try_same_host(self) -> tuple[Any, str]:
         from torch_tq import local
 
-        store, reason = None, ""
         try:
             info = self._action(protocol.LOCAL_INFO, {"host_id": local.host_id()}, "local info")
-            store = local.attach(info, self.chunk_bytes)
-            reason = info.get("reason") or ("" if store else "its directory is not visible here")
-        except TQError as e:
-            if self.same_host is True or not isinstance(e, InvalidArgument):
-                raise
-            reason = "the server has no same-host access"
-        if store is None and self.same_host is True:
-            raise Unavailable(f"same_host=True, but the server cannot be reached that way: {reason}")
-        self._local_state = (os.getpid(), store)
-        return store
+        except InvalidArgument:
+            return None, "the server has no same-host access"
+        store = local.attach(info, self.chunk_bytes)
+        if store is None:
+            return None, info.get("reason") or "its directory is not visible here"
+        return store, ""
+
+    def _local(self):
+        kind, state = self._route()
+        return state if kind == "same-host" else None
+
+    def _ucx_address(self):
+        kind, state = self._route()
+        return state if kind == "ucx" else None
+
+    def _ucx_failed(self, error: BaseException) -> None:
+        """A UCX transfer failed (the endpoint died, a timeout): gRPC from now on."""
+        log.warning("torch_tq client %s: UCX transfer failed (%s); falling back to gRPC",
+                    self.location, error)
+        self._route_state = (os.getpid(), "grpc", None)
 
     @property
     def transport(self) -> str:
-        """How this client moves matrices: ``"same-host"`` or ``"grpc"``."""
-        return "same-host" if self._local() is not None else "grpc"
+        """How this client moves matrices now: ``"same-host"``, ``"ucx"`` or ``"grpc"``."""
+        return self._route()[0]
 
     @contextlib.contextmanager
     def _pooled(self) -> Iterator[flight.FlightClient]:
@@ -325,11 +380,77 @@ class Client:
         """
         key = _key(index_id, matrix_type)
         dtype, shape, flat = codec.tensor_values(tensor)
-        store = self._local()
-        if store is not None:
-            self._put_local(store, key, dtype, shape, flat)
+        kind, state = self._route()
+        if kind == "same-host":
+            self._put_local(state, key, dtype, shape, flat)
             return
+        if kind == "ucx":
+            try:
+                self._put_ucx(state, key, dtype, shape, flat)
+                return
+            except _UcxTransferError as e:
+                self._ucx_failed(e.__cause__ or e)
         self._put_to(self._flight, key, dtype, shape, flat, self._compression(compression))
+
+    def _put_ucx(self, address: bytes, key: Key, dtype: codec.DType, shape, flat) -> None:
+        from torch_tq import ucx
+
+        rt = ucx.runtime()
+        raw = flat.view(np.uint8).reshape(-1) if flat.size else np.empty(0, np.uint8)
+        sizes = ucx.split(raw.nbytes, self.chunk_bytes)
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(raw[start : start + size])
+            start += size
+        tag = random.getrandbits(64)
+        sending = rt.submit(asyncio.wait_for(rt.send_parts(address, tag, parts),
+                                             ucx.DEFAULT_TIMEOUT_S))
+        body = {"index_id": key.index_id, "matrix_type": key.matrix_type, "shape": list(shape),
+                "dtype": dtype.name, "nbytes": raw.nbytes, "parts": sizes,
+                "address": rt.address_b64, "tag": tag}
+        if self.checksum:
+            body["xxh3"] = xxhash.xxh3_64_hexdigest(memoryview(raw))
+        try:
+            self._action(protocol.UCX_PUT, body, f"put {key}")
+        except Unavailable as e:
+            sending.cancel()
+            if e.retry_after_ms is not None:
+                raise
+            raise _UcxTransferError(str(e)) from e
+        except BaseException:
+            sending.cancel()  # refused: the server received nothing
+            raise
+        try:
+            sending.result(ucx.DEFAULT_TIMEOUT_S)
+        except Exception as e:  # the server stored it, so the bytes did arrive
+            log.debug("UCX send of %s reported %s after the server's ack", key, e)
+
+    def _get_ucx(self, address: bytes, key: Key, out, shared):
+        from torch_tq import ucx
+
+        rt = ucx.runtime()
+        tag = random.getrandbits(64)
+        body = {"index_id": key.index_id, "matrix_type": key.matrix_type,
+                "address": rt.address_b64, "tag": tag}
+        reply = self._action(protocol.UCX_GET, body, f"get {key}")
+        dtype, shape = codec.DTYPES[reply["dtype"]], tuple(reply["shape"])
+        assembler = codec.TensorAssembler(dtype, shape, out, shared)
+        result = assembler.allocate()
+        whole = codec._byte_view(result) if result.numel() else np.empty(0, np.uint8)
+        if sum(reply["parts"]) != whole.nbytes:
+            raise InternalError(f"get {key}: the server announced {sum(reply['parts'])} bytes "
+                                f"for {whole.nbytes}")
+        views, start = [], 0
+        for size in reply["parts"]:
+            views.append(whole[start : start + size])
+            start += size
+        try:
+            rt.run(rt.recv_parts(address, tag, views), ucx.DEFAULT_TIMEOUT_S)
+        except Exception as e:
+            rt.forget(address)
+            raise _UcxTransferError(str(e)) from e
+        self._count_get(0)
+        return result
 
     def _put_local(self, store, key: Key, dtype: codec.DType, shape, flat) -> None:
         try:
@@ -427,11 +548,16 @@ class Client:
             InternalError: the stored data failed its checksum, or the server failed.
         """
         key = _key(index_id, matrix_type)
-        store = self._local() if device is None and not pin_memory else None
-        if store is not None:
-            result, copied = store.read(key, out, shared)
+        kind, state = self._route() if device is None and not pin_memory else ("grpc", None)
+        if kind == "same-host":
+            result, copied = state.read(key, out, shared)
             self._count_get(copied)
             return result
+        if kind == "ucx":
+            try:
+                return self._get_ucx(state, key, out, shared)
+            except _UcxTransferError as e:
+                self._ucx_failed(e.__cause__ or e)
         return self._get_from(self._flight, key, out, shared, device, pin_memory, non_blocking,
                               self._compression(compression))
 
@@ -916,23 +1042,37 @@ def _to_device(t, device, non_blocking: bool = False):
     return moved
 
 
-def _rebuild(location: str, timeout: float | None, chunk_bytes: int, checksum: bool,
+def _rebuild(location, timeout: float | None, chunk_bytes: int, checksum: bool,
              client_id: str | None = None, retry_deadline: float = 30.0,
-             compression: str | None = None, same_host: bool | str = "auto") -> Client:
+             compression: str | None = None, transport: str = "auto") -> Client:
     return Client(location, timeout=timeout, chunk_bytes=chunk_bytes, checksum=checksum,
                   client_id=client_id, retry_deadline=retry_deadline, compression=compression,
-                  same_host=same_host)
+                  transport=transport)
 
 
-def _parse_same_host(value) -> bool | str:
-    if value in (True, False, "auto"):
-        return value
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low == "auto":
-            return "auto"
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-    raise InvalidArgument(f"same_host must be True, False or 'auto', got {value!r}")
+_TRANSPORTS = ("auto", "grpc", "ucx", "same-host")
+
+
+class _UcxTransferError(Exception):
+    """The UCX data plane failed (not the server's answer): retry over gRPC."""
+
+
+def _split_locations(location) -> tuple[str, list[str]]:
+    """``"grpc://h:p"`` or a list of gRPC and ``ucx://``/``rdma://`` locations -> (the gRPC
+    control location, the UCX locations)."""
+    if isinstance(location, str):
+        location = [location]
+    if not isinstance(location, (list, tuple)) or not location:
+        raise InvalidArgument(f"location must be a string or a list of them, got {location!r}")
+    grpc_locs, ucx_locs = [], []
+    for loc in location:
+        if isinstance(loc, str) and loc.split("://", 1)[0] in ("ucx", "rdma") and "://" in loc:
+            ucx_locs.append("ucx://" + loc.split("://", 1)[1])
+        else:
+            grpc_locs.append(normalize_location(loc))
+    if len(grpc_locs) > 1:
+        raise InvalidArgument(f"more than one gRPC location: {grpc_locs}")
+    if not grpc_locs:  # only UCX named: the control plane is on the same host, default port
+        host = ucx_locs[0].split("://", 1)[1].rsplit(":", 1)[0]
+        grpc_locs.append(normalize_location(f"{host}:{DEFAULT_PORT}"))
+    return grpc_locs[0], ucx_locs

@@ -427,6 +427,20 @@ class TensorAssembler:
             self.result = out
             self._dst = _byte_view(out)
 
+    def allocate(self) -> torch.Tensor:
+        """The result tensor, allocated now (``out``, shared memory or the pool) for a
+        caller that fills its bytes itself; :meth:`add` is not used then."""
+        import torch
+
+        if self.result is None:
+            if self.shared:
+                storage = torch.UntypedStorage._new_shared(
+                    max(1, self.numel * self.dtype.itemsize))
+                self.result = torch.empty(0, dtype=self.dtype.torch).set_(storage, 0, self.shape)
+            else:
+                self.result = empty_tensor(self.dtype, self.shape)
+        return self.result
+
     def add(self, arr: pa.Array) -> None:
         n = len(arr)
         if self.count + n > self.numel:

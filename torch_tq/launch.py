@@ -127,7 +127,11 @@ def start_server(
     if max_matrix_bytes is not None:
         cmd += ["--max-matrix-bytes", str(max_matrix_bytes)]
     for name, value in options.items():
-        if value is not None:
+        if value is None:
+            continue
+        if isinstance(value, bool):  # a switch: --name / --no-name
+            cmd.append(("--" if value else "--no-") + name.replace("_", "-"))
+        else:
             cmd += ["--" + name.replace("_", "-"), str(value)]
     child_env = dict(os.environ)
     child_env.update(env or {})

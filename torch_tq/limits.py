@@ -80,13 +80,22 @@ class Limits:
         return out
 
 
+class _Bucket:
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens = tokens
+        self.stamp = stamp
+
+
 class _Client:
-    __slots__ = ("tokens", "stamp", "active")
+    __slots__ = ("active", "stamp", "tokens", "ucx")
 
     def __init__(self, tokens: float, stamp: float) -> None:
         self.tokens = tokens
         self.stamp = stamp
         self.active = 0
+        self.ucx: _Bucket | None = None  # the UCX quota, made on first use
 
 
 class Limiter:
@@ -121,15 +130,16 @@ class Limiter:
         for key in [k for k, s in self._clients.items() if s.active == 0 and now - s.stamp > refill]:
             del self._clients[key]
 
-    def _refill(self, state: _Client, now: float) -> None:
-        qps = self.limits.qps
+    def _refill(self, bucket, now: float, qps: float | None = None) -> None:
+        qps = self.limits.qps if qps is None else qps
         if qps:
             burst = self.limits.burst(qps)
-            state.tokens = min(burst, state.tokens + (now - state.stamp) * qps)
-        state.stamp = now
+            bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * qps)
+        bucket.stamp = now
 
-    def admit(self, client: str) -> None:
+    def admit(self, client: str, ucx: bool = False) -> None:
         """Starts a call of ``client``, or raises :class:`Unavailable` with a retry hint.
+        ``ucx``: a transfer over UCX, which draws on the UCX quota (``qps_ucx``).
 
         A call that was admitted must be :meth:`release`-d exactly once."""
         lim = self.limits
@@ -144,13 +154,20 @@ class Limiter:
                 raise self._reject(
                     "client_streams", f"too many concurrent streams: client {client} has "
                     f"{state.active}, the limit is {lim.streams_per_client}", 0.05)
-            self._refill(state, now)
-            if lim.qps:
-                if state.tokens < 1:
+            qps = lim.qps_ucx if ucx else lim.qps
+            bucket = state
+            if ucx:
+                if state.ucx is None:
+                    state.ucx = _Bucket(lim.burst(lim.qps_ucx), now)
+                bucket = state.ucx
+            self._refill(bucket, now, qps)
+            if qps:
+                if bucket.tokens < 1:
                     raise self._reject(
-                        "qps", f"rate limit: client {client} is over {lim.qps:g} calls/s",
-                        (1 - state.tokens) / lim.qps)
-                state.tokens -= 1
+                        "qps_ucx" if ucx else "qps",
+                        f"rate limit: client {client} is over {qps:g} calls/s"
+                        f"{' over UCX' if ucx else ''}", (1 - bucket.tokens) / qps)
+                bucket.tokens -= 1
             state.active += 1
             self.active += 1
 

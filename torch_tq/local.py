@@ -12,7 +12,7 @@ client that can see the server's disk store does not copy through a socket at al
   asks the server (``PublishLocal``) to check it completely and rename it into place. The
   server stays the authority: nothing it has not checked becomes visible.
 
-Detection (``Client(same_host="auto")``): the client sends its host id (machine id, boot
+Detection (``Client(transport="auto")``): the client sends its host id (machine id, boot
 id and host name, hashed) in a ``LocalInfo`` action; a server on the same host with a disk
 store answers with its directory and a probe token it wrote there, and the client checks
 that it reads the same token through its own view of the filesystem (containers and other

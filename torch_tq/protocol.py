@@ -51,6 +51,9 @@ FINISH_STREAM = "FinishStream"
 REOPEN_STREAM = "ReopenStream"
 GROUP_STATUS = "GroupStatus"
 DELETE_GROUP = "DeleteGroup"
+UCX_INFO = "UcxInfo"
+UCX_GET = "UcxGet"
+UCX_PUT = "UcxPut"
 LOCAL_INFO = "LocalInfo"
 PUBLISH_LOCAL = "PublishLocal"
 BATCH_WRITE = "BatchWrite"  # a DoPut whose stream is a table of items
@@ -72,6 +75,11 @@ ACTION_DESCRIPTIONS = {
     REOPEN_STREAM: 'Clear the finished mark of matrix types: {"types": [...]}',
     GROUP_STATUS: 'Ready, leased and consumed counts of a consumer group: {"group": "g"}',
     DELETE_GROUP: 'Forget a consumer group and what it consumed: {"group": "g"}',
+    UCX_INFO: "The server's UCX worker address (base64), for the UCX data plane",
+    UCX_GET: 'Send a matrix over UCX: {"index_id": N, "matrix_type": "prompt", "address": '
+             '"<client worker address, base64>", "tag": T}; answers dtype, shape, parts',
+    UCX_PUT: 'Receive a matrix over UCX and store it: {"index_id", "matrix_type", "shape", '
+             '"dtype", "nbytes", "parts": [bytes...], "address", "tag", "xxh3"?}',
     LOCAL_INFO: 'Same-host access: the store directory, if the caller runs on this host: '
                 '{"host_id": "32 hex"}',
     PUBLISH_LOCAL: 'Check and publish a matrix file a same-host client staged: '
@@ -591,6 +599,42 @@ def parse_publish_local_body(raw: bytes) -> tuple[Key, str]:
     if not isinstance(body["file"], str) or not _STAGED_RE.fullmatch(body["file"]):
         raise InvalidArgument("file must be a staged file name: 32 hex digits + '.arrow'")
     return key, body["file"]
+
+
+def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:
+    """Parses a UcxGet/UcxPut body; ``address`` stays base64 text (the ucx module decodes)."""
+    what = f"{action} body"
+    body = parse_json_object(raw, what)
+    common = {"index_id", "matrix_type", "address", "tag"}
+    if action == UCX_GET:
+        _check_keys(body, common, common, what)
+    else:
+        required = common | {"shape", "dtype", "nbytes", "parts"}
+        _check_keys(body, required | {"xxh3"}, required, what)
+    out: dict[str, Any] = {
+        "key": Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"])),
+        "address": body["address"],
+        "tag": _validate_int(body["tag"], "tag", 0, 2**64 - 1),
+    }
+    if action == UCX_PUT:
+        from torch_tq.codec import DTYPES
+
+        out["shape"] = validate_shape(body["shape"])
+        if not isinstance(body["dtype"], str) or body["dtype"] not in DTYPES:
+            raise InvalidArgument(f"unsupported dtype {body['dtype']!r:.40}")
+        out["dtype"] = body["dtype"]
+        out["nbytes"] = _validate_int(body["nbytes"], "nbytes", 0, 2**62)
+        parts = body["parts"]
+        if not isinstance(parts, list) or len(parts) > 1 << 20:
+            raise InvalidArgument("parts must be a list of byte sizes")
+        out["parts"] = [_validate_int(p, "part size", 1, 2**62) for p in parts]
+        if sum(out["parts"]) != out["nbytes"]:
+            raise InvalidArgument("parts must add up to nbytes")
+        digest = body.get("xxh3")
+        if digest is not None and (not isinstance(digest, str) or not _HEX64_RE.fullmatch(digest)):
+            raise InvalidArgument("xxh3 must be 16 lower-case hex digits")
+        out["xxh3"] = digest
+    return out
 
 
 _HOST_ID_RE = re.compile(r"[0-9a-f]{32}", re.ASCII)

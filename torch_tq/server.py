@@ -13,6 +13,7 @@ INVALID_ARGUMENT exceptions holds no traceback (RELIABILITY.md §4).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -24,10 +25,11 @@ import traceback
 import uuid
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from torch_tq import batch as batch_ops, codec, local, protocol
+from torch_tq import batch as batch_ops, codec, local, protocol, ucx
 from torch_tq._config import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_HOST,
@@ -146,12 +148,17 @@ class _CallMiddlewareFactory(flight.ServerMiddlewareFactory):
 _MIDDLEWARE = "torch_tq"
 
 
-def _admit(server, context) -> None:
+_UCX_ACTIONS = {"ucxget", "ucx_get", "ucxput", "ucx_put"}
+
+
+def _admit(server, context, method: str, args) -> None:
     mw = context.get_middleware(_MIDDLEWARE)
     if mw is None:  # no middleware: nothing could release the call, so nothing is admitted
         return
     client = client_identity(mw.headers, context.peer())
-    server.limiter.admit(client)
+    # a transfer over UCX draws on the client's UCX quota (the seed's 10,000/s)
+    ucx_call = method == "do_action" and args and args[0].type.lower() in _UCX_ACTIONS
+    server.limiter.admit(client, ucx=bool(ucx_call))
     mw.client = client
 
 
@@ -169,7 +176,7 @@ def _guard(method):
         self.stats.begin(method.__name__)
         error = None
         try:
-            _admit(self, context)
+            _admit(self, context, method.__name__, args)
             return method(self, context, *args, **kwargs)
         except Exception as e:
             error = e
@@ -178,6 +185,16 @@ def _guard(method):
             self.stats.end(error)
 
     return wrapper
+
+
+def _log_ucx_failure(future, rt, address: bytes, what: str) -> None:
+    if future.cancelled():
+        return
+    error = future.exception()
+    if error is not None:
+        rt.forget(address)
+        log.warning("%s: UCX send failed (%s); the client falls back to gRPC",
+                    what, type(error).__name__)
 
 
 def _guard_iter(it: Iterator, where: str, stats: ServerStats | None = None) -> Iterator:
@@ -199,6 +216,12 @@ _ACTIONS = {
     "get_metadata": protocol.GET_METADATA,
     "health": protocol.HEALTH,
     "stats": protocol.STATS,
+    "ucxinfo": protocol.UCX_INFO,
+    "ucx_info": protocol.UCX_INFO,
+    "ucxget": protocol.UCX_GET,
+    "ucx_get": protocol.UCX_GET,
+    "ucxput": protocol.UCX_PUT,
+    "ucx_put": protocol.UCX_PUT,
     "localinfo": protocol.LOCAL_INFO,
     "local_info": protocol.LOCAL_INFO,
     "publishlocal": protocol.PUBLISH_LOCAL,
@@ -234,8 +257,10 @@ class TQFlightServer(flight.FlightServerBase):
         store: the storage engine it serves.
     """
 
-    def __init__(self, location: str, store: Store, limits: Limits | None = None, **kwargs) -> None:
+    def __init__(self, location: str, store: Store, limits: Limits | None = None,
+                 ucx_enabled: bool = True, **kwargs) -> None:
         self.store = store
+        self.ucx_enabled = ucx_enabled
         self.started = time.monotonic()
         self.stats = ServerStats()
         self.limits = limits or Limits()
@@ -440,6 +465,14 @@ class TQFlightServer(flight.FlightServerBase):
         elif name == protocol.STATS:
             protocol.parse_empty_body(body, "Stats body")
             result = {**self.health(), **self.stats.snapshot(), **self.limiter.snapshot()}
+        elif name == protocol.UCX_INFO:
+            protocol.parse_empty_body(body, "UcxInfo body")
+            result = {"success": True, "message": "success",
+                      "address": self._ucx_runtime().address_b64}
+        elif name == protocol.UCX_GET:
+            result = self._ucx_get(protocol.parse_ucx_body(body, name))
+        elif name == protocol.UCX_PUT:
+            result = self._ucx_put(context, protocol.parse_ucx_body(body, name))
         elif name == protocol.LOCAL_INFO:
             result = self._local_info(protocol.parse_local_info_body(body))
         elif name == protocol.PUBLISH_LOCAL:
@@ -469,6 +502,66 @@ class TQFlightServer(flight.FlightServerBase):
                 f"{', '.join(protocol.ACTION_DESCRIPTIONS)}"
             )
         return [flight.Result(pa.py_buffer(protocol.dumps(result)))]
+
+    def _ucx_runtime(self):
+        if not self.ucx_enabled:
+            raise Unavailable("UCX is switched off on this server (--no-ucx)")
+        return ucx.runtime()  # started on the first UCX client
+
+    def _ucx_get(self, req: dict) -> dict:
+        rt = self._ucx_runtime()
+        address = ucx.decode_address(req["address"])
+        key = req["key"]
+        matrix = self.store.open(key)
+        entry = matrix.entry
+        parts = []
+        for batch in matrix.batches():  # verified before anything is sent
+            column = batch.column(0)
+            if column.type == pa.bool_():
+                raw = memoryview(codec.element_bytes(column))
+            elif len(column):
+                width = column.type.byte_width
+                raw = memoryview(column.buffers()[1])[column.offset * width:
+                                                      (column.offset + len(column)) * width]
+            else:
+                continue
+            parts.append(np.frombuffer(raw, dtype=np.uint8))
+        self.stats.add_bytes(sent=entry.nbytes)
+        future = rt.submit(asyncio.wait_for(rt.send_parts(address, req["tag"], parts),
+                                            ucx.DEFAULT_TIMEOUT_S))
+        future.add_done_callback(lambda f: _log_ucx_failure(f, rt, address, f"UcxGet {key}"))
+        return {"success": True, "message": "success", "index_id": key.index_id,
+                "matrix_type": key.matrix_type, **entry.describe(),
+                "parts": [p.nbytes for p in parts]}
+
+    def _ucx_put(self, context, req: dict) -> dict:
+        rt = self._ucx_runtime()
+        address = ucx.decode_address(req["address"])
+        key, dtype = req["key"], codec.DTYPES[req["dtype"]]
+        nbytes = req["nbytes"]
+        if nbytes % dtype.itemsize or nbytes // dtype.itemsize != codec.numel(req["shape"]):
+            raise InvalidArgument(
+                f"nbytes {nbytes} contradicts shape {list(req['shape'])} of {dtype.name}")
+        session = self.store.begin_put(key, dtype, nbytes // dtype.itemsize, req["xxh3"])
+        try:
+            buf = pa.allocate_buffer(nbytes) if nbytes else pa.py_buffer(b"")
+            whole = np.frombuffer(buf, dtype=np.uint8) if nbytes else None
+            views, start = [], 0
+            for size in req["parts"]:
+                views.append(whole[start : start + size])
+                start += size
+            try:
+                rt.run(rt.recv_parts(address, req["tag"], views), ucx.DEFAULT_TIMEOUT_S)
+            except Unavailable:
+                rt.forget(address)
+                raise
+            self.stats.add_bytes(received=nbytes)
+            session.append(codec.raw_values(buf, dtype))
+            entry = session.commit(req["shape"])
+        finally:
+            session.abort()  # no-op after a commit
+        return {"success": True, "message": "success", "index_id": key.index_id,
+                "matrix_type": key.matrix_type, **entry.describe()}
 
     def _local_info(self, client_host: str) -> dict:
         if client_host != self.host_id:
@@ -523,6 +616,7 @@ def make_server(
     chunk_bytes: int | str | None = None,
     max_matrix_bytes: int | str | None = None,
     compression: str | None = None,
+    ucx: bool | None = None,
     limits: Limits | None = None,
     **limit_options,
 ) -> TQFlightServer:
@@ -544,7 +638,8 @@ def make_server(
     store = Store(data_dir, storage, durable=durable, chunk_bytes=chunk, max_matrix_bytes=cap,
                   compression=compression)
     try:
-        return TQFlightServer(_location(host, port), store, limits)
+        ucx_enabled = resolve(ucx, "UCX", True, parse_bool)
+        return TQFlightServer(_location(host, port), store, limits, ucx_enabled)
     except BaseException:
         store.close()
         raise
@@ -561,6 +656,7 @@ def serve(
     max_matrix_bytes: int | str | None = None,
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S,
     compression: str | None = None,
+    ucx: bool | None = None,
     limits: Limits | None = None,
     _watch_stdin: bool = False,
     **limit_options,
@@ -578,6 +674,8 @@ def serve(
         durable: fsync before acknowledging (default: on for ``disk``; ``TORCH_TQ_FSYNC``).
         chunk_bytes: record batch size of stored matrices (default 4MiB).
         max_matrix_bytes: per-matrix limit (default 10 GB).
+        ucx: offer the UCX data plane (default on; it starts with the first UCX client and
+            needs ``ucxx``; ``TORCH_TQ_UCX``).
         compression: ``"zstd"`` or ``"lz4"`` to compress the disk store's files (at rest;
             off by default; ``TORCH_TQ_COMPRESSION``). Clients choose wire compression
             per call.
@@ -597,7 +695,7 @@ def serve(
     sys.tracebacklimit = 0
     server = make_server(
         host, port, data_dir, storage, durable=durable, chunk_bytes=chunk_bytes,
-        max_matrix_bytes=max_matrix_bytes, compression=compression, limits=limits,
+        max_matrix_bytes=max_matrix_bytes, compression=compression, ucx=ucx, limits=limits,
         **limit_options,
     )
     _check_allocator(server.store.storage)

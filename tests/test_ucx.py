@@ -1,0 +1,118 @@
+"""The UCX data plane and the automatic transport choice, against real servers: bit-exact
+transfers, the choice exposed, and the fallback to gRPC when ucxx is missing, when the
+server offers no UCX, and when a UCX endpoint dies mid-run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import torch_tq
+
+ucxx = pytest.importorskip("ucxx", reason="the UCX tests need ucxx (pip install 'torch_tq[ucx]')")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with torch_tq.start_server(storage="memory", qps=0) as srv:
+        yield srv
+
+
+def _locations(srv) -> list[str]:
+    host_port = srv.location.split("://", 1)[1]
+    return [f"ucx://{host_port.rsplit(':', 1)[0]}:8081", srv.location]
+
+
+def test_ucx_chosen_and_bit_exact(server, unique_id):
+    c = torch_tq.Client(_locations(server))
+    assert c.transport == "ucx"
+    for i, t in enumerate([torch.randn(3, 1 << 20), torch.rand(1001) > 0.5,
+                           torch.randn(7).bfloat16(), torch.zeros(0), torch.tensor(5)]):
+        c.put(unique_id + i, "u", t)
+        got = c.get(unique_id + i, "u")
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
+    remote = torch_tq.Client(server.location, transport="grpc")
+    assert torch.equal(remote.get(unique_id, "u"), c.get(unique_id, "u"))
+    calls = c.server_stats()["calls"]
+    assert calls["action:UcxPut"] >= 5 and calls["action:UcxGet"] >= 5
+    out = torch.empty(3, 1 << 20)
+    assert c.get(unique_id, "u", out=out) is out
+    with pytest.raises(torch_tq.NotFound, match="matrix not found"):
+        c.get(unique_id + 99, "u")
+    with pytest.raises(torch_tq.InvalidArgument, match="matrix too large|unsupported"):
+        c.put(unique_id, "u", torch.zeros(2, dtype=torch.complex64))
+
+
+def test_rdma_spelling_and_forced_transport(server):
+    host = server.location.split("://", 1)[1].rsplit(":", 1)[0]
+    assert torch_tq.Client([f"rdma://{host}:8081", server.location]).transport == "ucx"
+    assert torch_tq.Client(server.location, transport="ucx").transport == "ucx"
+    assert torch_tq.Client(_locations(server), transport="grpc").transport == "grpc"
+    with pytest.raises(torch_tq.InvalidArgument, match="transport must be one of"):
+        torch_tq.Client(server.location, transport="carrier-pigeon")
+
+
+def test_fallback_when_the_server_offers_no_ucx(unique_id):
+    with torch_tq.start_server(storage="memory", ucx=False) as srv:
+        c = torch_tq.Client(_locations(srv))
+        assert c.transport == "grpc"
+        c.put(unique_id, "x", torch.ones(3))
+        assert torch.equal(c.get(unique_id, "x"), torch.ones(3))
+        with pytest.raises(torch_tq.Unavailable, match="UCX cannot be used"):
+            torch_tq.Client(srv.location, transport="ucx").transport
+
+
+def test_fallback_when_ucxx_is_missing(server, unique_id):
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["ucxx"] = None  # import ucxx now raises ImportError
+        import torch, torch_tq
+        c = torch_tq.Client({_locations(server)!r})
+        assert c.transport == "grpc", c.transport
+        c.put({unique_id}, "m", torch.arange(4))
+        assert torch.equal(c.get({unique_id}, "m"), torch.arange(4))
+        try:
+            torch_tq.Client({server.location!r}, transport="ucx").transport
+        except torch_tq.Unavailable as e:
+            assert "not available" in str(e), e
+        else:
+            raise AssertionError("transport='ucx' without ucxx did not raise")
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_fallback_when_the_endpoint_dies_mid_run(server, unique_id):
+    from torch_tq import ucx
+
+    c = torch_tq.Client(_locations(server))
+    t = torch.randn(1 << 20)
+    c.put(unique_id, "d", t)
+    assert c.transport == "ucx"
+    rt = ucx.runtime()
+    address = c._ucx_address()
+    ep = rt.run(rt.endpoint(address), 10)
+    rt.run(ep.close(), 10)  # the endpoint dies; the cached one is now unusable
+    assert torch.equal(c.get(unique_id, "d"), t)  # retried over gRPC
+    assert c.transport == "grpc"
+    c.put(unique_id, "d", t * 2)
+    assert torch.equal(c.get(unique_id, "d"), t * 2)
+
+
+def test_ucx_calls_draw_on_the_ucx_quota(unique_id):
+    with torch_tq.start_server(storage="memory", qps=5, qps_burst=3, qps_ucx=0) as srv:
+        c = torch_tq.Client(_locations(srv), retry_deadline=0)
+        assert c.transport == "ucx"  # LocalInfo + UcxInfo: two TCP tokens
+        for i in range(30):  # far over 5/s: fine over UCX
+            c.put(unique_id, "q", torch.full((4,), float(i)))
+            assert c.get(unique_id, "q")[0].item() == i
+        with pytest.raises(torch_tq.Unavailable, match="rate limit"):
+            for _ in range(10):
+                c.health()  # a control call: the TCP quota
