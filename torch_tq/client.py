@@ -343,8 +343,10 @@ class Client:
 
     @_retrying
     def _action(
-        self, name: str, body: dict[str, Any], what: str, wait: float = 0.0
+        self, name: str, body: dict[str, Any], what: str, wait: float = 0.0, extra: int = 0
     ) -> dict[str, Any]:
+        """One DoAction; its JSON answer (with ``extra``: and up to that many more results,
+        as buffers, under ``"_extra"``)."""
         options = self._options(wait)
         try:
             results = list(
@@ -352,9 +354,12 @@ class Client:
             )
         except Exception as e:
             raise protocol.from_flight_error(e, what) from None
-        if len(results) != 1:
+        if not 1 <= len(results) <= 1 + extra:
             raise InternalError(f"{what}: expected one result, got {len(results)}")
-        return json.loads(results[0].body.to_pybytes())
+        reply = json.loads(results[0].body.to_pybytes())
+        if extra:
+            reply["_extra"] = [r.body for r in results[1:]]
+        return reply
 
     # ------------------------------------------------------------------ data
 
@@ -395,6 +400,9 @@ class Client:
     def _put_ucx(self, address: bytes, key: Key, dtype: codec.DType, shape, flat) -> None:
         from torch_tq import ucx
 
+        if flat.nbytes <= _UCX_INLINE_BYTES:  # small: one gRPC upload beats two messages
+            self._put_to(self._flight, key, dtype, shape, flat, self.compression)
+            return
         rt = ucx.runtime()
         raw = flat.view(np.uint8).reshape(-1) if flat.size else np.empty(0, np.uint8)
         sizes = ucx.split(raw.nbytes, self.chunk_bytes)
@@ -431,10 +439,19 @@ class Client:
         rt = ucx.runtime()
         tag = random.getrandbits(64)
         body = {"index_id": key.index_id, "matrix_type": key.matrix_type,
-                "address": rt.address_b64, "tag": tag}
-        reply = self._action(protocol.UCX_GET, body, f"get {key}")
+                "address": rt.address_b64, "tag": tag, "inline_max": _UCX_INLINE_BYTES}
+        reply = self._action(protocol.UCX_GET, body, f"get {key}", extra=1)
         dtype, shape = codec.DTYPES[reply["dtype"]], tuple(reply["shape"])
         assembler = codec.TensorAssembler(dtype, shape, out, shared)
+        if reply.get("inline"):  # small: the bytes came with the answer
+            (data,) = reply["_extra"] or [pa.py_buffer(b"")]
+            if data.size != codec.numel(shape) * dtype.itemsize:
+                raise InternalError(f"get {key}: the server sent {data.size} bytes")
+            if data.size:
+                assembler.add(codec.raw_values(data, dtype))
+            result = assembler.finish()
+            self._count_get(assembler.copied_bytes)
+            return result
         result = assembler.allocate()
         whole = codec._byte_view(result) if result.numel() else np.empty(0, np.uint8)
         if sum(reply["parts"]) != whole.nbytes:
@@ -1051,6 +1068,9 @@ def _rebuild(location, timeout: float | None, chunk_bytes: int, checksum: bool,
 
 
 _TRANSPORTS = ("auto", "grpc", "ucx", "same-host")
+# Up to this size a UCX client's matrix travels with the gRPC call itself: a control round
+# trip plus a UCX transfer costs more than one gRPC round trip (benchmarks/transports.py).
+_UCX_INLINE_BYTES = 64 << 10
 
 
 class _UcxTransferError(Exception):

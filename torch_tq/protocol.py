@@ -77,7 +77,8 @@ ACTION_DESCRIPTIONS = {
     DELETE_GROUP: 'Forget a consumer group and what it consumed: {"group": "g"}',
     UCX_INFO: "The server's UCX worker address (base64), for the UCX data plane",
     UCX_GET: 'Send a matrix over UCX: {"index_id": N, "matrix_type": "prompt", "address": '
-             '"<client worker address, base64>", "tag": T}; answers dtype, shape, parts',
+             '"<client worker address, base64>", "tag": T, "inline_max"?: B}; answers dtype, '
+             'shape, parts (a matrix of at most B bytes comes back as a second result instead)',
     UCX_PUT: 'Receive a matrix over UCX and store it: {"index_id", "matrix_type", "shape", '
              '"dtype", "nbytes", "parts": [bytes...], "address", "tag", "xxh3"?}',
     LOCAL_INFO: 'Same-host access: the store directory, if the caller runs on this host: '
@@ -607,7 +608,7 @@ def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:
     body = parse_json_object(raw, what)
     common = {"index_id", "matrix_type", "address", "tag"}
     if action == UCX_GET:
-        _check_keys(body, common, common, what)
+        _check_keys(body, common | {"inline_max"}, common, what)
     else:
         required = common | {"shape", "dtype", "nbytes", "parts"}
         _check_keys(body, required | {"xxh3"}, required, what)
@@ -616,6 +617,8 @@ def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:
         "address": body["address"],
         "tag": _validate_int(body["tag"], "tag", 0, 2**64 - 1),
     }
+    if action == UCX_GET:
+        out["inline_max"] = _validate_int(body.get("inline_max", 0), "inline_max", 0, 1 << 20)
     if action == UCX_PUT:
         from torch_tq.codec import DTYPES
 

@@ -470,7 +470,9 @@ class TQFlightServer(flight.FlightServerBase):
             result = {"success": True, "message": "success",
                       "address": self._ucx_runtime().address_b64}
         elif name == protocol.UCX_GET:
-            result = self._ucx_get(protocol.parse_ucx_body(body, name))
+            result, inline = self._ucx_get(protocol.parse_ucx_body(body, name))
+            if inline is not None:  # a small matrix comes back with the answer itself
+                return [flight.Result(pa.py_buffer(protocol.dumps(result))), flight.Result(inline)]
         elif name == protocol.UCX_PUT:
             result = self._ucx_put(context, protocol.parse_ucx_body(body, name))
         elif name == protocol.LOCAL_INFO:
@@ -508,7 +510,7 @@ class TQFlightServer(flight.FlightServerBase):
             raise Unavailable("UCX is switched off on this server (--no-ucx)")
         return ucx.runtime()  # started on the first UCX client
 
-    def _ucx_get(self, req: dict) -> dict:
+    def _ucx_get(self, req: dict) -> tuple[dict, pa.Buffer | None]:
         rt = self._ucx_runtime()
         address = ucx.decode_address(req["address"])
         key = req["key"]
@@ -527,12 +529,16 @@ class TQFlightServer(flight.FlightServerBase):
                 continue
             parts.append(np.frombuffer(raw, dtype=np.uint8))
         self.stats.add_bytes(sent=entry.nbytes)
+        reply = {"success": True, "message": "success", "index_id": key.index_id,
+                 "matrix_type": key.matrix_type, **entry.describe()}
+        if entry.nbytes <= req["inline_max"]:
+            # one round trip instead of a control call and a UCX transfer
+            data = np.concatenate(parts) if parts else np.empty(0, np.uint8)
+            return {**reply, "parts": [], "inline": True}, pa.py_buffer(data)
         future = rt.submit(asyncio.wait_for(rt.send_parts(address, req["tag"], parts),
                                             ucx.DEFAULT_TIMEOUT_S))
         future.add_done_callback(lambda f: _log_ucx_failure(f, rt, address, f"UcxGet {key}"))
-        return {"success": True, "message": "success", "index_id": key.index_id,
-                "matrix_type": key.matrix_type, **entry.describe(),
-                "parts": [p.nbytes for p in parts]}
+        return {**reply, "parts": [p.nbytes for p in parts]}, None
 
     def _ucx_put(self, context, req: dict) -> dict:
         rt = self._ucx_runtime()
