@@ -250,6 +250,8 @@ class Client:
         if mode in ("auto", "same-host"):
             store, reason = self._try_same_host()
             if store is not None:
+                log.info("torch_tq client %s: transport same-host (%s)", self.location,
+                         store.root)
                 return "same-host", store
             if mode == "same-host":
                 raise Unavailable(f"transport='same-host', but the server cannot be reached "
