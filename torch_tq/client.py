@@ -592,14 +592,9 @@ class Client:
             if (to_cuda or pin_memory) and out is None and not shared:
                 out = _pinned_out(dtype, shape)
             assembler = codec.TensorAssembler(dtype, shape, out, shared)
-            while True:
-                try:
-                    chunk = reader.read_chunk()
-                except StopIteration:
-                    break
-                if chunk.data is not None:
-                    column = chunk.data.column(0)
-                    assembler.add(codec.snappy_unpack(column, dtype) if snappy else column)
+            for chunk in _chunks(reader):
+                column = chunk.data.column(0)
+                assembler.add(codec.snappy_unpack(column, dtype) if snappy else column)
             result = assembler.finish()
             self._count_get(assembler.copied_bytes)
             if device is not None:
@@ -780,15 +775,10 @@ class Client:
             packed = self.compression if self.compression != "snappy" else None
             ticket = protocol.batch_read_command(keys, max_inline_bytes, packed, pad=pad)
             reader = conn.do_get(flight.Ticket(ticket), self._options())
-            while True:
-                try:
-                    chunk = reader.read_chunk()
-                except StopIteration:
-                    break
-                if chunk.data is not None:
-                    if chunk.app_metadata is not None and chunk.data.num_rows == 1:
-                        self._learn_pad(chunk.data, chunk.app_metadata.size - 1)
-                    rows.extend(self._result_rows(chunk.data))
+            for chunk in _chunks(reader):
+                if chunk.app_metadata is not None and chunk.data.num_rows == 1:
+                    self._learn_pad(chunk.data, chunk.app_metadata.size - 1)
+                rows.extend(self._result_rows(chunk.data))
         except TQError:
             raise
         except Exception as e:
@@ -966,6 +956,17 @@ class Client:
 
 
 _BATCH_BYTES = 16 << 20  # bytes of small matrices per BatchWrite call
+
+
+def _chunks(reader) -> Iterator:
+    """The chunks of a DoGet stream that carry a record batch."""
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        if chunk.data is not None:
+            yield chunk
 
 
 def _entries(items, arity: int, form: str) -> list:
