@@ -44,6 +44,7 @@ from torch_tq.store import (
 )
 
 STAGING = "staging"
+STAGED_BATCH_ELEMENTS = 2**31 - 64  # the most one Arrow record batch holds, a multiple of 64
 PROBE = "LOCAL_PROBE"
 
 
@@ -117,8 +118,11 @@ class LocalStore:
         schema = pa.schema([pa.field("data", dtype.arrow, nullable=False)])
         sink = _Sink(path, schema, self.compression)
         try:
-            writer = MatrixWriter(sink, key, dtype, self.chunk_bytes, digests=True)
-            for arr in codec.values_to_arrays(dtype, flat, self.chunk_bytes):
+            # One batch per file, up to Arrow's 2**31 - 1 elements: its values then lie in
+            # one piece, so a same-host get is a tensor over the mapping (no copy).
+            big = STAGED_BATCH_ELEMENTS * dtype.itemsize
+            writer = MatrixWriter(sink, key, dtype, big, digests=True)
+            for arr in codec.values_to_arrays(dtype, flat, big):
                 writer.append(arr)
             stamp = now_ms()
             writer.finish(shape, self.created_at(key, stamp), stamp)

@@ -187,6 +187,20 @@ def _guard(method):
     return wrapper
 
 
+def _sliced(batches: Iterator[pa.RecordBatch], chunk_bytes: int) -> Iterator[pa.RecordBatch]:
+    """Stored batches as Flight messages of at most about ``chunk_bytes`` (zero-copy slices):
+    files staged by same-host clients hold batches of up to 2**31 elements, which gRPC
+    could not carry as one message."""
+    for batch in batches:
+        width = max(1, batch.column(0).type.bit_width // 8)
+        step = max(64, (chunk_bytes // width) // 64 * 64)
+        if batch.num_rows <= step:
+            yield batch
+            continue
+        for start in range(0, batch.num_rows, step):
+            yield batch.slice(start, step)
+
+
 def _log_ucx_failure(future, rt, address: bytes, what: str) -> None:
     if future.cancelled():
         return
@@ -402,7 +416,7 @@ class TQFlightServer(flight.FlightServerBase):
         except BaseException:
             matrix.close()
             raise
-        batches = matrix.batches()
+        batches = _sliced(matrix.batches(), self.store.chunk_bytes)
         if request.compression == "snappy":
             schema = codec.snappy_schema(matrix.dtype, matrix.entry.shape)
             batches = (pa.RecordBatch.from_arrays([codec.snappy_pack(b.column(0))], schema=schema)
