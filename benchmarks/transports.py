@@ -38,6 +38,9 @@ import time
 import numpy as np
 import torch
 
+# UCX may pick any interface for its TCP transport: this benchmark stays on loopback.
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
 import torch_tq
 from torch_tq._config import parse_size
 

@@ -8,7 +8,11 @@ import zlib
 
 import pytest
 
-import torch_tq
+# UCX may pick any network interface for its TCP transport: tests stay on loopback (the
+# server processes inherit this).
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+import torch_tq  # noqa: E402
 
 
 @pytest.fixture(scope="session")
