@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -30,6 +31,10 @@ import time
 import torch
 
 import torch_tq
+
+# This benchmark measures the gRPC path (its baselines are sockets): clients on this host
+# would otherwise take the same-host path (benchmarks/transports.py compares the transports).
+os.environ.setdefault("TORCH_TQ_TRANSPORT", "grpc")
 from torch_tq._config import parse_size
 
 

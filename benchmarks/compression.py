@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -32,6 +33,10 @@ import pyarrow as pa
 import torch
 
 import torch_tq
+
+# This benchmark measures the gRPC path (its baselines are sockets): clients on this host
+# would otherwise take the same-host path (benchmarks/transports.py compares the transports).
+os.environ.setdefault("TORCH_TQ_TRANSPORT", "grpc")
 from torch_tq._config import parse_size
 
 CODECS = [None, "lz4", "zstd", "snappy"]

@@ -23,6 +23,7 @@ The last line holds the headline figures.
 from __future__ import annotations
 
 import argparse
+import os
 import itertools
 import json
 import statistics
@@ -34,6 +35,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import torch_tq
+
+# This benchmark measures the gRPC path (its baselines are sockets): clients on this host
+# would otherwise take the same-host path (benchmarks/transports.py compares the transports).
+os.environ.setdefault("TORCH_TQ_TRANSPORT", "grpc")
 from torch_tq._config import parse_size
 
 

@@ -227,11 +227,12 @@ def test_malformed_batch_write_tables(small_server, table, match):
 def test_batch_charges_one_token_per_item(unique_id):
     with torch_tq.start_server(storage="memory", qps=20, qps_burst=20) as srv:
         c = torch_tq.Client(srv.location, retry_deadline=0)
-        results = c.put_many({(i, "t"): torch.ones(1) for i in range(20)}, concurrency=1)
-        assert all(r.success for r in results)  # one call, 20 items: the whole bucket
+        results = c.put_many({(i, "t"): torch.ones(1) for i in range(40)}, concurrency=1,
+                              batch_items=40)
+        assert all(r.success for r in results)  # one call, 40 items: 20 tokens of debt
         with pytest.raises(torch_tq.Unavailable) as e:
             c.health()
-        assert e.value.retry_after_ms >= 40  # a full token's wait at 20/s
+        assert e.value.retry_after_ms >= 500  # ~20 tokens to earn back at 20/s
         patient = torch_tq.Client(srv.location, client_id=c.client_id, retry_deadline=10)
         assert patient.health()["status"] == "SERVING"
 

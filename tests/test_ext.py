@@ -130,7 +130,7 @@ def test_bad_export_arguments(kwargs, error):
 def test_client_get_copies_only_what_the_transport_forces(memory_server, unique_id):
     """One batch: no copy (the tensor is the received buffer). Several batches: each byte is
     copied once, straight into the result (or the caller's ``out``: pointer identity)."""
-    c = torch_tq.Client(memory_server.location, chunk_bytes="64KiB")
+    c = torch_tq.Client(memory_server.location, chunk_bytes="64KiB", transport="grpc")
     small = torch.randn(64, 64)  # 16 KiB: one batch
     big = torch.randn(64, 4096)  # 1 MiB: 16 batches of 64 KiB
     c.put(unique_id, "small", small)

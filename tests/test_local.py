@@ -35,9 +35,11 @@ def lc(disk):
 def test_detection_and_choice(disk, memory_server):
     assert torch_tq.Client(disk.location).transport == "same-host"  # auto
     assert torch_tq.Client(disk.location, transport="grpc").transport == "grpc"
-    assert torch_tq.Client(memory_server.location).transport == "grpc"  # auto: memory store
-    with pytest.raises(torch_tq.Unavailable, match="transport='same-host'.*memory store"):
-        torch_tq.Client(memory_server.location, transport="same-host").put(1, "x", torch.ones(1))
+    assert torch_tq.Client(memory_server.location).transport == "same-host"  # via /dev/shm
+    with torch_tq.start_server(storage="memory", same_host=False) as closed:
+        assert torch_tq.Client(closed.location).transport == "grpc"
+        with pytest.raises(torch_tq.Unavailable, match="transport='same-host'.*without"):
+            torch_tq.Client(closed.location, transport="same-host").put(1, "x", torch.ones(1))
     os.environ["TORCH_TQ_TRANSPORT"] = "grpc"
     try:
         assert torch_tq.Client(disk.location).transport == "grpc"
@@ -213,3 +215,47 @@ def test_no_mapping_or_descriptor_leaks_after_1000_calls(disk, lc, unique_id):
     assert _maps_under(disk.data_dir) == maps0
     assert _open_fds() <= fds0
     assert os.listdir(os.path.join(disk.data_dir, "staging")) == []
+
+
+# ------------------------------------------------------------------ a memory store
+
+
+def test_memory_store_shares_same_host_puts_through_dev_shm(unique_id):
+    with torch_tq.start_server(storage="memory") as srv:
+        c = torch_tq.Client(srv.location)
+        assert c.transport == "same-host"
+        root = c._local().root
+        assert root.startswith("/dev/shm/")
+        remote = torch_tq.Client(srv.location, transport="grpc")
+        t = torch.randn(300, 1000)
+        c.put(unique_id, "a", t)
+        assert os.path.exists(os.path.join(root, "objects", str(unique_id), "a.arrow"))
+        assert torch.equal(remote.get(unique_id, "a"), t)  # the server maps the same file
+        assert torch.equal(c.get(unique_id, "a"), t)
+        # a matrix that came over the network lives in the server's heap: read over gRPC
+        remote.put(unique_id, "b", t * 2)
+        assert torch.equal(c.get(unique_id, "b"), t * 2)
+        # an overwrite over the network removes the shared file first: no stale reads
+        held = c.get(unique_id, "a")
+        remote.put(unique_id, "a", t * 3)
+        assert not os.path.exists(os.path.join(root, "objects", str(unique_id), "a.arrow"))
+        assert torch.equal(c.get(unique_id, "a"), t * 3)
+        assert torch.equal(held, t)  # a reader keeps what it mapped
+        c.put(unique_id, "a", t)
+        c.delete(unique_id)
+        with pytest.raises(torch_tq.NotFound):
+            c.get(unique_id, "a")
+        assert os.listdir(os.path.join(root, "objects", str(unique_id))) == []
+    assert not os.path.exists(root)  # a memory store leaves nothing behind
+
+
+def test_memory_store_removes_dev_shm_left_by_a_dead_server():
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = f"/dev/shm/torch_tq-{dead}-deadbeef"
+    os.makedirs(os.path.join(stale, "objects"))
+    with torch_tq.start_server(storage="memory"):
+        assert not os.path.exists(stale)

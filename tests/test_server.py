@@ -281,7 +281,7 @@ def test_invalid_argument_is_a_value_error(client):
 
 def test_stats_count_calls_errors_and_bytes():
     with torch_tq.start_server(storage="memory") as srv:
-        c = torch_tq.Client(srv.location)
+        c = torch_tq.Client(srv.location, transport="grpc")
         t = torch.randn(1000)
         c.put(1, "prompt", t)
         c.get(1, "prompt")

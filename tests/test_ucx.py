@@ -18,7 +18,8 @@ ucxx = pytest.importorskip("ucxx", reason="the UCX tests need ucxx (pip install 
 
 @pytest.fixture(scope="module")
 def server():
-    with torch_tq.start_server(storage="memory", qps=0) as srv:
+    """A memory store that offers no same-host path (which "auto" would prefer here)."""
+    with torch_tq.start_server(storage="memory", qps=0, same_host=False) as srv:
         yield srv
 
 
@@ -58,7 +59,7 @@ def test_rdma_spelling_and_forced_transport(server):
 
 
 def test_fallback_when_the_server_offers_no_ucx(unique_id):
-    with torch_tq.start_server(storage="memory", ucx=False) as srv:
+    with torch_tq.start_server(storage="memory", ucx=False, same_host=False) as srv:
         c = torch_tq.Client(_locations(srv))
         assert c.transport == "grpc"
         c.put(unique_id, "x", torch.ones(3))
@@ -108,7 +109,8 @@ def test_fallback_when_the_endpoint_dies_mid_run(server, unique_id):
 
 
 def test_ucx_calls_draw_on_the_ucx_quota(unique_id):
-    with torch_tq.start_server(storage="memory", qps=5, qps_burst=3, qps_ucx=0) as srv:
+    with torch_tq.start_server(storage="memory", qps=5, qps_burst=3, qps_ucx=0,
+                               same_host=False) as srv:
         c = torch_tq.Client(_locations(srv), retry_deadline=0)
         assert c.transport == "ucx"  # LocalInfo + UcxInfo: two TCP tokens
         for i in range(30):  # far over 5/s: fine over UCX (80 KB: over the inline size)

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Iterator
@@ -295,12 +296,46 @@ class MemoryBackend:
     # gRPC path needs. Clients that want an end-to-end check send one (Client(checksum=True)).
     digests = False
 
-    def __init__(self) -> None:
+    def __init__(self, shared_root: str | None = None) -> None:
         self._objects: dict[Key, _Batches] = {}
         self._lock = threading.Lock()
+        # With a shared root (in /dev/shm), matrices that same-host clients put live there
+        # as files, mapped by the server and by same-host readers alike; matrices that came
+        # over the network stay in this process's heap.
+        self.shared_root = shared_root
+        if shared_root is not None:
+            os.makedirs(os.path.join(shared_root, "objects"), exist_ok=True)
 
     def describe(self) -> str:
-        return "memory store (RAM, not persistent)"
+        shared = f", same-host files in {self.shared_root}" if self.shared_root else ""
+        return f"memory store (RAM, not persistent{shared})"
+
+    def path_of(self, key: Key) -> str:
+        return os.path.join(self.shared_root, "objects", str(key.index_id),
+                            key.matrix_type + _SUFFIX)
+
+    def _unshare(self, key: Key) -> None:
+        """Removes the shared file of ``key`` (if any) before another version or a delete
+        is acknowledged, so that no same-host reader finds a stale one afterwards."""
+        if self.shared_root is not None:
+            try:
+                os.unlink(self.path_of(key))
+            except FileNotFoundError:
+                pass
+
+    def adopt(self, key: Key, path: str) -> None:
+        """Publishes a checked file a same-host client staged: the matrix is the file's
+        mapping (no copy), and the file moves to where same-host readers look for it."""
+        source = pa.memory_map(path, "r")
+        reader = ipc.open_file(source)
+        sink = _Batches(reader.schema)
+        for i in range(reader.num_record_batches):
+            sink.items.append(reader.get_batch_with_custom_metadata(i))
+        final = self.path_of(key)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        with self._lock:
+            os.replace(path, final)
+            self._objects[key] = sink
 
     def scan(self) -> Iterator[tuple[Key, _Batches]]:
         return iter(())
@@ -310,10 +345,12 @@ class MemoryBackend:
 
     def publish(self, key: Key, sink: _Batches) -> None:
         with self._lock:
+            self._unshare(key)
             self._objects[key] = sink
 
     def delete(self, key: Key) -> bool:
         with self._lock:
+            self._unshare(key)
             return self._objects.pop(key, None) is not None
 
     def sync(self, index_id: int) -> None:
@@ -332,5 +369,35 @@ class MemoryBackend:
     def close(self) -> None:
         with self._lock:
             self._objects.clear()
+        if self.shared_root is not None:
+            shutil.rmtree(self.shared_root, ignore_errors=True)
+
+
+SHARED_PREFIX = "torch_tq-"
+
+
+def make_shared_root(base: str = "/dev/shm") -> str | None:
+    """A fresh directory in shared memory for a memory store's same-host files (None when
+    ``base`` is not there); removes those left by servers that died."""
+    if not os.path.isdir(base) or not os.access(base, os.W_OK):
+        return None
+    for name in os.listdir(base):
+        if name.startswith(SHARED_PREFIX):
+            pid = name[len(SHARED_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    root = os.path.join(base, f"{SHARED_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(root)
+    return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 

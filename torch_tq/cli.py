@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         max_matrix_bytes=args.max_matrix_bytes,
         compression=args.compression,
         ucx=args.ucx,
+        same_host=args.same_host,
         **{name: getattr(args, name) for name in LIMIT_OPTIONS},
         shutdown_grace=args.shutdown_grace,
         _watch_stdin=args.watch_stdin,
@@ -133,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offer the UCX data plane (default; needs ucxx)")
     u.add_argument("--no-ucx", dest="ucx", action="store_false",
                    help="do not offer the UCX data plane")
+    sh = s.add_mutually_exclusive_group()
+    sh.add_argument("--same-host", dest="same_host", action="store_true", default=None,
+                    help="offer same-host access to clients on this host (default)")
+    sh.add_argument("--no-same-host", dest="same_host", action="store_false",
+                    help="do not offer same-host access")
     s.add_argument("--compression", choices=["zstd", "lz4", "none"], default=None,
                    help="compress the disk store's files (default none)")
     lim = s.add_argument_group("limits (0 switches one off)")

@@ -33,7 +33,7 @@ from torch_tq import batch as batch_ops, codec, native, protocol
 from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_PORT, DEFAULT_TIMEOUT_S, parse_size, resolve
 from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq._malloc import tune_malloc
-from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
+from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError, Unavailable
 from torch_tq.limits import CLIENT_ID_HEADER
 from torch_tq.protocol import Key
 
@@ -388,7 +388,9 @@ class Client:
         key = _key(index_id, matrix_type)
         dtype, shape, flat = codec.tensor_values(tensor)
         kind, state = self._route()
-        if kind == "same-host":
+        # a small matrix into a disk store: one gRPC upload is quicker than staging a file
+        # and asking the server to publish it, and the file it makes is as readable here
+        if kind == "same-host" and (state.partial or flat.nbytes > _UCX_INLINE_BYTES):
             self._put_local(state, key, dtype, shape, flat)
             return
         if kind == "ucx":
@@ -569,9 +571,15 @@ class Client:
         key = _key(index_id, matrix_type)
         kind, state = self._route() if device is None and not pin_memory else ("grpc", None)
         if kind == "same-host":
-            result, copied = state.read(key, out, shared)
-            self._count_get(copied)
-            return result
+            try:
+                result, copied = state.read(key, out, shared)
+            except NotFound:
+                if not state.partial:
+                    raise
+                kind = "grpc"  # a memory store's matrix that came over the network
+            else:
+                self._count_get(copied)
+                return result
         if kind == "ucx":
             try:
                 return self._get_ucx(state, key, out, shared)

@@ -64,8 +64,11 @@ class LocalStore:
     """A client's direct view of a same-host disk store (see the module docstring)."""
 
     def __init__(self, root: str, chunk_bytes: int, compression: str | None = None,
-                 max_matrix_bytes: int | None = None) -> None:
+                 max_matrix_bytes: int | None = None, partial: bool = False) -> None:
         self.root = root
+        # a memory store shares only what same-host clients put: a matrix not found here
+        # may still be in the server's heap (read it over gRPC)
+        self.partial = partial
         self.max_matrix_bytes = max_matrix_bytes  # checked here first, again by the server
         self.compression = compression  # the store's at-rest codec, for staged files
         self.objects = os.path.join(root, "objects")
@@ -220,7 +223,8 @@ def attach(info: dict, chunk_bytes: int) -> LocalStore | None:
     compression = info.get("compression")
     limit = info.get("max_matrix_bytes")
     return LocalStore(root, chunk_bytes, compression if compression in ("zstd", "lz4") else None,
-                      limit if isinstance(limit, int) else None)
+                      limit if isinstance(limit, int) else None,
+                      partial=info.get("storage") == "memory")
 
 
 def prepare_server_dir(root: str) -> str:

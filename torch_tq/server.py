@@ -272,7 +272,7 @@ class TQFlightServer(flight.FlightServerBase):
     """
 
     def __init__(self, location: str, store: Store, limits: Limits | None = None,
-                 ucx_enabled: bool = True, **kwargs) -> None:
+                 ucx_enabled: bool = True, same_host: bool = True, **kwargs) -> None:
         self.store = store
         self.ucx_enabled = ucx_enabled
         self.started = time.monotonic()
@@ -285,7 +285,11 @@ class TQFlightServer(flight.FlightServerBase):
             state_dir = os.path.join(store.backend.root, "queue")
         self.queue = Queue(store, state_dir, durable=store.backend.durable)
         self.host_id = local.host_id()
-        self.probe = local.prepare_server_dir(store.backend.root) if store.storage == "disk" else None
+        self.local_root = None
+        if same_host:
+            self.local_root = (store.backend.root if store.storage == "disk"
+                               else getattr(store.backend, "shared_root", None))
+        self.probe = local.prepare_server_dir(self.local_root) if self.local_root else None
         check_fork_safe()
         note_grpc_use()
         super().__init__(location, **kwargs)  # serves from here on
@@ -494,8 +498,8 @@ class TQFlightServer(flight.FlightServerBase):
         elif name == protocol.PUBLISH_LOCAL:
             key, staged = protocol.parse_publish_local_body(body)
             if self.probe is None:
-                raise InvalidArgument("same-host uploads need a disk store")
-            path = os.path.join(self.store.backend.root, local.STAGING, staged)
+                raise InvalidArgument("this server takes no same-host uploads")
+            path = os.path.join(self.local_root, local.STAGING, staged)
             try:
                 entry = self.store.publish_staged(key, path)
             except BaseException:
@@ -589,9 +593,9 @@ class TQFlightServer(flight.FlightServerBase):
                     "reason": "another host"}
         if self.probe is None:
             return {"success": True, "message": "success", "same_host": False,
-                    "reason": f"{self.store.storage} store (same-host access needs a disk store)"}
+                    "reason": f"{self.store.storage} store without a same-host directory"}
         return {"success": True, "message": "success", "same_host": True,
-                "root": self.store.backend.root, "probe": self.probe,
+                "root": self.local_root, "probe": self.probe, "storage": self.store.storage,
                 "compression": self.store.compression,
                 "max_matrix_bytes": self.store.max_matrix_bytes}
 
@@ -637,6 +641,7 @@ def make_server(
     max_matrix_bytes: int | str | None = None,
     compression: str | None = None,
     ucx: bool | None = None,
+    same_host: bool | None = None,
     limits: Limits | None = None,
     **limit_options,
 ) -> TQFlightServer:
@@ -655,11 +660,12 @@ def make_server(
         raise InvalidArgument("pass either limits= or individual limit options, not both")
     tune_malloc()
     compression = protocol.validate_compression(resolve(compression, "COMPRESSION", None))
+    same_host = resolve(same_host, "SAME_HOST", True, parse_bool)
     store = Store(data_dir, storage, durable=durable, chunk_bytes=chunk, max_matrix_bytes=cap,
-                  compression=compression)
+                  compression=compression, shared=same_host)
     try:
         ucx_enabled = resolve(ucx, "UCX", True, parse_bool)
-        return TQFlightServer(_location(host, port), store, limits, ucx_enabled)
+        return TQFlightServer(_location(host, port), store, limits, ucx_enabled, same_host)
     except BaseException:
         store.close()
         raise
@@ -677,6 +683,7 @@ def serve(
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S,
     compression: str | None = None,
     ucx: bool | None = None,
+    same_host: bool | None = None,
     limits: Limits | None = None,
     _watch_stdin: bool = False,
     **limit_options,
@@ -696,6 +703,8 @@ def serve(
         max_matrix_bytes: per-matrix limit (default 10 GB).
         ucx: offer the UCX data plane (default on; it starts with the first UCX client and
             needs ``ucxx``; ``TORCH_TQ_UCX``).
+        same_host: offer same-host access to clients on this host (default on; a memory
+            store then keeps their matrices as files in /dev/shm; ``TORCH_TQ_SAME_HOST``).
         compression: ``"zstd"`` or ``"lz4"`` to compress the disk store's files (at rest;
             off by default; ``TORCH_TQ_COMPRESSION``). Clients choose wire compression
             per call.
@@ -715,7 +724,8 @@ def serve(
     sys.tracebacklimit = 0
     server = make_server(
         host, port, data_dir, storage, durable=durable, chunk_bytes=chunk_bytes,
-        max_matrix_bytes=max_matrix_bytes, compression=compression, ucx=ucx, limits=limits,
+        max_matrix_bytes=max_matrix_bytes, compression=compression, ucx=ucx,
+        same_host=same_host, limits=limits,
         **limit_options,
     )
     _check_allocator(server.store.storage)

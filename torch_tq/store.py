@@ -25,7 +25,7 @@ import xxhash
 
 from torch_tq import codec
 from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MATRIX_BYTES, default_data_dir
-from torch_tq.backends import FileBackend, MemoryBackend, first_line, io_error
+from torch_tq.backends import FileBackend, MemoryBackend, first_line, io_error, make_shared_root
 from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError, Unavailable
 from torch_tq.protocol import Key, not_found
 
@@ -78,6 +78,7 @@ class Store:
         durable: ``disk`` only: fsync files and directories before acknowledging (default on).
         chunk_bytes: the size of the record batches matrices are cut into.
         max_matrix_bytes: the per-matrix limit (the seed's 10 GB).
+        shared: a memory store keeps same-host clients' matrices as files in /dev/shm.
 
     Raises:
         Unavailable: the directory is owned by another running server.
@@ -92,6 +93,7 @@ class Store:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_matrix_bytes: int = DEFAULT_MAX_MATRIX_BYTES,
         compression: str | None = None,
+        shared: bool = True,
     ) -> None:
         if compression not in (None, "zstd", "lz4"):
             raise InvalidArgument(
@@ -109,7 +111,7 @@ class Store:
                 raise InvalidArgument("storage='memory' keeps no files: leave data_dir unset")
             if compression is not None:
                 raise InvalidArgument("at-rest compression applies to the disk store")
-            self.backend = MemoryBackend()
+            self.backend = MemoryBackend(make_shared_root() if shared else None)
         else:
             raise InvalidArgument(f"storage must be 'disk' or 'memory', got {storage!r}")
         self.storage = storage
@@ -277,8 +279,9 @@ class Store:
         """
         from torch_tq.backends import _FileSource
 
-        if not isinstance(self.backend, FileBackend):
-            raise InvalidArgument("same-host uploads need a disk store")
+        if not isinstance(self.backend, FileBackend) and not getattr(
+                self.backend, "shared_root", None):
+            raise InvalidArgument("this store takes no same-host uploads")
         bad = f"staged file for {key} is invalid"
         try:
             source = _FileSource(path, key)
