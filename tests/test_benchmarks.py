@@ -72,13 +72,16 @@ def test_rl_pipeline_example_runs():
     assert "every index_id exactly once with all 3 types" in proc.stdout
 
 
-def test_batch_benchmark_tiny():
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "batch.py"), "--items", "8",
-         "--item-bytes", "256KiB", "--small-items", "50", "--runs", "1", "--json"],
-        capture_output=True, text=True, timeout=300,
-    )
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_batch_benchmark_tiny():
+    proc = _run("batch.py", "--items", "8", "--item-bytes", "256KiB", "--small-items", "50",
+                "--runs", "1", "--json")
     lines = proc.stdout.strip().splitlines()
     figures = json.loads(lines[0])
     assert figures["large_get_many_vs_seq"] > 0 and figures["small_put_many_vs_seq"] > 0
@@ -87,12 +90,7 @@ def test_batch_benchmark_tiny():
 
 
 def test_compression_benchmark_tiny():
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "compression.py"), "-n", "256KiB",
-         "--runs", "1", "--kinds", "int64_tokens"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _run("compression.py", "-n", "256KiB", "--runs", "1", "--kinds", "int64_tokens")
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("int64_tokens")]
     assert [r[1] for r in rows] == ["none", "lz4", "zstd", "snappy"]
     ratios = {r[1]: float(r[2]) for r in rows}
@@ -100,12 +98,7 @@ def test_compression_benchmark_tiny():
 
 
 def test_transports_benchmark_tiny():
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "transports.py"), "-n", "1MiB",
-         "--runs", "1", "--small-count", "20"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _run("transports.py", "-n", "1MiB", "--runs", "1", "--small-count", "20")
     out = proc.stdout
     for name in ("memcpy", "tcp get", "write+fsync", "grpc disk get", "same-host disk get",
                  "same-host disk put"):
