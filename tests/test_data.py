@@ -70,9 +70,11 @@ def run_ranks(location, world, workers, kwargs, timeout=120, dist=False,
     return got
 
 
-@pytest.fixture
-def server():
-    with torch_tq.start_server(storage="memory") as srv:
+@pytest.fixture(params=["same-host", "grpc"])
+def server(request):
+    """A memory store, reached the same-host way (its clients run here) or over gRPC."""
+    with torch_tq.start_server(storage="memory", same_host=request.param == "same-host") as srv:
+        assert torch_tq.Client(srv.location).transport == request.param
         yield srv
 
 
