@@ -569,17 +569,24 @@ class Client:
             InternalError: the stored data failed its checksum, or the server failed.
         """
         key = _key(index_id, matrix_type)
-        kind, state = self._route() if device is None and not pin_memory else ("grpc", None)
+        kind, state = self._route()
         if kind == "same-host":
+            # to a GPU or pinned: copied once from the mapping into a pooled pinned block
+            to_pinned = (pin_memory or (device is not None and _is_cuda(device))) \
+                and out is None and not shared
             try:
-                result, copied = state.read(key, out, shared)
+                result, copied = state.read(key, out, shared, _pinned_out if to_pinned else None)
             except NotFound:
                 if not state.partial:
                     raise
                 kind = "grpc"  # a memory store's matrix that came over the network
             else:
                 self._count_get(copied)
+                if device is not None:
+                    result = _to_device(result, device, non_blocking)
                 return result
+        if kind == "ucx" and (device is not None or pin_memory):
+            kind = "grpc"  # not yet: UCX into pinned or device memory
         if kind == "ucx":
             try:
                 return self._get_ucx(state, key, out, shared)

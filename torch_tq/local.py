@@ -78,8 +78,9 @@ class LocalStore:
     def path_of(self, key: Key) -> str:
         return os.path.join(self.objects, str(key.index_id), key.matrix_type + ".arrow")
 
-    def read(self, key: Key, out=None, shared: bool = False):
-        """The matrix as a tensor, read from the mapped file (see the module docstring).
+    def read(self, key: Key, out=None, shared: bool = False, alloc=None):
+        """The matrix as a tensor, read from the mapped file (see the module docstring);
+        into ``out``, or into what ``alloc(dtype, shape)`` returns (when not None).
 
         Returns:
             ``(tensor, copied_bytes)``.
@@ -89,6 +90,8 @@ class LocalStore:
             InternalError: the file failed its checks.
         """
         reader = MatrixReader(_PrivateMapping(self.path_of(key), key), key, digests=True)
+        if out is None and alloc is not None:
+            out = alloc(reader.dtype, reader.entry.shape)
         assembler = codec.TensorAssembler(reader.dtype, reader.entry.shape, out, shared)
         for batch in reader.batches():  # verified, then the mapping is released
             assembler.add(batch.column(0))
