@@ -259,3 +259,21 @@ def test_memory_store_removes_dev_shm_left_by_a_dead_server():
     os.makedirs(os.path.join(stale, "objects"))
     with torch_tq.start_server(storage="memory"):
         assert not os.path.exists(stale)
+
+
+def test_memory_store_put_falls_back_to_grpc_when_staging_fails(unique_id):
+    with torch_tq.start_server(storage="memory") as srv:
+        c = torch_tq.Client(srv.location)
+        assert c.transport == "same-host"
+        staging = c._local().staging
+        os.rename(staging, staging + ".away")  # staging now fails, as a full /dev/shm would
+        with open(staging, "w"):
+            pass
+        try:
+            t = torch.randn(100_000)
+            c.put(unique_id, "x", t)  # went over gRPC into the server's heap
+            assert not os.path.exists(c._local().path_of(torch_tq.protocol.Key(unique_id, "x")))
+            assert torch.equal(c.get(unique_id, "x"), t)
+        finally:
+            os.unlink(staging)
+            os.rename(staging + ".away", staging)

@@ -391,8 +391,15 @@ class Client:
         # a small matrix into a disk store: one gRPC upload is quicker than staging a file
         # and asking the server to publish it, and the file it makes is as readable here
         if kind == "same-host" and (state.partial or flat.nbytes > _UCX_INLINE_BYTES):
-            self._put_local(state, key, dtype, shape, flat)
-            return
+            try:
+                self._put_local(state, key, dtype, shape, flat)
+                return
+            except Unavailable:
+                if not state.partial:
+                    raise  # the disk is full: so it is for gRPC too
+                # a memory store's /dev/shm is full (containers often give it 64 MB): the
+                # server's heap may still have room
+                log.debug("same-host put of %s: /dev/shm is full; using gRPC", key)
         if kind == "ucx":
             try:
                 self._put_ucx(state, key, dtype, shape, flat)
