@@ -277,3 +277,15 @@ def test_memory_store_put_falls_back_to_grpc_when_staging_fails(unique_id):
         finally:
             os.unlink(staging)
             os.rename(staging + ".away", staging)
+
+
+def test_get_many_reads_each_file_without_a_call(disk, lc, unique_id):
+    items = {(unique_id + i, "m"): torch.randn(50, 10 + i) for i in range(5)}
+    for (i, t), v in items.items():
+        lc.put(i, t, v)
+    before = lc.server_stats()["calls"].get("do_get", 0)
+    results = lc.get_many([*items, (unique_id + 99, "m"), (unique_id, "bad type!")])
+    assert [r.success for r in results] == [True] * 5 + [False, False]
+    assert [r.code for r in results[5:]] == ["NOT_FOUND", "INVALID_ARGUMENT"]
+    assert all(torch.equal(r.tensor, v) for r, v in zip(results, items.values()))
+    assert lc.server_stats()["calls"].get("do_get", 0) == before  # no BatchRead stream

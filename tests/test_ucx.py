@@ -43,6 +43,8 @@ def test_ucx_chosen_and_bit_exact(server, unique_id):
     assert calls["action:UcxPut"] == 1 and calls["action:UcxGet"] == 6
     out = torch.empty(3, 1 << 20)
     assert c.get(unique_id, "u", out=out) is out
+    # the host side of a copy to a GPU (pageable here, without CUDA)
+    assert torch.equal(c.get(unique_id, "u", pin_memory=True), out)
     with pytest.raises(torch_tq.NotFound, match="matrix not found"):
         c.get(unique_id + 99, "u")
     with pytest.raises(torch_tq.InvalidArgument, match="matrix too large|unsupported"):

@@ -444,7 +444,9 @@ class Client:
         except Exception as e:  # the server stored it, so the bytes did arrive
             log.debug("UCX send of %s reported %s after the server's ack", key, e)
 
-    def _get_ucx(self, address: bytes, key: Key, out, shared):
+    def _get_ucx(self, address: bytes, key: Key, out, shared, pinned: bool = False):
+        """A get over UCX, received straight into the result (a pooled pinned block when
+        ``pinned``: the host side of a copy to a GPU)."""
         from torch_tq import ucx
 
         rt = ucx.runtime()
@@ -453,6 +455,8 @@ class Client:
                 "address": rt.address_b64, "tag": tag, "inline_max": _UCX_INLINE_BYTES}
         reply = self._action(protocol.UCX_GET, body, f"get {key}", extra=1)
         dtype, shape = codec.DTYPES[reply["dtype"]], tuple(reply["shape"])
+        if pinned and out is None and not shared:
+            out = _pinned_out(dtype, shape)
         assembler = codec.TensorAssembler(dtype, shape, out, shared)
         if reply.get("inline"):  # small: the bytes came with the answer
             (data,) = reply["_extra"] or [pa.py_buffer(b"")]
@@ -592,13 +596,16 @@ class Client:
                 if device is not None:
                     result = _to_device(result, device, non_blocking)
                 return result
-        if kind == "ucx" and (device is not None or pin_memory):
-            kind = "grpc"  # not yet: UCX into pinned or device memory
         if kind == "ucx":
             try:
-                return self._get_ucx(state, key, out, shared)
+                result = self._get_ucx(state, key, out, shared, pin_memory or (
+                    device is not None and _is_cuda(device)))
             except _UcxTransferError as e:
                 self._ucx_failed(e.__cause__ or e)
+            else:
+                if device is not None:
+                    result = _to_device(result, device, non_blocking)
+                return result
         return self._get_from(self._flight, key, out, shared, device, pin_memory, non_blocking,
                               self._compression(compression))
 
@@ -696,7 +703,8 @@ class Client:
         """Reads many matrices; each item succeeds or fails on its own (a missing one gets
         ``success=False, code="NOT_FOUND"``, the others their tensors).
 
-        Items travel in BatchRead streams of up to ``batch_items`` items, spread over up to
+        On the same-host path each item is read from its file (no call). Otherwise items
+        travel in BatchRead streams of up to ``batch_items`` items, spread over up to
         ``concurrency`` parallel streams on this client's pooled connections; a matrix too
         large to travel inline (over ``max_inline_bytes``, by default the server's 256 MiB)
         is read with its own stream.
@@ -714,6 +722,26 @@ class Client:
                 valid.append((i, _key(*item)))
             except TQError as e:
                 results[i] = _item_failure(item, e)
+        kind, store = self._route() if valid else ("grpc", None)
+        if kind == "same-host":  # each item straight from its file; no call at all
+            remote = []
+            for i, key in valid:
+                try:
+                    tensor, copied = store.read(key)
+                except NotFound as e:
+                    if store.partial:  # a memory store's matrix from the network
+                        remote.append((i, key))
+                        continue
+                    results[i] = ItemResult(key.index_id, key.matrix_type, False, e.code,
+                                            e.message)
+                except TQError as e:
+                    results[i] = ItemResult(key.index_id, key.matrix_type, False, e.code,
+                                            e.message)
+                else:
+                    self._count_get(copied)
+                    results[i] = ItemResult(key.index_id, key.matrix_type, True, "OK",
+                                            "success", tensor)
+            valid = remote
         if valid:
             groups = max(math.ceil(len(valid) / batch_items), min(concurrency, len(valid)))
             size = math.ceil(len(valid) / groups)
