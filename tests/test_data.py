@@ -70,9 +70,21 @@ def run_ranks(location, world, workers, kwargs, timeout=120, dist=False,
     return got
 
 
-@pytest.fixture(params=["same-host", "grpc"])
-def server(request):
-    """A memory store, reached the same-host way (its clients run here) or over gRPC."""
+try:
+    import ucxx  # noqa: F401
+
+    _TRANSPORTS = ["same-host", "grpc", "ucx"]
+except ImportError:
+    _TRANSPORTS = ["same-host", "grpc"]
+
+
+@pytest.fixture(params=_TRANSPORTS)
+def server(request, monkeypatch):
+    """A memory store, reached the same-host way (its clients run here), over gRPC, or with
+    the bytes over UCX (every client of the test, workers included, told so through
+    TORCH_TQ_TRANSPORT)."""
+    if request.param == "ucx":
+        monkeypatch.setenv("TORCH_TQ_TRANSPORT", "ucx")
     with torch_tq.start_server(storage="memory", same_host=request.param == "same-host") as srv:
         assert torch_tq.Client(srv.location).transport == request.param
         yield srv

@@ -33,7 +33,14 @@ from torch_tq import batch as batch_ops, codec, native, protocol
 from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_PORT, DEFAULT_TIMEOUT_S, parse_size, resolve
 from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq._malloc import tune_malloc
-from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError, Unavailable
+from torch_tq.errors import (
+    ForkedProcessError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    TQError,
+    Unavailable,
+)
 from torch_tq.limits import CLIENT_ID_HEADER
 from torch_tq.protocol import Key
 
@@ -267,6 +274,8 @@ class Client:
                 rt.run(rt.endpoint(address), ucx.DEFAULT_TIMEOUT_S)
                 log.info("torch_tq client %s: transport ucx", self.location)
                 return "ucx", address
+            except ForkedProcessError:
+                raise  # not a UCX problem: no connection may be made here at all
             except TQError as e:
                 if mode == "ucx":
                     raise Unavailable(f"transport='ucx', but UCX cannot be used: {e}") from None
