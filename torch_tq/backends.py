@@ -66,22 +66,21 @@ def _fsync_path(path: str, directory: bool = False) -> None:
 # ---------------------------------------------------------------------- files
 
 
-class _FileSink:
-    """An Arrow IPC file being written under a temporary name."""
+class IpcFile:
+    """An Arrow IPC file being written (zstd/lz4 buffer compression optional); ``abort``
+    closes and removes it. What uploads write under a temporary name, and what same-host
+    clients stage."""
 
-    def __init__(self, backend: FileBackend, key: Key, schema: pa.Schema) -> None:
-        self.backend = backend
-        self.dir = backend.dir_of(key.index_id)
-        self.tmp_path = os.path.join(self.dir, f".{key.matrix_type}.{uuid.uuid4().hex}.tmp")
-        self._sink = None
+    def __init__(self, path: str, schema: pa.Schema, compression: str | None = None) -> None:
+        self.path = path
         self._writer = None
-        if not os.path.isdir(self.dir):
-            os.makedirs(self.dir, exist_ok=True)
-            if backend.durable:
-                _fsync_path(backend.objects, directory=True)
-        self._sink = pa.OSFile(self.tmp_path, "wb")
-        options = ipc.IpcWriteOptions(compression=backend.compression) if backend.compression else None
-        self._writer = ipc.new_file(self._sink, schema, options=options)
+        self._sink = pa.OSFile(path, "wb")
+        options = ipc.IpcWriteOptions(compression=compression) if compression else None
+        try:
+            self._writer = ipc.new_file(self._sink, schema, options=options)
+        except BaseException:
+            self.abort()
+            raise
 
     def write_batch(self, batch: pa.RecordBatch, custom_metadata: dict) -> None:
         self._writer.write_batch(batch, custom_metadata=custom_metadata)
@@ -89,8 +88,6 @@ class _FileSink:
     def finish(self) -> None:
         self._writer.close()
         self._sink.close()
-        if self.backend.durable:
-            _fsync_path(self.tmp_path)
 
     def abort(self) -> None:
         for obj in (self._writer, self._sink):
@@ -100,11 +97,36 @@ class _FileSink:
                 except (OSError, pa.ArrowException):
                     pass
         try:
-            os.unlink(self.tmp_path)
+            os.unlink(self.path)
         except FileNotFoundError:
             pass
         except OSError as e:
-            log.warning("could not remove %s: %s", self.tmp_path, e)
+            log.warning("could not remove %s: %s", self.path, e)
+
+
+class _FileSink:
+    """An Arrow IPC file being written under a temporary name."""
+
+    def __init__(self, backend: FileBackend, key: Key, schema: pa.Schema) -> None:
+        self.backend = backend
+        self.dir = backend.dir_of(key.index_id)
+        self.tmp_path = os.path.join(self.dir, f".{key.matrix_type}.{uuid.uuid4().hex}.tmp")
+        if not os.path.isdir(self.dir):
+            os.makedirs(self.dir, exist_ok=True)
+            if backend.durable:
+                _fsync_path(backend.objects, directory=True)
+        self._file = IpcFile(self.tmp_path, schema, backend.compression)
+
+    def write_batch(self, batch: pa.RecordBatch, custom_metadata: dict) -> None:
+        self._file.write_batch(batch, custom_metadata)
+
+    def finish(self) -> None:
+        self._file.finish()
+        if self.backend.durable:
+            _fsync_path(self.tmp_path)
+
+    def abort(self) -> None:
+        self._file.abort()
 
 
 class _FileSource:

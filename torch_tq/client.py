@@ -426,10 +426,7 @@ class Client:
         rt = ucx.runtime()
         raw = flat.view(np.uint8).reshape(-1) if flat.size else np.empty(0, np.uint8)
         sizes = ucx.split(raw.nbytes, self.chunk_bytes)
-        parts, start = [], 0
-        for size in sizes:
-            parts.append(raw[start : start + size])
-            start += size
+        parts = ucx.views(raw, sizes)
         tag = random.getrandbits(64)
         sending = rt.submit(asyncio.wait_for(rt.send_parts(address, tag, parts),
                                              ucx.DEFAULT_TIMEOUT_S))
@@ -481,10 +478,7 @@ class Client:
         if sum(reply["parts"]) != whole.nbytes:
             raise InternalError(f"get {key}: the server announced {sum(reply['parts'])} bytes "
                                 f"for {whole.nbytes}")
-        views, start = [], 0
-        for size in reply["parts"]:
-            views.append(whole[start : start + size])
-            start += size
+        views = ucx.views(whole, reply["parts"])
         try:
             rt.run(rt.recv_parts(address, tag, views), ucx.DEFAULT_TIMEOUT_S)
         except Exception as e:
@@ -630,7 +624,7 @@ class Client:
             if (to_cuda or pin_memory) and out is None and not shared:
                 out = _pinned_out(dtype, shape)
             assembler = codec.TensorAssembler(dtype, shape, out, shared)
-            for chunk in _chunks(reader):
+            for chunk in codec.chunks(reader):
                 column = chunk.data.column(0)
                 assembler.add(codec.snappy_unpack(column, dtype) if snappy else column)
             result = assembler.finish()
@@ -812,8 +806,8 @@ class Client:
                 for (i, key), row in zip(group, rows):
                     if row.success and row.tensor is None:  # too large to travel inline
                         try:
-                            t = self._retry(self._get_from, conn, key, None, False, None,
-                                            False, False, self.compression)
+                            t = self._retry(functools.partial(
+                                self._get_from, conn, key, compression=self.compression))
                             row = row._replace(tensor=t, message="success")
                         except TQError as e:
                             row = row._replace(success=False, code=e.code, message=e.message)
@@ -834,7 +828,7 @@ class Client:
             packed = self.compression if self.compression != "snappy" else None
             ticket = protocol.batch_read_command(keys, max_inline_bytes, packed, pad=pad)
             reader = conn.do_get(flight.Ticket(ticket), self._options())
-            for chunk in _chunks(reader):
+            for chunk in codec.chunks(reader):
                 if chunk.app_metadata is not None and chunk.data.num_rows == 1:
                     self._learn_pad(chunk.data, chunk.app_metadata.size - 1)
                 rows.extend(self._result_rows(chunk.data))
@@ -1016,16 +1010,6 @@ class Client:
 
 _BATCH_BYTES = 16 << 20  # bytes of small matrices per BatchWrite call
 
-
-def _chunks(reader) -> Iterator:
-    """The chunks of a DoGet stream that carry a record batch."""
-    while True:
-        try:
-            chunk = reader.read_chunk()
-        except StopIteration:
-            return
-        if chunk.data is not None:
-            yield chunk
 
 
 def _entries(items, arity: int, form: str) -> list:

@@ -240,6 +240,17 @@ def element_bytes(arr: pa.Array) -> memoryview:
 # --------------------------------------------------------------------------- uploads
 
 
+def chunks(reader) -> Iterator:
+    """The chunks of a Flight stream (DoGet or DoPut reader) that carry a record batch."""
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        if chunk.data is not None:
+            yield chunk
+
+
 class UploadDecoder:
     """Turns the record batches of any accepted upload form into flat value arrays.
 
@@ -428,8 +439,9 @@ class TensorAssembler:
             self._dst = _byte_view(out)
 
     def allocate(self) -> torch.Tensor:
-        """The result tensor, allocated now (``out``, shared memory or the pool) for a
-        caller that fills its bytes itself; :meth:`add` is not used then."""
+        """The result tensor: ``out``, else allocated now, in shared memory (a shared
+        storage from the start: ``share_memory_()`` would copy into one) or from the pool.
+        :meth:`add` copies into it; a caller may also fill its bytes itself."""
         import torch
 
         if self.result is None:
@@ -450,8 +462,6 @@ class TensorAssembler:
         if n == 0:
             return
         if self._dst is None:
-            import torch
-
             if n == self.numel and self.dtype.name != "bool" and not self.shared:
                 width = self.dtype.itemsize
                 buf = arr.buffers()[1]
@@ -463,15 +473,7 @@ class TensorAssembler:
                     )
                     self.count = n
                     return
-            if self.shared:
-                # a shared storage from the start (share_memory_() would copy into one)
-                storage = torch.UntypedStorage._new_shared(self.numel * self.dtype.itemsize)
-                self.result = torch.empty(0, dtype=self.dtype.torch).set_(
-                    storage, 0, self.shape
-                )
-            else:
-                self.result = empty_tensor(self.dtype, self.shape)
-            self._dst = _byte_view(self.result)
+            self._dst = _byte_view(self.allocate())
         if self.dtype.name == "bool":
             src = arr.to_numpy(zero_copy_only=False).view(np.uint8)
             self._dst[self.count : self.count + n] = src

@@ -110,8 +110,11 @@ class Limiter:
         self.active = 0
         self.rejected: dict[str, int] = {}
 
-    def _reject(self, reason: str, message: str, retry_after_s: float) -> Unavailable:
+    def _count(self, reason: str) -> None:  # the caller holds the lock
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def _reject(self, reason: str, message: str, retry_after_s: float) -> Unavailable:
+        self._count(reason)
         ms = max(1, int(math.ceil(retry_after_s * 1000)))
         return Unavailable(f"{message} (retry_after_ms={ms})")
 
@@ -191,7 +194,7 @@ class Limiter:
 
     def count_rejection(self, reason: str) -> None:
         with self._lock:
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            self._count(reason)
 
     def snapshot(self) -> dict:
         with self._lock:

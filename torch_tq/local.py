@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from torch_tq import codec
-from torch_tq.backends import _FileSource, first_line, io_error
+from torch_tq.backends import IpcFile, _FileSource, first_line, io_error
 from torch_tq.errors import InternalError, TQError
 from torch_tq.protocol import Key, not_found
 from torch_tq.store import (
@@ -122,7 +122,7 @@ class LocalStore:
         name = uuid.uuid4().hex + ".arrow"
         path = os.path.join(self.staging, name)
         schema = pa.schema([pa.field("data", dtype.arrow, nullable=False)])
-        sink = _Sink(path, schema, self.compression)
+        sink = IpcFile(path, schema, self.compression)
         try:
             # One batch per file, up to Arrow's 2**31 - 1 elements: its values then lie in
             # one piece, so a same-host get is a tensor over the mapping (no copy).
@@ -174,32 +174,6 @@ class _PrivateMapping:
 
     def close(self) -> None:
         self._reader = None  # the mapping goes with the last buffer over it
-
-
-class _Sink:
-    def __init__(self, path: str, schema: pa.Schema, compression: str | None = None) -> None:
-        self.path = path
-        self._file = pa.OSFile(path, "wb")
-        options = ipc.IpcWriteOptions(compression=compression) if compression else None
-        self._writer = ipc.new_file(self._file, schema, options=options)
-
-    def write_batch(self, batch: pa.RecordBatch, custom_metadata: dict) -> None:
-        self._writer.write_batch(batch, custom_metadata=custom_metadata)
-
-    def finish(self) -> None:
-        self._writer.close()
-        self._file.close()
-
-    def abort(self) -> None:
-        for obj in (self._writer, self._file):
-            try:
-                obj.close()
-            except (OSError, pa.ArrowException):
-                pass
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
 
 
 def discard(path: str) -> None:

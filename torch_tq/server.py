@@ -320,14 +320,8 @@ class TQFlightServer(flight.FlightServerBase):
         session = self.store.begin_put(cmd.key, dtype, expected, cmd.xxh3)
         try:
             batches = 0
-            while True:
-                try:
-                    chunk = reader.read_chunk()
-                except StopIteration:
-                    break
+            for chunk in codec.chunks(reader):
                 batch = chunk.data
-                if batch is None:
-                    continue
                 batches += 1
                 if not declared and batches > 1:
                     raise InvalidArgument(
@@ -356,13 +350,7 @@ class TQFlightServer(flight.FlightServerBase):
         lim = self.limits
         batches = []
         rows = held = 0
-        while True:
-            try:
-                chunk = reader.read_chunk()
-            except StopIteration:
-                break
-            if chunk.data is None:
-                continue
+        for chunk in codec.chunks(reader):
             rows += chunk.data.num_rows
             held += chunk.data.nbytes
             self.stats.add_bytes(received=chunk.data.nbytes)
@@ -570,10 +558,7 @@ class TQFlightServer(flight.FlightServerBase):
         try:
             buf = pa.allocate_buffer(nbytes) if nbytes else pa.py_buffer(b"")
             whole = np.frombuffer(buf, dtype=np.uint8) if nbytes else None
-            views, start = [], 0
-            for size in req["parts"]:
-                views.append(whole[start : start + size])
-                start += size
+            views = ucx.views(whole, req["parts"])
             try:
                 rt.run(rt.recv_parts(address, req["tag"], views), ucx.DEFAULT_TIMEOUT_S)
             except Unavailable:

@@ -141,3 +141,12 @@ def split(nbytes: int, part_bytes: int) -> list[int]:
         return []
     full, rest = divmod(nbytes, part_bytes)
     return [part_bytes] * full + ([rest] if rest else [])
+
+
+def views(whole, sizes: list[int]) -> list:
+    """Consecutive slices of the byte array ``whole`` of the given sizes (no copy)."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(whole[start : start + size])
+        start += size
+    return out
