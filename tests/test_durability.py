@@ -23,6 +23,8 @@ import torch
 import torch_tq
 from torch_tq import InternalError, NotFound, Unavailable
 
+from .conftest import proc_status_kib
+
 
 def _file(data_dir: str, index_id: int, mtype: str) -> str:
     return os.path.join(data_dir, "objects", str(index_id), f"{mtype}.arrow")
@@ -389,11 +391,7 @@ def test_matrix_size_limit(disk_server):
 
 
 def _rss_anon_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    raise RuntimeError("no RssAnon")
+    return proc_status_kib(pid, "RssAnon")
 
 
 @pytest.mark.slow

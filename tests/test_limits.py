@@ -19,6 +19,8 @@ import torch
 import torch_tq
 from torch_tq.limits import Limiter, Limits, client_identity, peer_host
 
+from .conftest import proc_status_kib
+
 
 def _opts(client_id: str) -> flight.FlightCallOptions:
     return flight.FlightCallOptions(headers=[(b"x-tq-client-id", client_id.encode())])
@@ -251,11 +253,7 @@ def test_node_call_limit_across_clients():
 
 
 def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    return proc_status_kib(pid, "VmRSS")
 
 
 def test_oversize_rejected_from_declared_size_before_streaming():
