@@ -91,23 +91,44 @@ def _have_ucxx() -> bool:
     return True
 
 
-def _ucx_perftest(size: int) -> float | None:
+def _find_perftest() -> tuple[str | None, dict]:
+    """``ucx_perftest`` from the PATH, else the one the ``libucx`` wheel (ucxx's) ships,
+    with the environment that finds its libraries."""
+    env = dict(os.environ)
     exe = shutil.which("ucx_perftest")
+    if exe is None:
+        try:
+            import libucx
+        except ImportError:
+            return None, env
+        root = os.path.dirname(libucx.__file__)
+        exe = os.path.join(root, "bin", "ucx_perftest")
+        if not os.access(exe, os.X_OK):
+            return None, env
+        libs = os.path.join(root, "lib")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (libs, os.environ.get("LD_LIBRARY_PATH")) if p)
+    return exe, env
+
+
+def _ucx_perftest(size: int) -> float | None:
+    exe, env = _find_perftest()
     if exe is None:
         return None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([exe, "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, env=env)
     try:
         time.sleep(0.5)
         out = subprocess.run([exe, "127.0.0.1", "-p", str(port), "-t", "tag_bw", "-s", str(size),
-                              "-n", "20"], capture_output=True, text=True, timeout=60).stdout
+                              "-n", "20"], capture_output=True, text=True, timeout=60,
+                             env=env).stdout
         for line in reversed(out.splitlines()):
             parts = line.split()
-            if len(parts) > 6 and parts[0].isdigit():
-                return float(parts[-3]) * 1e6 / 1e9  # MB/s column -> GB/s
+            if len(parts) > 6 and (parts[0] == "Final:" or parts[0].isdigit()):
+                return float(parts[-3]) * 2**20 / 1e9  # overall MB/s (MiB/s) -> GB/s
     except (subprocess.TimeoutExpired, ValueError):
         return None
     finally:
@@ -176,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in gbps.items():
         print(f"  {name:<22}{value:8.2f}")
     print(f"  {'ucx_perftest tag_bw':<22}{perftest:8.2f}" if perftest else
-          "  ucx_perftest           not on PATH")
+          "  ucx_perftest           not found")
     print(f"{args.small} bytes, {args.small_count} calls (latency µs, p50 / p99)")
     for name, (p50, p99) in lat.items():
         print(f"  {name:<22}{p50:8.0f} /{p99:8.0f}")

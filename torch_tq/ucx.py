@@ -56,14 +56,17 @@ class Runtime:
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self.pid = os.getpid()
 
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
+        def start() -> None:  # runs on the loop, so ucxx binds its futures to it
             try:
-                ucxx.init()
+                ucxx.init(enable_python_future=_env_flag("UCXPY_ENABLE_PYTHON_FUTURE", True))
                 ready.set_result(ucxx.get_worker_address().tobytes())
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 ready.set_exception(e)
-                return
+                self.loop.stop()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.call_soon(start)
             self.loop.run_forever()
 
         self.thread = threading.Thread(target=run, daemon=True, name="torch_tq-ucx")
@@ -107,6 +110,11 @@ class Runtime:
     def forget(self, address: bytes) -> None:
         """Drops a cached endpoint (after a failure: the next transfer makes a new one)."""
         self._endpoints.pop(address, None)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value != "0"
 
 
 _runtime: Runtime | None = None
