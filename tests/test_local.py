@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -88,14 +89,19 @@ def test_one_batch_get_is_a_view_of_the_file_and_survives_overwrite_and_delete(l
         lc.get(unique_id, "x")
 
 
-def test_concurrent_overwrites_never_show_a_mix(disk, lc, unique_id):
-    n = 200_000  # ~800 KB: several batches
+@pytest.mark.parametrize("storage", ["disk", "memory"])
+def test_concurrent_overwrites_never_show_a_mix(disk, memory_server, storage, unique_id):
+    # 1.2 MB: several batches in the disk store; in the memory store, over the size from
+    # which a put reuses the file of a replaced version (never one a reader still maps)
+    n = 300_000
+    location = disk.location if storage == "disk" else memory_server.location
+    lc = torch_tq.Client(location, transport="same-host", chunk_bytes="256KiB")
     lc.put(unique_id, "v", torch.full((n,), 0.0))
     stop = threading.Event()
     errors: list[BaseException] = []
 
     def writer() -> None:
-        w = torch_tq.Client(disk.location, transport="same-host", chunk_bytes="256KiB")
+        w = torch_tq.Client(location, transport="same-host", chunk_bytes="256KiB")
         i = 1
         while not stop.is_set():
             try:
@@ -113,11 +119,16 @@ def test_concurrent_overwrites_never_show_a_mix(disk, lc, unique_id):
             got = lc.get(unique_id, "v")
             assert got.min() == got.max(), "a read mixed two versions"
             seen.add(got[0].item())
+            del got  # unmapped: the versions replaced meanwhile can be reused
+            time.sleep(0.005)
     finally:
         stop.set()
         thread.join()
     assert not errors, errors
     assert len(seen) > 1  # it really raced with the writer
+    if storage == "memory":
+        recycle = lc.server_stats()["recycle"]
+        assert recycle["offered"] > 0, str(recycle)  # files were reused meanwhile
 
 
 def test_staged_files_are_checked_by_the_server(disk, lc, unique_id):
@@ -289,3 +300,41 @@ def test_get_many_reads_each_file_without_a_call(disk, lc, unique_id):
     assert [r.code for r in results[5:]] == ["NOT_FOUND", "INVALID_ARGUMENT"]
     assert all(torch.equal(r.tensor, v) for r, v in zip(results, items.values()))
     assert lc.server_stats()["calls"].get("do_get", 0) == before  # no BatchRead stream
+
+
+def test_memory_store_reuses_a_replaced_file_only_when_nobody_holds_it(unique_id):
+    with torch_tq.start_server(storage="memory") as srv:
+        c = torch_tq.Client(srv.location)
+        remote = torch_tq.Client(srv.location, transport="grpc")
+        staging = c._local().staging
+
+        def pool() -> dict:
+            return c.server_stats()["recycle"]
+
+        versions = [torch.full((1 << 19,), float(i)) for i in range(6)]  # 2 MiB each
+        c.put(unique_id, "a", versions[0])
+        held = c.get(unique_id, "a")  # maps version 0's file
+        c.put(unique_id, "a", versions[1])
+        assert pool()["refused"] == 1 and pool()["files"] == 0  # held: freed, not reused
+        c.put(unique_id, "a", versions[2])
+        assert pool()["offered"] == 1 and pool()["files"] == 1  # version 1's file, unheld
+        (free,) = [n for n in os.listdir(staging) if n.startswith("free-")]
+        c.put(unique_id, "a", versions[3])  # writes over that file's pages
+        assert free not in os.listdir(staging)
+        assert pool()["offered"] == 2 and pool()["files"] == 1
+        assert torch.equal(c.get(unique_id, "a"), versions[3])
+        assert torch.equal(remote.get(unique_id, "a"), versions[3])  # the server's view
+        assert torch.equal(held, versions[0])  # untouched all along
+        # a smaller matrix in a larger recycled file: the file is cut to what it holds
+        small = torch.arange(300_000, dtype=torch.float32)
+        c.put(unique_id, "a", small)
+        assert torch.equal(c.get(unique_id, "a"), small)
+        path = c._local().path_of(torch_tq.protocol.Key(unique_id, "a"))
+        assert os.path.getsize(path) < small.numel() * 4 + 64 * 1024
+        # an overwrite over gRPC and a delete retire files to the pool too
+        remote.put(unique_id, "a", versions[4])
+        c.put(unique_id, "b", versions[5])
+        c.delete(unique_id)
+        assert pool()["offered"] == 5
+        assert pool()["bytes"] <= pool()["budget"]
+        del held

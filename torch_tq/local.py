@@ -31,7 +31,15 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from torch_tq import codec
-from torch_tq.backends import IpcFile, _FileSource, first_line, io_error
+from torch_tq.backends import (
+    RECYCLE_MIN_BYTES,
+    STAGING,
+    IpcFile,
+    _FileSource,
+    first_line,
+    io_error,
+    parse_free_name,
+)
 from torch_tq.errors import InternalError, TQError
 from torch_tq.protocol import Key, not_found
 from torch_tq.store import (
@@ -43,7 +51,6 @@ from torch_tq.store import (
     read_trailer,
 )
 
-STAGING = "staging"
 STAGED_BATCH_ELEMENTS = 2**31 - 64  # the most one Arrow record batch holds, a multiple of 64
 PROBE = "LOCAL_PROBE"
 
@@ -69,6 +76,9 @@ class LocalStore:
         # a memory store shares only what same-host clients put: a matrix not found here
         # may still be in the server's heap (read it over gRPC)
         self.partial = partial
+        # Files of a memory store never leave RAM: like the server's memory backend, they
+        # carry no per-batch digest (a disk store's can rot, and carry one each).
+        self.digests = not partial
         self.max_matrix_bytes = max_matrix_bytes  # checked here first, again by the server
         self.compression = compression  # the store's at-rest codec, for staged files
         self.objects = os.path.join(root, "objects")
@@ -89,7 +99,8 @@ class LocalStore:
             NotFound: no such matrix.
             InternalError: the file failed its checks.
         """
-        reader = MatrixReader(_PrivateMapping(self.path_of(key), key), key, digests=True)
+        reader = MatrixReader(_PrivateMapping(self.path_of(key), key), key,
+                              digests=self.digests)
         if out is None and alloc is not None:
             out = alloc(reader.dtype, reader.entry.shape)
         assembler = codec.TensorAssembler(reader.dtype, reader.entry.shape, out, shared)
@@ -122,12 +133,21 @@ class LocalStore:
         name = uuid.uuid4().hex + ".arrow"
         path = os.path.join(self.staging, name)
         schema = pa.schema([pa.field("data", dtype.arrow, nullable=False)])
-        sink = IpcFile(path, schema, self.compression)
+        # One batch per file, up to Arrow's 2**31 - 1 elements: its values then lie in
+        # one piece, so a same-host get is a tensor over the mapping (no copy).
+        big = STAGED_BATCH_ELEMENTS * dtype.itemsize
+        capacity = nbytes + _IPC_SLACK * (1 + nbytes // big)
+        sink = None
+        if self.partial and self.compression is None and nbytes >= RECYCLE_MIN_BYTES and \
+                claim(self.staging, capacity, path):
+            try:
+                sink = MappedIpcFile(path, capacity, schema)
+            except (OSError, ValueError, pa.ArrowException):
+                discard(path)
+        if sink is None:
+            sink = IpcFile(path, schema, self.compression)
         try:
-            # One batch per file, up to Arrow's 2**31 - 1 elements: its values then lie in
-            # one piece, so a same-host get is a tensor over the mapping (no copy).
-            big = STAGED_BATCH_ELEMENTS * dtype.itemsize
-            writer = MatrixWriter(sink, key, dtype, big, digests=True)
+            writer = MatrixWriter(sink, key, dtype, big, digests=self.digests)
             for arr in codec.values_to_arrays(dtype, flat, big):
                 writer.append(arr)
             stamp = now_ms()
@@ -143,6 +163,77 @@ class LocalStore:
 
     def discard(self, name: str) -> None:
         discard(os.path.join(self.staging, name))
+
+
+_IPC_SLACK = 64 * 1024  # room for an IPC file's schema, batch headers and footer
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def claim(staging: str, need: int, dest: str) -> bool:
+    """Takes a recycled file from the memory store's pool (see
+    :class:`torch_tq.backends.RecyclePool`) by renaming it to ``dest``: the smallest that
+    holds ``need`` bytes, else the largest there is. False when there is none."""
+    try:
+        names = os.listdir(staging)
+    except OSError:
+        return False
+    fits, short = [], []
+    for name in names:
+        parsed = parse_free_name(name)
+        if parsed is not None:
+            (fits if parsed[0] >= need else short).append((parsed[0], name))
+    candidates = sorted(fits) + sorted(short, reverse=True)
+    for _, name in candidates[:8]:
+        try:
+            os.rename(os.path.join(staging, name), dest)
+            return True
+        except FileNotFoundError:
+            continue  # another client took it
+        except OSError:
+            return False
+    return False
+
+
+class MappedIpcFile:
+    """An Arrow IPC file written through a shared mapping of a recycled file, whose pages
+    already exist: a copy at memcpy speed (on several threads) instead of the fresh-page
+    cost of ``write()``. ``capacity`` bounds the file; :meth:`finish` cuts it to what was
+    written. The same interface as :class:`torch_tq.backends.IpcFile`."""
+
+    def __init__(self, path: str, capacity: int, schema: pa.Schema) -> None:
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size != capacity:
+                os.ftruncate(fd, capacity)  # drops extra pages, or adds fresh ones
+            self._mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+        finally:
+            os.close(fd)
+        self._stream = pa.FixedSizeBufferWriter(pa.py_buffer(self._mm))
+        self._stream.set_memcopy_threads(max(1, min(4, os.cpu_count() or 1)))
+        self._stream.set_memcopy_threshold(1 << 20)
+        self._writer = ipc.new_file(self._stream, schema)
+
+    def write_batch(self, batch: pa.RecordBatch, custom_metadata: dict) -> None:
+        self._writer.write_batch(batch, custom_metadata=custom_metadata)
+
+    def _release(self) -> None:
+        self._writer = self._stream = None  # their buffer over the mapping goes with them
+        self._mm.close()
+
+    def finish(self) -> None:
+        self._writer.close()
+        written = self._stream.tell()
+        self._stream.close()
+        self._release()
+        os.truncate(self.path, written)
+
+    def abort(self) -> None:
+        try:
+            self._release()
+        except (OSError, ValueError, BufferError):
+            pass
+        discard(self.path)
 
 
 class _PrivateMapping:

@@ -471,6 +471,9 @@ class TQFlightServer(flight.FlightServerBase):
         elif name == protocol.STATS:
             protocol.parse_empty_body(body, "Stats body")
             result = {**self.health(), **self.stats.snapshot(), **self.limiter.snapshot()}
+            pool = getattr(self.store.backend, "pool", None)
+            if pool is not None:  # a memory store's recycled same-host files
+                result["recycle"] = pool.describe()
         elif name == protocol.UCX_INFO:
             protocol.parse_empty_body(body, "UcxInfo body")
             result = {"success": True, "message": "success",

@@ -268,10 +268,10 @@ class Store:
 
     def publish_staged(self, key: Key, path: str) -> Entry:
         """Publishes a matrix file a same-host client wrote in the staging directory, after
-        checking it: the format, the trailer, every batch's type, length and digest field
-        (not the digests themselves: every read verifies those, and hashing here would cost
-        a pass over the data), and the size limit. The server stays the authority: nothing
-        it could not read becomes visible.
+        checking it: the format, the trailer, every batch's type, length and (in a disk
+        store) digest field (not the digests themselves: every read verifies those, and
+        hashing here would cost a pass over the data), and the size limit. The server stays
+        the authority: nothing it could not read becomes visible.
 
         Raises:
             InvalidArgument: the file is not a complete, valid matrix of ``key``.
@@ -292,7 +292,7 @@ class Store:
         try:
             reader = MatrixReader(source, key, digests=False)
             self.check_size(key, reader.entry.nbytes)
-            for i in range(source.num_record_batches):
+            for i in range(source.num_record_batches if self.backend.digests else 0):
                 _, md = source.get_batch_with_custom_metadata(i)
                 if DIGEST_KEY not in (md or {}):
                     raise InternalError(f"batch {i} carries no digest")
