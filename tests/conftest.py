@@ -22,9 +22,45 @@ def memory_server():
         yield srv
 
 
-@pytest.fixture
-def client(memory_server):
-    with torch_tq.Client(memory_server.location, timeout=60) as c:
+# The tests that take the ``client`` fixture run on each transport: gRPC, same-host (the
+# client mapping and staging files itself) and UCX, when ucxx is here; all against the
+# session's memory store, except that a module with ``SAME_HOST_STORAGE = "disk"`` runs
+# its same-host case against a disk store.
+try:
+    import ucxx  # noqa: F401
+
+    TRANSPORTS = ["grpc", "same-host", "ucx"]
+except ImportError:
+    TRANSPORTS = ["grpc", "same-host"]
+
+
+def ucx_locations(location: str) -> list[str]:
+    """The seed's pair of locations for a server: UCX first, then gRPC."""
+    host = location.split("://", 1)[1].rsplit(":", 1)[0]
+    return [f"ucx://{host}:8081", location]
+
+
+@pytest.fixture(scope="session")
+def same_host_server(tmp_path_factory):
+    """A disk-store server for the same-host runs (a disk store's files are the ones a
+    same-host client maps and stages)."""
+    with torch_tq.start_server(data_dir=str(tmp_path_factory.mktemp("same_host"))) as srv:
+        yield srv
+
+
+@pytest.fixture(params=TRANSPORTS)
+def client(request, memory_server):
+    if request.param == "grpc":
+        c = torch_tq.Client(memory_server.location, transport="grpc", timeout=60)
+    elif request.param == "ucx":
+        c = torch_tq.Client(ucx_locations(memory_server.location), transport="ucx", timeout=60)
+    else:
+        server = (request.getfixturevalue("same_host_server")
+                  if getattr(request.module, "SAME_HOST_STORAGE", "memory") == "disk"
+                  else memory_server)
+        c = torch_tq.Client(server.location, transport="same-host", timeout=60)
+    assert c.transport == request.param
+    with c:
         yield c
 
 

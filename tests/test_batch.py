@@ -13,6 +13,8 @@ import torch
 
 import torch_tq
 
+from .conftest import TRANSPORTS, ucx_locations
+
 _DTYPES = ["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32",
            "float64"]
 
@@ -39,9 +41,10 @@ def small_server():
         yield srv
 
 
-@pytest.fixture
-def bc(small_server):
-    with torch_tq.Client(small_server.location) as c:
+@pytest.fixture(params=TRANSPORTS)
+def bc(request, small_server):
+    where = ucx_locations(small_server.location) if request.param == "ucx" else small_server.location
+    with torch_tq.Client(where, transport=request.param) as c:
         yield c
 
 
@@ -199,7 +202,8 @@ def test_batch_over_item_cap_rejected_whole_and_stores_nothing(small_server, bc,
     })
     with pytest.raises(pa.ArrowException, match="limit is 50 per call"):
         _batch_write(fc, table)
-    assert not [m for m in bc.list() if m.matrix_type == "capped"]
+    assert not [m for m in bc.list() if m.matrix_type == "capped"
+                and unique_id <= m.index_id < unique_id + n]
     ticket = json.dumps({"action": "BatchRead",
                          "items": [{"index_id": i, "matrix_type": "x"} for i in range(n)]})
     with pytest.raises(pa.ArrowException, match="limit is 50 per call"):

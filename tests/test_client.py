@@ -18,42 +18,13 @@ import torch_tq
 from torch_tq import InvalidArgument, NotFound, Unavailable
 from torch_tq.codec import DTYPES
 
+from .conftest import TRANSPORTS, ucx_locations
 from .test_codec import bits, random_tensor
 
 
-# Every test here runs on each transport: gRPC (memory store), same-host (disk store, the
-# client mapping and staging the files itself) and UCX (memory store), when ucxx is here.
-try:
-    import ucxx  # noqa: F401
-
-    TRANSPORTS = ["grpc", "same-host", "ucx"]
-except ImportError:
-    TRANSPORTS = ["grpc", "same-host"]
-
-
-def _ucx_locations(location: str) -> list[str]:
-    host = location.split("://", 1)[1].rsplit(":", 1)[0]
-    return [f"ucx://{host}:8081", location]
-
-
-@pytest.fixture(scope="module")
-def same_host_server(tmp_path_factory):
-    with torch_tq.start_server(data_dir=str(tmp_path_factory.mktemp("same_host"))) as srv:
-        yield srv
-
-
-@pytest.fixture(params=TRANSPORTS)
-def client(request, memory_server):
-    if request.param == "grpc":
-        c = torch_tq.Client(memory_server.location, transport="grpc")
-    elif request.param == "ucx":
-        c = torch_tq.Client(_ucx_locations(memory_server.location), transport="ucx")
-    else:
-        c = torch_tq.Client(request.getfixturevalue("same_host_server").location,
-                            transport="same-host")
-    assert c.transport == request.param
-    with c:
-        yield c
+# Every test here runs on each transport (the ``client`` fixture of conftest.py), the
+# same-host one against a disk store.
+SAME_HOST_STORAGE = "disk"
 
 
 @pytest.fixture(scope="module", params=TRANSPORTS)
@@ -65,7 +36,7 @@ def tiny_client(request, tmp_path_factory):
     else:
         srv = torch_tq.start_server(storage="memory", chunk_bytes="1KiB")
     with srv:
-        where = _ucx_locations(srv.location) if request.param == "ucx" else srv.location
+        where = ucx_locations(srv.location) if request.param == "ucx" else srv.location
         with torch_tq.Client(where, chunk_bytes=1024, transport=request.param) as c:
             assert c.transport == request.param
             yield c
