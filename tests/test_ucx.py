@@ -51,6 +51,27 @@ def test_ucx_chosen_and_bit_exact(server, unique_id):
         c.put(unique_id, "u", torch.zeros(2, dtype=torch.complex64))
 
 
+def test_batches_move_their_large_matrices_over_ucx(server, unique_id):
+    c = torch_tq.Client(_locations(server))
+    assert c.transport == "ucx"
+    items = {(unique_id + i, "b"): torch.randn(1 << 19) if i % 2 else torch.randn(10)
+             for i in range(6)}  # three of 2 MiB, three of 40 bytes
+    before = c.server_stats()["calls"]
+    assert all(r.success for r in c.put_many(items, small_bytes=1 << 20))
+    results = c.get_many([*items, (unique_id + 99, "b")])
+    after = c.server_stats()["calls"]
+    assert [r.success for r in results] == [True] * 6 + [False]
+    assert results[-1].code == "NOT_FOUND"
+    assert all(torch.equal(r.tensor, t) for r, t in zip(results, items.values()))
+
+    def delta(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    # the large ones over UCX, one transfer each; the small ones in one call each way
+    assert delta("action:UcxPut") == 3 and delta("action:UcxGet") == 3
+    assert delta("do_put") == 1 and delta("do_get") >= 1
+
+
 def test_rdma_spelling_and_forced_transport(server):
     host = server.location.split("://", 1)[1].rsplit(":", 1)[0]
     assert torch_tq.Client([f"rdma://{host}:8081", server.location]).transport == "ucx"

@@ -396,6 +396,10 @@ class Client:
         """
         key = _key(index_id, matrix_type)
         dtype, shape, flat = codec.tensor_values(tensor)
+        self._put_routed(self._flight, key, dtype, shape, flat, self._compression(compression))
+
+    def _put_routed(self, conn, key: Key, dtype: codec.DType, shape, flat, compression) -> None:
+        """A put on this process's transport (falling back to gRPC over ``conn``)."""
         kind, state = self._route()
         # a small matrix into a disk store: one gRPC upload is quicker than staging a file
         # and asking the server to publish it, and the file it makes is as readable here
@@ -415,7 +419,7 @@ class Client:
                 return
             except _UcxTransferError as e:
                 self._ucx_failed(e.__cause__ or e)
-        self._put_to(self._flight, key, dtype, shape, flat, self._compression(compression))
+        self._put_to(conn, key, dtype, shape, flat, compression)
 
     def _put_ucx(self, address: bytes, key: Key, dtype: codec.DType, shape, flat) -> None:
         from torch_tq import ucx
@@ -657,8 +661,9 @@ class Client:
         """Stores many matrices; each item succeeds or fails on its own.
 
         Matrices of up to ``small_bytes`` travel together in BatchWrite calls of up to
-        ``batch_items`` items; larger ones as their own streams. Up to ``concurrency`` calls
-        run at once, each on a connection of this client's pool (reused by later batches).
+        ``batch_items`` items; larger ones as a ``put`` does on this client's transport (a
+        stream, a UCX transfer, or a same-host file). Up to ``concurrency`` calls run at
+        once, each on a connection of this client's pool (reused by later batches).
 
         Args:
             items: ``{(index_id, matrix_type): tensor}`` or ``(index_id, matrix_type,
@@ -709,8 +714,8 @@ class Client:
         On the same-host path each item is read from its file (no call). Otherwise items
         travel in BatchRead streams of up to ``batch_items`` items, spread over up to
         ``concurrency`` parallel streams on this client's pooled connections; a matrix too
-        large to travel inline (over ``max_inline_bytes``, by default the server's 256 MiB)
-        is read with its own stream.
+        large to travel inline (over ``max_inline_bytes``, by default the server's 256 MiB,
+        or 1 MiB on the UCX path) is read with its own stream, or its own UCX transfer.
 
         Returns:
             One :class:`ItemResult` per item, in order, with ``tensor`` set on success.
@@ -745,6 +750,9 @@ class Client:
                     results[i] = ItemResult(key.index_id, key.matrix_type, True, "OK",
                                             "success", tensor)
             valid = remote
+        if valid and kind == "ucx" and max_inline_bytes is None:
+            # the bytes of what is not small go over UCX, one transfer per matrix
+            max_inline_bytes = _UCX_BATCH_INLINE_BYTES
         if valid:
             groups = max(math.ceil(len(valid) / batch_items), min(concurrency, len(valid)))
             size = math.ceil(len(valid) / groups)
@@ -773,7 +781,7 @@ class Client:
     def _put_one_task(self, results, i, key, dtype, shape, flat) -> None:
         try:
             with self._pooled() as conn:
-                self._retry(self._put_to, conn, key, dtype, shape, flat, self.compression)
+                self._retry(self._put_routed, conn, key, dtype, shape, flat, self.compression)
             results[i] = ItemResult(key.index_id, key.matrix_type, True, "OK", "success")
         except TQError as e:
             results[i] = ItemResult(key.index_id, key.matrix_type, False, e.code, e.message)
@@ -806,8 +814,7 @@ class Client:
                 for (i, key), row in zip(group, rows):
                     if row.success and row.tensor is None:  # too large to travel inline
                         try:
-                            t = self._retry(functools.partial(
-                                self._get_from, conn, key, compression=self.compression))
+                            t = self._retry(self._get_large, conn, key)
                             row = row._replace(tensor=t, message="success")
                         except TQError as e:
                             row = row._replace(success=False, code=e.code, message=e.message)
@@ -816,6 +823,16 @@ class Client:
             for i, key in group:
                 if results[i] is None:
                     results[i] = ItemResult(key.index_id, key.matrix_type, False, e.code, e.message)
+
+    def _get_large(self, conn, key: Key):
+        """A matrix a BatchRead left out: over UCX on that route, else its own stream."""
+        kind, state = self._route()
+        if kind == "ucx":
+            try:
+                return self._get_ucx(state, key, None, False)
+            except _UcxTransferError as e:
+                self._ucx_failed(e.__cause__ or e)
+        return self._get_from(conn, key, compression=self.compression)
 
     def _batch_read_from(self, conn, group, max_inline_bytes=None) -> list[ItemResult]:
         keys = [key for _, key in group]
@@ -1117,6 +1134,7 @@ _TRANSPORTS = ("auto", "grpc", "ucx", "same-host")
 # Up to this size a UCX client's matrix travels with the gRPC call itself: a control round
 # trip plus a UCX transfer costs more than one gRPC round trip (benchmarks/transports.py).
 _UCX_INLINE_BYTES = 64 << 10
+_UCX_BATCH_INLINE_BYTES = 1 << 20  # get_many on the UCX path: larger items go over UCX
 
 
 class _UcxTransferError(Exception):
