@@ -4,6 +4,7 @@ server offers no UCX, and when a UCX endpoint dies mid-run."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -122,9 +123,9 @@ def test_fallback_when_the_endpoint_dies_mid_run(server, unique_id):
     c.put(unique_id, "d", t)
     assert c.transport == "ucx"
     rt = ucx.runtime()
-    address = c._ucx_address()
-    ep = rt.run(rt.endpoint(address), 10)
-    rt.run(ep.close(), 10)  # the endpoint dies; the cached one is now unusable
+    for lane, address in zip(rt._lanes, c._ucx_peers()):  # every lane's endpoint dies
+        ep = asyncio.run_coroutine_threadsafe(lane.endpoint(address), lane.loop).result(10)
+        asyncio.run_coroutine_threadsafe(ep.close(), lane.loop).result(10)
     assert torch.equal(c.get(unique_id, "d"), t)  # retried over gRPC
     assert c.transport == "grpc"
     c.put(unique_id, "d", t * 2)

@@ -7,7 +7,6 @@ is unpickled (it pickles as its recipe: location and settings).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
@@ -239,8 +238,8 @@ class Client:
         return flight.FlightCallOptions(timeout=timeout, headers=self._headers, **kwargs)
 
     def _route(self) -> tuple[str, Any]:
-        """How this process moves matrices: ``("same-host", LocalStore)``, ``("ucx",
-        server worker address)`` or ``("grpc", None)``; decided once per process."""
+        """How this process moves matrices: ``("same-host", LocalStore)``, ``("ucx", the
+        server's worker addresses)`` or ``("grpc", None)``; decided once per process."""
         pid, kind, state = self._route_state
         if pid == os.getpid():
             return kind, state
@@ -270,10 +269,13 @@ class Client:
 
                 rt = ucx.runtime()
                 info = self._action(protocol.UCX_INFO, {}, "ucx info")
-                address = ucx.decode_address(info["address"])
-                rt.run(rt.endpoint(address), ucx.DEFAULT_TIMEOUT_S)
-                log.info("torch_tq client %s: transport ucx", self.location)
-                return "ucx", address
+                # the server's lanes this process pairs with its own
+                peers = ucx.decode_addresses(info.get("addresses", info.get("address")))
+                peers = peers[: rt.lanes]
+                rt.connect(peers)
+                log.info("torch_tq client %s: transport ucx (%d lanes)", self.location,
+                         len(peers))
+                return "ucx", peers
             except ForkedProcessError:
                 raise  # not a UCX problem: no connection may be made here at all
             except TQError as e:
@@ -299,7 +301,7 @@ class Client:
         kind, state = self._route()
         return state if kind == "same-host" else None
 
-    def _ucx_address(self):
+    def _ucx_peers(self) -> list[bytes] | None:
         kind, state = self._route()
         return state if kind == "ucx" else None
 
@@ -421,7 +423,7 @@ class Client:
                 self._ucx_failed(e.__cause__ or e)
         self._put_to(conn, key, dtype, shape, flat, compression)
 
-    def _put_ucx(self, address: bytes, key: Key, dtype: codec.DType, shape, flat) -> None:
+    def _put_ucx(self, peers: list[bytes], key: Key, dtype: codec.DType, shape, flat) -> None:
         from torch_tq import ucx
 
         if flat.nbytes <= _UCX_INLINE_BYTES:  # small: one gRPC upload beats two messages
@@ -432,11 +434,10 @@ class Client:
         sizes = ucx.split(raw.nbytes, self.chunk_bytes)
         parts = ucx.views(raw, sizes)
         tag = random.getrandbits(64)
-        sending = rt.submit(asyncio.wait_for(rt.send_parts(address, tag, parts),
-                                             ucx.DEFAULT_TIMEOUT_S))
+        sending = rt.start("send", peers, tag, parts)
         body = {"index_id": key.index_id, "matrix_type": key.matrix_type, "shape": list(shape),
                 "dtype": dtype.name, "nbytes": raw.nbytes, "parts": sizes,
-                "address": rt.address_b64, "tag": tag}
+                "addresses": rt.addresses_b64[: len(peers)], "tag": tag}
         if self.checksum:
             body["xxh3"] = xxhash.xxh3_64_hexdigest(memoryview(raw))
         try:
@@ -454,7 +455,7 @@ class Client:
         except Exception as e:  # the server stored it, so the bytes did arrive
             log.debug("UCX send of %s reported %s after the server's ack", key, e)
 
-    def _get_ucx(self, address: bytes, key: Key, out, shared, pinned: bool = False):
+    def _get_ucx(self, peers: list[bytes], key: Key, out, shared, pinned: bool = False):
         """A get over UCX, received straight into the result (a pooled pinned block when
         ``pinned``: the host side of a copy to a GPU)."""
         from torch_tq import ucx
@@ -462,7 +463,8 @@ class Client:
         rt = ucx.runtime()
         tag = random.getrandbits(64)
         body = {"index_id": key.index_id, "matrix_type": key.matrix_type,
-                "address": rt.address_b64, "tag": tag, "inline_max": _UCX_INLINE_BYTES}
+                "addresses": rt.addresses_b64[: len(peers)], "tag": tag,
+                "inline_max": _UCX_INLINE_BYTES}
         reply = self._action(protocol.UCX_GET, body, f"get {key}", extra=1)
         dtype, shape = codec.DTYPES[reply["dtype"]], tuple(reply["shape"])
         if pinned and out is None and not shared:
@@ -484,9 +486,9 @@ class Client:
                                 f"for {whole.nbytes}")
         views = ucx.views(whole, reply["parts"])
         try:
-            rt.run(rt.recv_parts(address, tag, views), ucx.DEFAULT_TIMEOUT_S)
+            rt.run("recv", peers, tag, views)
         except Exception as e:
-            rt.forget(address)
+            rt.forget(peers)
             raise _UcxTransferError(str(e)) from e
         self._count_get(0)
         return result

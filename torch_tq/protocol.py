@@ -75,7 +75,7 @@ ACTION_DESCRIPTIONS = {
     REOPEN_STREAM: 'Clear the finished mark of matrix types: {"types": [...]}',
     GROUP_STATUS: 'Ready, leased and consumed counts of a consumer group: {"group": "g"}',
     DELETE_GROUP: 'Forget a consumer group and what it consumed: {"group": "g"}',
-    UCX_INFO: "The server's UCX worker address (base64), for the UCX data plane",
+    UCX_INFO: "The server's UCX worker addresses (base64, one per lane), for the UCX data plane",
     UCX_GET: 'Send a matrix over UCX: {"index_id": N, "matrix_type": "prompt", "address": '
              '"<client worker address, base64>", "tag": T, "inline_max"?: B}; answers dtype, '
              'shape, parts (a matrix of at most B bytes comes back as a second result instead)',
@@ -603,10 +603,13 @@ def parse_publish_local_body(raw: bytes) -> tuple[Key, str]:
 
 
 def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:
-    """Parses a UcxGet/UcxPut body; ``address`` stays base64 text (the ucx module decodes)."""
+    """Parses a UcxGet/UcxPut body; ``addresses`` (the client's lanes; ``address``, one
+    lane, is accepted too) stay base64 text (the ucx module decodes)."""
     what = f"{action} body"
     body = parse_json_object(raw, what)
-    common = {"index_id", "matrix_type", "address", "tag"}
+    if "address" in body and "addresses" not in body:
+        body["addresses"] = body.pop("address")
+    common = {"index_id", "matrix_type", "addresses", "tag"}
     if action == UCX_GET:
         _check_keys(body, common | {"inline_max"}, common, what)
     else:
@@ -614,7 +617,7 @@ def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:
         _check_keys(body, required | {"xxh3"}, required, what)
     out: dict[str, Any] = {
         "key": Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"])),
-        "address": body["address"],
+        "addresses": body["addresses"],
         "tag": _validate_int(body["tag"], "tag", 0, 2**64 - 1),
     }
     if action == UCX_GET:

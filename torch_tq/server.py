@@ -13,7 +13,6 @@ INVALID_ARGUMENT exceptions holds no traceback (RELIABILITY.md §4).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -201,12 +200,12 @@ def _sliced(batches: Iterator[pa.RecordBatch], chunk_bytes: int) -> Iterator[pa.
             yield batch.slice(start, step)
 
 
-def _log_ucx_failure(future, rt, address: bytes, what: str) -> None:
+def _log_ucx_failure(future, rt, peers: list[bytes], what: str) -> None:
     if future.cancelled():
         return
     error = future.exception()
     if error is not None:
-        rt.forget(address)
+        rt.forget(peers)
         log.warning("%s: UCX send failed (%s); the client falls back to gRPC",
                     what, type(error).__name__)
 
@@ -477,7 +476,8 @@ class TQFlightServer(flight.FlightServerBase):
         elif name == protocol.UCX_INFO:
             protocol.parse_empty_body(body, "UcxInfo body")
             result = {"success": True, "message": "success",
-                      "address": self._ucx_runtime().address_b64}
+                      "address": self._ucx_runtime().addresses_b64[0],
+                      "addresses": self._ucx_runtime().addresses_b64}
         elif name == protocol.UCX_GET:
             result, inline = self._ucx_get(protocol.parse_ucx_body(body, name))
             if inline is not None:  # a small matrix comes back with the answer itself
@@ -519,9 +519,16 @@ class TQFlightServer(flight.FlightServerBase):
             raise Unavailable("UCX is switched off on this server (--no-ucx)")
         return ucx.runtime()  # started on the first UCX client
 
+    def _ucx_peers(self, rt, req: dict) -> list[bytes]:
+        """The client's lanes a request names: no more than this server runs."""
+        peers = ucx.decode_addresses(req["addresses"])
+        if len(peers) > rt.lanes:
+            raise InvalidArgument(f"{len(peers)} UCX lanes named; this server runs {rt.lanes}")
+        return peers
+
     def _ucx_get(self, req: dict) -> tuple[dict, pa.Buffer | None]:
         rt = self._ucx_runtime()
-        address = ucx.decode_address(req["address"])
+        peers = self._ucx_peers(rt, req)
         key = req["key"]
         matrix = self.store.open(key)
         entry = matrix.entry
@@ -536,7 +543,9 @@ class TQFlightServer(flight.FlightServerBase):
                                                       (column.offset + len(column)) * width]
             else:
                 continue
-            parts.append(np.frombuffer(raw, dtype=np.uint8))
+            # pieces of at most chunk_bytes: the lanes share even a one-batch matrix
+            whole = np.frombuffer(raw, dtype=np.uint8)
+            parts.extend(ucx.views(whole, ucx.split(whole.nbytes, self.store.chunk_bytes)))
         self.stats.add_bytes(sent=entry.nbytes)
         reply = {"success": True, "message": "success", "index_id": key.index_id,
                  "matrix_type": key.matrix_type, **entry.describe()}
@@ -544,14 +553,13 @@ class TQFlightServer(flight.FlightServerBase):
             # one round trip instead of a control call and a UCX transfer
             data = np.concatenate(parts) if parts else np.empty(0, np.uint8)
             return {**reply, "parts": [], "inline": True}, pa.py_buffer(data)
-        future = rt.submit(asyncio.wait_for(rt.send_parts(address, req["tag"], parts),
-                                            ucx.DEFAULT_TIMEOUT_S))
-        future.add_done_callback(lambda f: _log_ucx_failure(f, rt, address, f"UcxGet {key}"))
+        future = rt.start("send", peers, req["tag"], parts)
+        future.add_done_callback(lambda f: _log_ucx_failure(f, rt, peers, f"UcxGet {key}"))
         return {**reply, "parts": [p.nbytes for p in parts]}, None
 
     def _ucx_put(self, context, req: dict) -> dict:
         rt = self._ucx_runtime()
-        address = ucx.decode_address(req["address"])
+        peers = self._ucx_peers(rt, req)
         key, dtype = req["key"], codec.DTYPES[req["dtype"]]
         nbytes = req["nbytes"]
         if nbytes % dtype.itemsize or nbytes // dtype.itemsize != codec.numel(req["shape"]):
@@ -563,9 +571,9 @@ class TQFlightServer(flight.FlightServerBase):
             whole = np.frombuffer(buf, dtype=np.uint8) if nbytes else None
             views = ucx.views(whole, req["parts"])
             try:
-                rt.run(rt.recv_parts(address, req["tag"], views), ucx.DEFAULT_TIMEOUT_S)
+                rt.run("recv", peers, req["tag"], views)
             except Unavailable:
-                rt.forget(address)
+                rt.forget(peers)
                 raise
             self.stats.add_bytes(received=nbytes)
             session.append(codec.raw_values(buf, dtype))
