@@ -4,7 +4,8 @@ server offers no UCX, and when a UCX endpoint dies mid-run."""
 
 from __future__ import annotations
 
-import asyncio
+import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -116,20 +117,30 @@ def test_fallback_when_ucxx_is_missing(server, unique_id):
 
 
 def test_fallback_when_the_endpoint_dies_mid_run(server, unique_id):
-    from torch_tq import ucx
-
-    c = torch_tq.Client(_locations(server))
-    t = torch.randn(1 << 20)
-    c.put(unique_id, "d", t)
-    assert c.transport == "ucx"
-    rt = ucx.runtime()
-    for lane, address in zip(rt._lanes, c._ucx_peers()):  # every lane's endpoint dies
-        ep = asyncio.run_coroutine_threadsafe(lane.endpoint(address), lane.loop).result(10)
-        asyncio.run_coroutine_threadsafe(ep.close(), lane.loop).result(10)
-    assert torch.equal(c.get(unique_id, "d"), t)  # retried over gRPC
-    assert c.transport == "grpc"
-    c.put(unique_id, "d", t * 2)
-    assert torch.equal(c.get(unique_id, "d"), t * 2)
+    # in a process of its own: the endpoints it kills stay dead in that process's runtime
+    code = textwrap.dedent(f"""
+        import asyncio, os
+        os.environ["UCX_NET_DEVICES"] = "lo"
+        import torch, torch_tq
+        from torch_tq import ucx
+        c = torch_tq.Client({_locations(server)!r})
+        t = torch.randn(1 << 20)
+        c.put({unique_id}, "d", t)
+        assert c.transport == "ucx"
+        rt = ucx.runtime()
+        for lane, address in zip(rt._lanes, c._ucx_peers()):  # every lane's endpoint dies
+            ep = asyncio.run_coroutine_threadsafe(lane.endpoint(address), lane.loop).result(10)
+            asyncio.run_coroutine_threadsafe(ep.close(), lane.loop).result(10)
+        assert torch.equal(c.get({unique_id}, "d"), t)  # retried over gRPC
+        assert c.transport == "grpc"
+        c.put({unique_id}, "d", t * 2)
+        assert torch.equal(c.get({unique_id}, "d"), t * 2)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok")
 
 
 def test_ucx_calls_draw_on_the_ucx_quota(unique_id):
@@ -143,3 +154,41 @@ def test_ucx_calls_draw_on_the_ucx_quota(unique_id):
         with pytest.raises(torch_tq.Unavailable, match="rate limit"):
             for _ in range(10):
                 c.health()  # a control call: the TCP quota
+
+
+def _process_counts(pid: int) -> tuple[int, int, int]:
+    """Open descriptors, threads and memory mappings of a process."""
+    with open(f"/proc/{pid}/maps") as f:
+        maps = sum(1 for _ in f)
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task")), maps
+
+
+def test_no_descriptor_thread_mapping_or_endpoint_leaks_after_1000_calls(server, unique_id):
+    from torch_tq import ucx
+
+    c = torch_tq.Client(_locations(server))
+    assert c.transport == "ucx"
+    t = torch.randn(40_000)  # 160 KB: over the inline size, so every call moves over UCX
+    for i in range(20):  # warm: pools, lanes, endpoints, torch's own threads
+        c.put(unique_id, "l", t + i)
+        assert torch.equal(c.get(unique_id, "l"), t + i)
+    gc.collect()
+    rt = ucx.runtime()
+    endpoints = sum(len(lane._endpoints) for lane in rt._lanes)
+    before = _process_counts(os.getpid()), _process_counts(server.pid)
+    calls = c.server_stats()["calls"]
+    for i in range(1000):
+        if i % 10 == 0:
+            c.put(unique_id, "l", t + i)
+        got = c.get(unique_id, "l")
+    assert torch.equal(got, t + 990)
+    del got
+    gc.collect()
+    after = _process_counts(os.getpid()), _process_counts(server.pid)
+    done = c.server_stats()["calls"]
+    assert done["action:UcxGet"] - calls["action:UcxGet"] == 1000
+    assert done["action:UcxPut"] - calls["action:UcxPut"] == 100
+    assert sum(len(lane._endpoints) for lane in rt._lanes) == endpoints
+    for (fds0, threads0, maps0), (fds1, threads1, maps1) in zip(before, after):
+        assert fds1 <= fds0 and threads1 <= threads0, (before, after)
+        assert maps1 <= maps0 + 8, (before, after)  # allocator arenas may settle a little

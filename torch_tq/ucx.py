@@ -31,6 +31,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+from collections import OrderedDict
 from typing import Any
 
 from torch_tq.errors import InvalidArgument, Unavailable
@@ -50,7 +51,8 @@ class _Lane:
 
         self._ucxx = ucxx
         self.loop = asyncio.new_event_loop()
-        self._endpoints: dict[bytes, Any] = {}
+        # the endpoints this lane made, least recently used first
+        self._endpoints: OrderedDict[bytes, Any] = OrderedDict()
         ready: concurrent.futures.Future = concurrent.futures.Future()
 
         def start() -> None:  # runs on the loop, so ucxx binds its futures to it
@@ -79,6 +81,10 @@ class _Lane:
             ep = await self.ctx.create_endpoint_from_worker_address(
                 self._ucxx.get_ucx_address_from_buffer(address), endpoint_error_handling=False)
             self._endpoints[address] = ep
+            while len(self._endpoints) > MAX_ENDPOINTS:  # a server outlives many clients
+                self._endpoints.popitem(last=False)
+        else:
+            self._endpoints.move_to_end(address)
         return ep
 
     async def transfer(self, op: str, address: bytes, items: list) -> None:
@@ -175,6 +181,7 @@ class Runtime:
 
 
 MAX_LANES = 16
+MAX_ENDPOINTS = 256  # per lane; the least recently used goes first
 
 
 async def _timed(coro, timeout: float):
