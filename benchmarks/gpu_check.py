@@ -8,6 +8,9 @@
    * raw: a pinned tensor's ``.to("cuda", non_blocking=True)`` alone (cudaMemcpy speed);
    * same-host: ``get(device="cuda")`` from a disk store on this host (the stored file is
      mapped, copied once into a pinned block, then a non-blocking copy);
+   * UCX (when ucxx is installed): ``get(device="cuda")`` over UCX into a pinned block, and
+     with ``TORCH_TQ_UCX_CUDA=1`` straight into the CUDA tensor (checked bit-exact; it must
+     not have fallen back);
 
    and the H2D leg alone (the transfer from the received host tensor to the device), which
    is what pinning changes. Prints the ratios; the last line is the headline.
@@ -70,6 +73,28 @@ def bandwidth(size: int, runs: int) -> dict:
             lambda: c.get(1, "prompt", device="cuda"), runs)
         got = c.get(1, "prompt", device="cuda")
         assert torch.equal(got.cpu(), src), "same-host device path returned different data"
+    try:
+        import ucxx  # noqa: F401
+    except ImportError:
+        return {k: size / v / 1e9 for k, v in out.items()}
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    with torch_tq.start_server(storage="memory", same_host=False) as srv:
+        host = srv.location.split("://", 1)[1].rsplit(":", 1)[0]
+        where = [f"ucx://{host}:8081", srv.location]
+        c = torch_tq.Client(where, timeout=600, transport="ucx")
+        c.put(1, "prompt", src)
+        out["ucx get(device=cuda), pinned"] = _median_s(
+            lambda: c.get(1, "prompt", device="cuda"), runs)
+        os.environ["TORCH_TQ_UCX_CUDA"] = "1"  # UCX writes the CUDA tensor itself
+        try:
+            d = torch_tq.Client(where, timeout=600, transport="ucx")
+            got = d.get(1, "prompt", device="cuda")
+            assert got.is_cuda and torch.equal(got.cpu(), src), "UCX into CUDA: wrong data"
+            assert d._ucx_cuda, "UCX into CUDA memory failed and fell back to pinned"
+            out["ucx get(device=cuda), into CUDA"] = _median_s(
+                lambda: d.get(1, "prompt", device="cuda"), runs)
+        finally:
+            del os.environ["TORCH_TQ_UCX_CUDA"]
     return {k: size / v / 1e9 for k, v in out.items()}
 
 
@@ -100,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     pinned_vs_pageable = r["get(device=cuda), pinned"] / r["get() + .to(cuda), pageable"]
     pinned_vs_raw = r["get(device=cuda), pinned"] / r["H2D pinned (raw cudaMemcpy)"]
     same_host_vs_raw = r["same-host get(device=cuda)"] / r["H2D pinned (raw cudaMemcpy)"]
+    if "ucx get(device=cuda), into CUDA" in r:
+        print(f"ucx: into CUDA memory {r['ucx get(device=cuda), into CUDA']:.2f} GB/s = "
+              f"{r['ucx get(device=cuda), into CUDA'] / r['ucx get(device=cuda), pinned']:.2f}x "
+              "the pinned path (TORCH_TQ_UCX_CUDA=1 pays when > 1)")
     print(f"ratio: get to cuda {pinned_vs_pageable:.2f}x pageable path, {pinned_vs_raw:.2f}x raw "
           f"pinned cudaMemcpy, same-host {same_host_vs_raw:.2f}x raw | tests "
           f"{'passed' if rc == 0 else 'FAILED'}")

@@ -93,3 +93,19 @@ def test_non_blocking_get_is_ordered_on_the_current_stream(memory_server):
     assert torch.allclose(total.cpu(), source.sum() * 4, rtol=1e-4)
     for r in results:
         assert torch.equal(r.cpu(), source)
+
+
+@pytest.mark.parametrize("into_cuda", [False, True])
+def test_ucx_get_to_cuda(monkeypatch, into_cuda):
+    pytest.importorskip("ucxx")
+    if into_cuda:
+        monkeypatch.setenv("TORCH_TQ_UCX_CUDA", "1")  # UCX writes the CUDA tensor itself
+    with torch_tq.start_server(storage="memory", same_host=False) as srv:
+        host = srv.location.split("://", 1)[1].rsplit(":", 1)[0]
+        with torch_tq.Client([f"ucx://{host}:8081", srv.location]) as client:
+            assert client.transport == "ucx"
+            src = torch.randn(3, 1 << 20)
+            client.put(7, "u", src)
+            got = client.get(7, "u", device="cuda")
+            assert got.is_cuda and torch.equal(got.cpu(), src)
+            assert client.transport == "ucx" and client._ucx_cuda == into_cuda  # no fallback

@@ -185,6 +185,10 @@ class Client:
         self.timeout = timeout
         self.chunk_bytes = parse_size(resolve(chunk_bytes, "CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
         self.checksum = checksum
+        # UCX receiving straight into CUDA memory (TORCH_TQ_UCX_CUDA=1): off by default until
+        # measured on a GPU (benchmarks/gpu_check.py); a GPU get otherwise lands in pinned
+        # host memory, then a non-blocking copy
+        self._ucx_cuda = os.environ.get("TORCH_TQ_UCX_CUDA", "0") == "1"
         self.client_id = client_id if client_id is not None else uuid.uuid4().hex
         if not isinstance(self.client_id, str) or not 1 <= len(self.client_id) <= 128:
             raise InvalidArgument("client_id must be a string of 1-128 characters")
@@ -455,9 +459,11 @@ class Client:
         except Exception as e:  # the server stored it, so the bytes did arrive
             log.debug("UCX send of %s reported %s after the server's ack", key, e)
 
-    def _get_ucx(self, peers: list[bytes], key: Key, out, shared, pinned: bool = False):
-        """A get over UCX, received straight into the result (a pooled pinned block when
-        ``pinned``: the host side of a copy to a GPU)."""
+    def _get_ucx(self, peers: list[bytes], key: Key, out, shared, pinned: bool = False,
+                 cuda=None):
+        """A get over UCX, received straight into the result: a tensor on the CUDA device
+        ``cuda`` when given (UCX writes GPU memory), else a pooled pinned block when
+        ``pinned`` (the host side of a copy to a GPU), else host memory."""
         from torch_tq import ucx
 
         rt = ucx.runtime()
@@ -479,11 +485,19 @@ class Client:
             result = assembler.finish()
             self._count_get(assembler.copied_bytes)
             return result
-        result = assembler.allocate()
-        whole = codec._byte_view(result) if result.numel() else np.empty(0, np.uint8)
-        if sum(reply["parts"]) != whole.nbytes:
+        if cuda is not None:
+            import torch
+
+            result = torch.empty(shape, dtype=dtype.torch, device=cuda)
+            whole = result.reshape(-1).view(torch.uint8)  # views of it carry the CUDA
+            # array interface, which ucxx hands to UCX as GPU memory
+        else:
+            result = assembler.allocate()
+            whole = codec._byte_view(result) if result.numel() else np.empty(0, np.uint8)
+        nbytes = codec.numel(shape) * dtype.itemsize
+        if sum(reply["parts"]) != nbytes:
             raise InternalError(f"get {key}: the server announced {sum(reply['parts'])} bytes "
-                                f"for {whole.nbytes}")
+                                f"for {nbytes}")
         views = ucx.views(whole, reply["parts"])
         try:
             rt.run("recv", peers, tag, views)
@@ -606,13 +620,21 @@ class Client:
                     result = _to_device(result, device, non_blocking)
                 return result
         if kind == "ucx":
+            to_cuda = device is not None and _is_cuda(device)
+            direct = to_cuda and out is None and not shared and self._ucx_cuda
             try:
-                result = self._get_ucx(state, key, out, shared, pin_memory or (
-                    device is not None and _is_cuda(device)))
+                result = self._get_ucx(state, key, out, shared, pin_memory or to_cuda,
+                                       device if direct else None)
             except _UcxTransferError as e:
+                if direct:  # CUDA memory as the receive buffer failed: pinned from now on
+                    log.warning("torch_tq client %s: UCX into CUDA memory failed (%s); "
+                                "receiving into pinned host memory", self.location, e)
+                    self._ucx_cuda = False
+                    return self.get(index_id, matrix_type, device=device,
+                                    non_blocking=non_blocking, compression=compression)
                 self._ucx_failed(e.__cause__ or e)
             else:
-                if device is not None:
+                if device is not None and not direct:
                     result = _to_device(result, device, non_blocking)
                 return result
         return self._get_from(self._flight, key, out, shared, device, pin_memory, non_blocking,
