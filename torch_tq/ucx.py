@@ -9,14 +9,17 @@ memory on one host (~6.8 GB/s), where endpoints from a listener's socket address
 TCP (~0.6 GB/s). So the data plane needs no port of its own.
 
 * **get** (``UcxGet``): the server opens and verifies the matrix, answers its dtype, shape
-  and the byte size of each part (one part per stored batch), and sends the parts tagged
-  ``tag + i``; the client receives them straight into the result tensor.
+  and the byte size of each part (the stored batches, cut to at most ``chunk_bytes``), and
+  sends the parts tagged ``tag + i``; the client receives them straight into the result
+  tensor.
 * **put** (``UcxPut``): the client starts sending its parts tagged ``tag + i``, then makes
   the call; the server checks the request (size limit, free space), receives the parts
   into one buffer, stores and publishes the matrix as a gRPC upload would, and answers.
 
-The tag is a random 64-bit number the client picks per transfer: it names the transfer and
-is honoured only for the call that carries it. Endpoints are created without UCX's error
+Each process runs several UCX workers, *lanes* (:class:`Runtime`), and part ``i`` moves on
+lane ``i % n``, so one transfer uses several cores. The tag is a random 64-bit number the
+client picks per transfer: it names the transfer and is honoured only for the call that
+carries it. Endpoints are created without UCX's error
 handling (with it, UCX rules out shared memory), so a peer that dies is not reported: every
 transfer runs under a timeout, and the client falls back to gRPC when one fails.
 
