@@ -13,8 +13,9 @@ For a ``-n`` matrix (default 256 MiB float32) and a ``--small`` one (default 1 K
   memory-store server, when ucxx is installed (bytes over UCX, control over gRPC);
 * baselines: **memcpy** of the same bytes into a reused buffer; raw loopback **TCP**
   between two Python processes (``sendall``/``recv_into`` a reused buffer); **write+fsync**
-  of the same bytes to a file in the store's directory (what a durable put cannot beat);
-  ``ucx_perftest`` when it is on the PATH.
+  of the same bytes to a file in the store's directory (what a durable put cannot beat;
+  measured in alternation with the same-host disk puts, as the disk's speed drifts);
+  ``ucx_perftest`` (from the PATH, or the one the ``libucx`` wheel ships) when there is one.
 
 Large figures are GB/s (medians of ``--runs``); small ones are p50/p99 latency in µs over
 ``--small-count`` calls. A get returns a usable tensor: every byte has been read once
@@ -60,6 +61,17 @@ def _median_time(fn, runs: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _alternating(fn_a, fn_b, runs: int) -> tuple[float, float]:
+    """Median seconds of ``fn_a`` and of ``fn_b``, run in turn ``runs`` times each."""
+    a, b = [], []
+    for _ in range(runs):
+        for fn, times in ((fn_a, a), (fn_b, b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b)
 
 
 def _latency(fn, count: int) -> tuple[float, float]:
@@ -180,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         with torch_tq.start_server(data_dir=tmp, qps=0, stderr=open(os.devnull, "w")) as disk, \
              torch_tq.start_server(storage="memory", qps=0, stderr=open(os.devnull, "w")) as mem:
             probe = os.path.join(tmp, "fsync-probe")
-            gbps["write+fsync"] = size / _median_time(lambda: _write_fsync(probe, src), runs) / 1e9
             clients = {
                 "grpc memory": torch_tq.Client(mem.location, transport="grpc"),
                 "grpc disk": torch_tq.Client(disk.location, transport="grpc"),
@@ -204,7 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             for name, c in clients.items():
                 c.put(1, "big", big)  # warm-up, and a check
                 assert torch.equal(c.get(1, "big"), big)
-                gbps[f"{name} put"] = size / _median_time(lambda c=c: c.put(1, "big", big), runs) / 1e9
+                if name == "same-host disk":
+                    # the disk's speed drifts within a run: its baseline, write+fsync of the
+                    # same bytes, is measured in alternation with the puts
+                    base, put = _alternating(lambda: _write_fsync(probe, src),
+                                             lambda c=c: c.put(1, "big", big), runs)
+                    gbps["write+fsync"], gbps[f"{name} put"] = size / base / 1e9, size / put / 1e9
+                else:
+                    gbps[f"{name} put"] = size / _median_time(lambda c=c: c.put(1, "big", big),
+                                                              runs) / 1e9
                 if name == "same-host memory":
                     # a memory store's files carry no digests: the get maps the file and
                     # reads nothing, so one pass over the bytes makes it a usable tensor
