@@ -192,3 +192,41 @@ def test_no_descriptor_thread_mapping_or_endpoint_leaks_after_1000_calls(server,
     for (fds0, threads0, maps0), (fds1, threads1, maps1) in zip(before, after):
         assert fds1 <= fds0 and threads1 <= threads0, (before, after)
         assert maps1 <= maps0 + 8, (before, after)  # allocator arenas may settle a little
+
+
+def test_a_refused_put_takes_the_bytes_already_sent(unique_id):
+    """The client sends a UcxPut's parts before it calls; when the server refuses the call
+    (over the size limit, over the quota) it takes those messages without their bytes, so
+    the client's send completes and nothing stays pending on either side."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.flight as flight
+
+    from torch_tq import ucx
+
+    with torch_tq.start_server(storage="memory", same_host=False, max_matrix_bytes="1MiB",
+                               qps_ucx=1, qps_burst=1) as srv:
+        c = torch_tq.Client(_locations(srv))
+        assert c.transport == "ucx"
+        rt = ucx.runtime()
+        peers = c._ucx_peers()
+        fc = flight.FlightClient(srv.location)
+        data = np.ones(4 << 20, np.uint8)
+
+        def refused_put(match: str) -> None:
+            tag = 1234567 + len(match)
+            parts = ucx.split(data.nbytes, 1 << 20)
+            sending = rt.start("send", peers, tag, ucx.views(data, parts), timeout=20)
+            body = {"index_id": unique_id, "matrix_type": "r", "shape": [data.nbytes // 4],
+                    "dtype": "float32", "nbytes": data.nbytes, "parts": parts,
+                    "addresses": rt.addresses_b64[: len(peers)], "tag": tag}
+            with pytest.raises(pa.ArrowException, match=match):
+                list(fc.do_action(flight.Action("UcxPut", json.dumps(body).encode())))
+            sending.result(10)  # completed: the server took the messages
+
+        refused_put("over the limit|too large")  # 4 MiB over a 1 MiB limit
+        refused_put("retry_after_ms")  # the UCX quota of 1/s is spent
+        with pytest.raises(torch_tq.NotFound):
+            c.get(unique_id, "r")

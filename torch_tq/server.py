@@ -157,7 +157,12 @@ def _admit(server, context, method: str, args) -> None:
     client = client_identity(mw.headers, context.peer())
     # a transfer over UCX draws on the client's UCX quota (the seed's 10,000/s)
     ucx_call = method == "do_action" and args and args[0].type.lower() in _UCX_ACTIONS
-    server.limiter.admit(client, ucx=bool(ucx_call))
+    try:
+        server.limiter.admit(client, ucx=bool(ucx_call))
+    except Unavailable:
+        if ucx_call and args[0].type.lower() in ("ucxput", "ucx_put"):
+            server.drain_refused_ucx_put(args[0].body)
+        raise
     mw.client = client
 
 
@@ -557,15 +562,39 @@ class TQFlightServer(flight.FlightServerBase):
         future.add_done_callback(lambda f: _log_ucx_failure(f, rt, peers, f"UcxGet {key}"))
         return {**reply, "parts": [p.nbytes for p in parts]}, None
 
+    def _drain(self, rt, peers: list[bytes], req: dict) -> None:
+        """A refused UcxPut: the client started sending before it called, so its messages
+        wait at this server. A 1-byte receive per part takes each one without its bytes
+        (UCX truncates it) and completes the client's send: nothing is left pending on
+        either side."""
+        scratch = np.empty(1, np.uint8)
+        rt.start("recv", peers, req["tag"], [scratch] * len(req["parts"]))
+
+    def drain_refused_ucx_put(self, body) -> None:
+        """:meth:`_drain` for a UcxPut refused before its handler ran (a limit), if its body
+        parses; best effort."""
+        try:
+            raw = body.to_pybytes() if body is not None else b""
+            req = protocol.parse_ucx_body(raw, protocol.UCX_PUT)
+            if self.ucx_enabled:
+                rt = ucx.runtime()
+                self._drain(rt, self._ucx_peers(rt, req), req)
+        except Exception as e:  # noqa: BLE001 - the refusal is what the client gets
+            log.debug("could not drain a refused UcxPut: %s", e)
+
     def _ucx_put(self, context, req: dict) -> dict:
         rt = self._ucx_runtime()
         peers = self._ucx_peers(rt, req)
         key, dtype = req["key"], codec.DTYPES[req["dtype"]]
         nbytes = req["nbytes"]
-        if nbytes % dtype.itemsize or nbytes // dtype.itemsize != codec.numel(req["shape"]):
-            raise InvalidArgument(
-                f"nbytes {nbytes} contradicts shape {list(req['shape'])} of {dtype.name}")
-        session = self.store.begin_put(key, dtype, nbytes // dtype.itemsize, req["xxh3"])
+        try:
+            if nbytes % dtype.itemsize or nbytes // dtype.itemsize != codec.numel(req["shape"]):
+                raise InvalidArgument(
+                    f"nbytes {nbytes} contradicts shape {list(req['shape'])} of {dtype.name}")
+            session = self.store.begin_put(key, dtype, nbytes // dtype.itemsize, req["xxh3"])
+        except TQError:
+            self._drain(rt, peers, req)
+            raise
         try:
             buf = pa.allocate_buffer(nbytes) if nbytes else pa.py_buffer(b"")
             whole = np.frombuffer(buf, dtype=np.uint8) if nbytes else None
