@@ -954,6 +954,82 @@ class Client:
             out.append(MatrixInfo(key.index_id, key.matrix_type, shape, dtype.name, info.total_bytes))
         return out
 
+    # ------------------------------------------------------------------ safetensors
+
+    def export_safetensors(self, path, index_ids, types=None, *,
+                           progress=None) -> dict[str, Any]:
+        """Writes the matrices of ``index_ids`` (all types, or those in ``types``) to one
+        ``.safetensors`` file, streaming: memory stays at a few record batches whatever the
+        matrices' sizes. Tensors are named ``"<index_id>/<matrix_type>"``; the header's
+        ``__metadata__["torch_tq"]`` holds index_id, type, created_at and updated_at of each.
+        The file appears (renamed into place) only once complete.
+
+        Args:
+            path: the file to write (replaced if it exists).
+            index_ids: one or more index_ids (an int, or an iterable of them).
+            types: matrix types to export (default: all of each index_id).
+            progress: called with each number of bytes written (e.g. a progress bar's
+                ``update``).
+
+        Returns:
+            ``{"path", "matrices", "bytes", "keys"}``.
+
+        Raises:
+            NotFound: an index_id has nothing (of ``types``) to export.
+            InternalError: a matrix changed shape or dtype during the export.
+        """
+        from torch_tq import safetensors_io
+
+        ids = [index_ids] if isinstance(index_ids, int) else list(index_ids)
+        return safetensors_io.export_safetensors(self, path, ids, types, progress)
+
+    def import_safetensors(self, path, index_id: int | None = None, *,
+                           progress=None) -> list[tuple[int, str]]:
+        """Stores every tensor of a ``.safetensors`` file; returns their keys in file order.
+
+        Keys come from the file's torch_tq metadata (a file :meth:`export_safetensors`
+        wrote), else from tensor names ``"<index_id>/<type>"``, else the tensor names are
+        the matrix types under ``index_id`` (a file ``safetensors.torch.save_file`` wrote).
+        The whole header is checked before anything is stored; each tensor is put straight
+        from a read-only mapping of the file.
+
+        Raises:
+            InvalidArgument: not a safetensors file, an unsupported dtype, or a tensor
+                without a valid key (nothing is stored).
+        """
+        from torch_tq import safetensors_io
+
+        return safetensors_io.import_safetensors(self, path, index_id, progress)
+
+    def _stream_values(self, key: Key, dtype_name: str, shape) -> Iterator[memoryview]:
+        """The raw element bytes of a matrix (bool: one byte each), record batch by record
+        batch, over gRPC: nothing is assembled.
+
+        Raises:
+            InternalError: the matrix is no longer of ``dtype_name`` and ``shape``.
+        """
+        what = f"export {key}"
+        self._flight  # noqa: B018 - the fork check and malloc tuning a connection gets
+        # A connection of its own whose HTTP/2 window stays at 8 MiB: gRPC otherwise grows
+        # it with the bandwidth-delay product and buffers ahead of a consumer that writes
+        # to disk (~200 MiB for a 2 GiB export here), so memory would grow with the matrix.
+        conn = flight.FlightClient(self.location, generic_options=[
+            ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", _EXPORT_WINDOW)])
+        with contextlib.closing(conn):
+            try:
+                ticket = flight.Ticket(protocol.read_command(key, None))
+                reader = conn.do_get(ticket, self._options())
+                dtype, now = codec.parse_wire_schema(reader.schema)
+                if dtype.name != dtype_name or tuple(now) != tuple(shape):
+                    raise InternalError(f"{what}: the matrix changed during the export "
+                                        f"(now {dtype.name} {list(now)}); export again")
+                for chunk in codec.chunks(reader):
+                    yield codec.element_bytes(chunk.data.column(0))
+            except TQError:
+                raise
+            except Exception as e:
+                raise protocol.from_flight_error(e, what) from None
+
     # ------------------------------------------------------------------ consumer groups
 
     def consume(
@@ -1158,7 +1234,8 @@ _TRANSPORTS = ("auto", "grpc", "ucx", "same-host")
 # Up to this size a UCX client's matrix travels with the gRPC call itself: a control round
 # trip plus a UCX transfer costs more than one gRPC round trip (benchmarks/transports.py).
 _UCX_INLINE_BYTES = 64 << 10
-_UCX_BATCH_INLINE_BYTES = 1 << 20  # get_many on the UCX path: larger items go over UCX
+_UCX_BATCH_INLINE_BYTES = 1 << 20
+_EXPORT_WINDOW = 8 << 20  # bytes gRPC may buffer ahead of an export's writes  # get_many on the UCX path: larger items go over UCX
 
 
 class _UcxTransferError(Exception):

@@ -1,0 +1,262 @@
+"""Export stored matrices to ``.safetensors`` files and import them back, streaming.
+
+The format (https://github.com/huggingface/safetensors): 8 bytes of little-endian header
+length, a JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
+"__metadata__": {str: str}}`` padded with spaces to a multiple of 8, then the bytes of
+every tensor, in order, row-major, little-endian.
+
+* **Export** lists the chosen matrices, writes the header (each is named
+  ``"<index_id>/<matrix_type>"``; ``__metadata__["torch_tq"]`` records index_id, type,
+  created_at and updated_at of each), then streams each matrix from the server batch by
+  batch into the file: memory stays at a few record batches whatever the size. The file is
+  written under a temporary name and renamed into place when complete; a matrix that
+  changed shape or dtype meanwhile fails the export, which then leaves nothing behind.
+* **Import** reads and checks the whole header first (dtypes, shapes, offsets inside the
+  file, one valid key per tensor) so that a bad file stores nothing, then maps the file and
+  puts each tensor straight from the mapping (no copy of it in this process's heap). Keys
+  come from our ``__metadata__``; else from names of the form ``"<index_id>/<type>"``; else
+  the tensor name is the matrix type under the ``index_id`` the caller gives, so a file
+  written by ``safetensors.torch.save_file`` imports too.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import uuid
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from torch_tq import codec, protocol
+from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError
+
+if TYPE_CHECKING:
+    from torch_tq.client import Client
+
+# our dtype names <-> safetensors' (those both sides have)
+TO_ST = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32",
+         "int64": "I64", "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
+FROM_ST = {v: k for k, v in TO_ST.items()}
+MAX_HEADER_BYTES = 100 << 20  # what the safetensors library itself accepts
+METADATA_KEY = "torch_tq"
+
+
+def _name(index_id: int, matrix_type: str) -> str:
+    return f"{index_id}/{matrix_type}"
+
+
+def export_safetensors(client: Client, path: str | os.PathLike, index_ids: Iterable[int],
+                       types: Iterable[str] | None = None,
+                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """See :meth:`torch_tq.Client.export_safetensors`."""
+    ids = [protocol.validate_index_id(i) for i in index_ids]
+    if not ids:
+        raise InvalidArgument("export needs at least one index_id")
+    wanted = {protocol.validate_matrix_type(t) for t in types} if types is not None else None
+    entries, described = [], []
+    for index_id in ids:
+        infos = [m for m in client.list(index_id)
+                 if wanted is None or m.matrix_type in wanted]
+        if not infos:
+            raise NotFound(f"nothing to export for index_id={index_id}"
+                           + (f" with types {sorted(wanted)}" if wanted else ""))
+        meta = client.metadata(index_id)
+        for m in sorted(infos, key=lambda m: m.matrix_type):
+            entries.append(m)
+            described.append({"name": _name(m.index_id, m.matrix_type), "index_id": m.index_id,
+                              "matrix_type": m.matrix_type,
+                              "created_at": meta.get("created_at"),
+                              "updated_at": meta.get("updated_at")})
+    header: dict[str, Any] = {"__metadata__": {"format": "pt",
+                                               METADATA_KEY: json.dumps(described)}}
+    offset = 0
+    for m in entries:
+        header[_name(m.index_id, m.matrix_type)] = {
+            "dtype": TO_ST[m.dtype], "shape": list(m.shape),
+            "data_offsets": [offset, offset + m.nbytes]}
+        offset += m.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for m in entries:
+                written = 0
+                for piece in client._stream_values(protocol.Key(m.index_id, m.matrix_type),
+                                                   m.dtype, m.shape):
+                    f.write(piece)
+                    written += len(piece)
+                    if progress is not None:
+                        progress(len(piece))
+                if written != m.nbytes:
+                    raise InternalError(f"{_name(m.index_id, m.matrix_type)}: {written} bytes "
+                                        f"arrived for {m.nbytes}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return {"path": path, "matrices": len(entries), "bytes": offset,
+            "keys": [(m.index_id, m.matrix_type) for m in entries]}
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """The checked header of a safetensors file and where its data begins.
+
+    Raises:
+        InvalidArgument: not a safetensors file we can import (with the reason).
+    """
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InvalidArgument(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise InvalidArgument(f"{path}: not a safetensors file (header length {n})")
+            text = f.read(n)
+    except OSError as e:
+        raise InvalidArgument(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidArgument(f"{path}: the safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise InvalidArgument(f"{path}: the safetensors header is not an object")
+    data_start, data_len = 8 + n, size - 8 - n
+    for name, spec in header.items():
+        if name == "__metadata__":
+            if not isinstance(spec, dict):
+                raise InvalidArgument(f"{path}: __metadata__ must map strings to strings")
+            continue
+        if not isinstance(spec, dict) or set(spec) - {"dtype", "shape", "data_offsets"}:
+            raise InvalidArgument(f"{path}: tensor {name!r:.80} is malformed")
+        dtype = spec.get("dtype")
+        if dtype not in FROM_ST:
+            raise InvalidArgument(f"{path}: tensor {name!r:.80} has dtype {dtype!r:.20}; "
+                                  f"supported: {', '.join(sorted(FROM_ST))}")
+        shape = spec.get("shape")
+        offsets = spec.get("data_offsets")
+        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int for o in offsets)):
+            raise InvalidArgument(f"{path}: tensor {name!r:.80} has a malformed shape or offsets")
+        begin, end = offsets
+        expected = codec.numel(tuple(shape)) * codec.DTYPES[FROM_ST[dtype]].itemsize
+        if not 0 <= begin <= end <= data_len or end - begin != expected:
+            raise InvalidArgument(f"{path}: tensor {name!r:.80} has offsets {offsets} that do "
+                                  f"not hold its {expected} bytes in the file")
+    return header, data_start
+
+
+def plan_import(path: str | os.PathLike, index_id: int | None = None
+                ) -> list[tuple[str, protocol.Key, dict[str, Any]]]:
+    """``(tensor name, key, spec)`` for every tensor of the file, checked (see the module
+    docstring for where keys come from).
+
+    Raises:
+        InvalidArgument: a bad file, or a tensor without a valid key.
+    """
+    header, _ = read_header(path)
+    ours: dict[str, tuple[int, str]] = {}
+    meta = header.get("__metadata__") or {}
+    if isinstance(meta.get(METADATA_KEY), str):
+        try:
+            for item in json.loads(meta[METADATA_KEY]):
+                ours[item["name"]] = (item["index_id"], item["matrix_type"])
+        except (ValueError, TypeError, KeyError):
+            raise InvalidArgument(f"{os.fspath(path)}: its torch_tq metadata is malformed") from None
+    plan, seen = [], set()
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            if name in ours:
+                key = protocol.Key(protocol.validate_index_id(ours[name][0]),
+                                   protocol.validate_matrix_type(ours[name][1]))
+            elif index_id is not None:
+                key = protocol.Key(protocol.validate_index_id(index_id),
+                                   protocol.validate_matrix_type(name))
+            elif "/" in name and name.split("/", 1)[0].isdigit():
+                head, tail = name.split("/", 1)
+                key = protocol.Key(protocol.validate_index_id(int(head)),
+                                   protocol.validate_matrix_type(tail))
+            else:
+                raise InvalidArgument(
+                    f"tensor {name!r:.80} names no index_id: pass index_id= (the tensor "
+                    "names are then the matrix types)")
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{os.fspath(path)}: {e.message}") from None
+        if key in seen:
+            raise InvalidArgument(f"{os.fspath(path)}: two tensors map to {key}")
+        seen.add(key)
+        plan.append((name, key, spec))
+    plan.sort(key=lambda p: p[2]["data_offsets"][0])
+    return plan
+
+
+def import_safetensors(client: Client, path: str | os.PathLike, index_id: int | None = None,
+                       progress: Callable[[int], None] | None = None
+                       ) -> list[tuple[int, str]]:
+    """See :meth:`torch_tq.Client.import_safetensors`."""
+    import torch
+
+    plan = plan_import(path, index_id)  # everything is checked before anything is stored
+    _, data_start = read_header(path)
+    done: list[tuple[int, str]] = []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
+    try:
+        for _name_, key, spec in plan:
+            dtype = codec.DTYPES[FROM_ST[spec["dtype"]]]
+            begin, end = spec["data_offsets"]
+            shape = tuple(spec["shape"])
+            if end > begin:
+                # a read-only mapping: torch warns that the tensor is not writable; put only
+                # reads it
+                with _quiet_non_writable():
+                    tensor = torch.frombuffer(mm, dtype=dtype.torch, count=(end - begin) // dtype.itemsize,
+                                              offset=data_start + begin).reshape(shape)
+            else:
+                tensor = torch.empty(shape, dtype=dtype.torch)
+            client.put(key.index_id, key.matrix_type, tensor)
+            del tensor
+            done.append((key.index_id, key.matrix_type))
+            if progress is not None:
+                progress(end - begin)
+    except TQError as e:
+        raise type(e)(f"import of {os.fspath(path)} stopped after {len(done)} of {len(plan)} "
+                      f"matrices: {e.message}") from None
+    finally:
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a tensor over it is still referenced; the mapping goes with it
+    return done
+
+
+class _quiet_non_writable:
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
