@@ -126,3 +126,51 @@ def test_start_server_reports_typed_failure(tmp_path):
             torch_tq.start_server(data_dir=str(tmp_path / "d"))
         assert srv.alive
     assert not srv.alive
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch_tq", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def test_tools_against_a_real_server(memory_server, unique_id, tmp_path):
+    loc = ["--location", memory_server.location]
+    c = torch_tq.Client(memory_server.location, transport="grpc")
+    c.put(unique_id, "prompt", torch.arange(12, dtype=torch.int32).reshape(3, 4))
+    c.put(unique_id, "resp", torch.randn(2, 1024).bfloat16())
+    proc = _cli("ls", *loc, "--index-id", str(unique_id))
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(rf"{unique_id}\s+prompt\s+int32\s+3x4\s+48 B", proc.stdout)
+    assert re.search(r"resp\s+bfloat16\s+2x1024\s+4.0 KiB", proc.stdout)
+    assert "2 matrices, 4.0 KiB" in proc.stdout
+    rows = json.loads(_cli("ls", *loc, "--index-id", str(unique_id), "--type", "resp",
+                           "--json").stdout)
+    assert rows == [{"index_id": unique_id, "matrix_type": "resp", "dtype": "bfloat16",
+                     "shape": [2, 1024], "nbytes": 4096}]
+    meta = json.loads(_cli("info", *loc, str(unique_id), "--json").stdout)
+    assert sorted(meta["types"]) == ["prompt", "resp"]
+    # export, delete, import: the same bits come back
+    path = str(tmp_path / "x.safetensors")
+    out = json.loads(_cli("export", *loc, path, "--ids", str(unique_id), "--json").stdout)
+    assert out["matrices"] == 2 and out["bytes"] == 48 + 4096
+    assert json.loads(_cli("rm", *loc, str(unique_id), "--json").stdout)["deleted"] == [
+        "prompt", "resp"]
+    assert _cli("info", *loc, str(unique_id)).returncode == 1  # NOT_FOUND
+    proc = _cli("import", *loc, path)
+    assert proc.returncode == 0 and "imported 2 matrices" in proc.stdout, proc.stderr
+    assert torch.equal(c.get(unique_id, "prompt"), torch.arange(12, dtype=torch.int32).reshape(3, 4))
+    # exit codes that mean something, and clear messages
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x05\0\0\0\0\0\0\0hello")
+    proc = _cli("import", *loc, str(bad))
+    assert proc.returncode == 2 and "INVALID_ARGUMENT" in proc.stderr
+    proc = _cli("ls", "--location", "grpc://127.0.0.1:1", "--no-retry")
+    assert proc.returncode == 3 and "UNAVAILABLE" in proc.stderr
+    assert "check that it runs" in proc.stderr
+
+
+def test_env_reports_versions_and_devices():
+    info = json.loads(_cli("env", "--json").stdout)
+    assert info["torch_tq"] == torch_tq.__version__ and info["torch"] == torch.__version__
+    assert info["pyarrow"] == pa.__version__ and isinstance(info["cuda"], bool)
+    assert "ucx_usable" in info and info["cpus"] >= 1

@@ -1,4 +1,9 @@
-"""The ``torch-tq`` command line: ``serve`` a storage node, or run the ``demo``."""
+"""The ``torch-tq`` command line: ``serve`` a storage node, run the ``demo``, and the tools
+around one: ``ls``, ``info``, ``rm``, ``stats``, ``export``/``import`` (safetensors), ``env``.
+
+Exit codes: 0 success; 1 NOT_FOUND; 2 bad usage or INVALID_ARGUMENT; 3 UNAVAILABLE (the
+server is unreachable, over a limit, or full); 4 INTERNAL_ERROR; 130 interrupted.
+``--json`` prints what scripts read; errors go to stderr as ``torch-tq: CODE: message``."""
 
 from __future__ import annotations
 
@@ -102,11 +107,157 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _stats(args: argparse.Namespace, argv: list[str]) -> int:
+EXIT_CODES = {"NOT_FOUND": 1, "INVALID_ARGUMENT": 2, "UNAVAILABLE": 3, "INTERNAL_ERROR": 4}
+
+
+def _client(args: argparse.Namespace):
     from torch_tq.client import Client
 
-    with Client(args.location, timeout=args.timeout) as client:
+    return Client(args.location, timeout=args.timeout, transport="grpc",
+                  retry_deadline=0 if args.no_retry else args.timeout)
+
+
+def human_size(n: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _emit(args: argparse.Namespace, data, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def _stats(args: argparse.Namespace, argv: list[str]) -> int:
+    with _client(args) as client:
         print(json.dumps(client.server_stats(), indent=2))
+    return 0
+
+
+def _ls(args: argparse.Namespace, argv: list[str]) -> int:
+    from torch_tq.protocol import validate_matrix_type
+
+    with _client(args) as client:
+        items = client.list(args.index_id)
+    if args.type:
+        wanted = {validate_matrix_type(t) for t in args.type.split(",")}
+        items = [m for m in items if m.matrix_type in wanted]
+    rows = [{"index_id": m.index_id, "matrix_type": m.matrix_type, "dtype": m.dtype,
+             "shape": list(m.shape), "nbytes": m.nbytes} for m in items]
+    lines = [f"{'INDEX_ID':>20}  {'TYPE':<16} {'DTYPE':<9} {'SHAPE':<20} {'SIZE':>10}"]
+    lines += [f"{r['index_id']:>20}  {r['matrix_type']:<16} {r['dtype']:<9} "
+              f"{'x'.join(map(str, r['shape'])) or '()':<20} {human_size(r['nbytes']):>10}"
+              for r in rows]
+    total = sum(r["nbytes"] for r in rows)
+    lines.append(f"{len(rows)} matrices, {human_size(total)}")
+    _emit(args, rows, "\n".join(lines))
+    return 0
+
+
+def _info(args: argparse.Namespace, argv: list[str]) -> int:
+    with _client(args) as client:
+        meta = client.metadata(args.index_id)
+    _emit(args, meta, "\n".join(f"{k}: {json.dumps(v)}" for k, v in meta.items()
+                                 if k not in ("success", "message")))
+    return 0
+
+
+def _rm(args: argparse.Namespace, argv: list[str]) -> int:
+    with _client(args) as client:
+        deleted = client.delete(args.index_id, args.type)
+    _emit(args, {"index_id": args.index_id, "deleted": deleted},
+          f"deleted index_id={args.index_id}: {', '.join(deleted)}")
+    return 0
+
+
+def _progress(args: argparse.Namespace, total: int | None, what: str):
+    """A tqdm bar when tqdm is installed, stderr is a terminal and ``--progress`` is not
+    ``never``; else None."""
+    if args.progress == "never" or (args.progress == "auto" and not sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
+                file=sys.stderr)
+
+
+def _export(args: argparse.Namespace, argv: list[str]) -> int:
+    ids = [int(i) for i in args.ids.split(",") if i.strip()]
+    types = args.types.split(",") if args.types else None
+    with _client(args) as client:
+        total = sum(m.nbytes for i in ids for m in client.list(i)
+                    if types is None or m.matrix_type in types)
+        bar = _progress(args, total, "export")
+        try:
+            summary = client.export_safetensors(args.path, ids, types,
+                                                progress=bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    summary["keys"] = [list(k) for k in summary["keys"]]
+    _emit(args, summary, f"exported {summary['matrices']} matrices "
+                         f"({human_size(summary['bytes'])}) to {summary['path']}")
+    return 0
+
+
+def _import(args: argparse.Namespace, argv: list[str]) -> int:
+    from torch_tq import safetensors_io
+
+    plan = safetensors_io.plan_import(args.path, args.index_id)  # checked before connecting
+    total = sum(spec["data_offsets"][1] - spec["data_offsets"][0] for _, _, spec in plan)
+    with _client(args) as client:
+        bar = _progress(args, total, "import")
+        try:
+            keys = client.import_safetensors(args.path, args.index_id,
+                                             progress=bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    _emit(args, {"path": args.path, "keys": [list(k) for k in keys], "bytes": total},
+          f"imported {len(keys)} matrices ({human_size(total)}) from {args.path}")
+    return 0
+
+
+def environment() -> dict:
+    """Versions and what this machine offers (CUDA, UCX, the extension), for bug reports."""
+    import platform
+
+    info: dict = {"torch_tq": __version__, "python": platform.python_version(),
+                  "platform": platform.platform()}
+    for name in ("torch", "pyarrow", "numpy", "xxhash", "cramjam", "ucxx", "safetensors",
+                 "tqdm"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", None) or getattr(module, "VERSION", "installed")
+        except Exception:  # noqa: BLE001 - absent or broken: say so
+            info[name] = None
+    try:
+        import torch
+
+        info["cuda"] = torch.cuda.is_available()
+        info["cuda_devices"] = torch.cuda.device_count() if info["cuda"] else 0
+        info["torch_cuda"] = torch.version.cuda
+    except Exception:  # noqa: BLE001
+        info["cuda"] = False
+    try:
+        from torch_tq import native
+
+        info["extension"] = bool(native.available())
+    except Exception:  # noqa: BLE001
+        info["extension"] = False
+    info["ucx_usable"] = info.get("ucxx") is not None
+    info["cpus"] = os.cpu_count()
+    return info
+
+
+def _env(args: argparse.Namespace, argv: list[str]) -> int:
+    info = environment()
+    _emit(args, info, "\n".join(f"{k}: {v}" for k, v in info.items()))
     return 0
 
 
@@ -167,11 +318,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the client moves the bytes (default auto: same-host here)")
     d.set_defaults(func=_demo)
 
-    st = sub.add_parser("stats", help="print a server's Stats (calls, errors, bytes, ...) as JSON")
-    st.add_argument("--location", default=None,
-                    help="grpc://HOST:PORT (default TORCH_TQ_LOCATION or grpc://127.0.0.1:8080)")
-    st.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
-    st.set_defaults(func=_stats)
+    def remote(name: str, helptext: str, func, json_flag: bool = True):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--location", default=None,
+                       help="grpc://HOST:PORT (default TORCH_TQ_LOCATION or grpc://127.0.0.1:8080)")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+        p.add_argument("--no-retry", action="store_true",
+                       help="fail at once when the server is unreachable or over a limit")
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+        p.set_defaults(func=func)
+        return p
+
+    remote("stats", "print a server's Stats (calls, errors, bytes, ...) as JSON", _stats,
+           json_flag=False)
+    ls = remote("ls", "list stored matrices: keys, dtypes, shapes, sizes", _ls)
+    ls.add_argument("--index-id", type=int, default=None, help="only this index_id")
+    ls.add_argument("--type", default=None, help="only these types (comma-separated)")
+    info = remote("info", "the seed's metadata of an index_id", _info)
+    info.add_argument("index_id", type=int)
+    rm = remote("rm", "delete an index_id's matrices (or one type)", _rm)
+    rm.add_argument("index_id", type=int)
+    rm.add_argument("--type", default=None, help="only this matrix type")
+    ex = remote("export", "write index_ids' matrices to a .safetensors file (streaming)",
+                _export)
+    ex.add_argument("path")
+    ex.add_argument("--ids", required=True, help="index_ids, comma-separated")
+    ex.add_argument("--types", default=None, help="matrix types, comma-separated (default all)")
+    im = remote("import", "store every tensor of a .safetensors file", _import)
+    im.add_argument("path")
+    im.add_argument("--index-id", type=int, default=None,
+                    help="for files whose tensor names are bare matrix types")
+    for p in (ex, im):
+        p.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
+                       help="a progress bar on stderr (needs tqdm; auto: when a terminal)")
+    e = sub.add_parser("env", help="versions, CUDA and UCX availability (for bug reports)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=_env)
     return parser
 
 
@@ -190,6 +373,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "watch_stdin", False):
             # launched by start_server(): it reads stdout and re-raises this, typed.
             print(f"error: {e.code}: {e}", flush=True)
-        return 2
+        return EXIT_CODES.get(e.code, 4)
     except KeyboardInterrupt:
         return 130
