@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import json
-import multiprocessing as mp
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,7 +33,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.flight as flight
 import torch
 
 import torch_tq
@@ -45,124 +42,9 @@ import torch_tq
 os.environ.setdefault("TORCH_TQ_TRANSPORT", "grpc")
 from torch_tq._config import parse_size
 
-# ---------------------------------------------------------------------- raw TCP baseline
-
-
-def _recv_exact(conn: socket.socket, view: memoryview) -> bool:
-    got = 0
-    while got < len(view):
-        n = conn.recv_into(view[got:])
-        if n == 0:
-            return False
-        got += n
-    return True
-
-
-def _tcp_server(port_q, size: int) -> None:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    port_q.put(srv.getsockname()[1])
-    conn, _ = srv.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = np.empty(size, np.uint8)
-    buf[:] = 1
-    view = memoryview(buf)
-    while True:
-        op = conn.recv(1)
-        if op == b"p":  # the client uploads; we receive into a reused buffer and ack
-            if not _recv_exact(conn, view):
-                return
-            conn.sendall(b"k")
-        elif op == b"g":  # the client downloads
-            conn.sendall(view)
-        else:
-            return
-
-
-class TcpBaseline:
-    def __init__(self, size: int) -> None:
-        q = mp.get_context("spawn").Queue()
-        self.proc = mp.get_context("spawn").Process(target=_tcp_server, args=(q, size), daemon=True)
-        self.proc.start()
-        self.conn = socket.create_connection(("127.0.0.1", q.get(timeout=60)))
-        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.size = size
-
-    def put(self, data: np.ndarray) -> None:
-        self.conn.sendall(b"p")
-        self.conn.sendall(memoryview(data).cast("B"))
-        if self.conn.recv(1) != b"k":
-            raise RuntimeError("tcp baseline lost its server")
-
-    def get(self, out: np.ndarray) -> None:
-        self.conn.sendall(b"g")
-        if not _recv_exact(self.conn, memoryview(out).cast("B")):
-            raise RuntimeError("tcp baseline lost its server")
-
-    def close(self) -> None:
-        self.conn.close()
-        self.proc.join(10)
-
-
-# ---------------------------------------------------------------------- plain Flight baseline
-
-
-class _PlainServer(flight.FlightServerBase):
-    def __init__(self, location: str) -> None:
-        super().__init__(location)
-        self.tables: dict[bytes, pa.Table] = {}
-
-    def do_put(self, context, descriptor, reader, writer):
-        self.tables[descriptor.command] = reader.read_all()
-
-    def do_get(self, context, ticket):
-        name, batch_bytes = ticket.ticket.split(b"|")
-        table = self.tables[name]
-        rows = max(1, int(batch_bytes) // 4)
-        return flight.RecordBatchStream(pa.Table.from_batches(table.to_batches(max_chunksize=rows)))
-
-
-def _plain_server(port_q) -> None:
-    server = _PlainServer("grpc://127.0.0.1:0")
-    port_q.put(server.port)
-    server.serve()
-
-
-class FlightBaseline:
-    def __init__(self) -> None:
-        q = mp.get_context("spawn").Queue()
-        self.proc = mp.get_context("spawn").Process(target=_plain_server, args=(q,), daemon=True)
-        self.proc.start()
-        self.client = flight.FlightClient(f"grpc://127.0.0.1:{q.get(timeout=60)}")
-
-    def put(self, table: pa.Table, batch_bytes: int) -> None:
-        desc = flight.FlightDescriptor.for_command(b"m")
-        writer, _ = self.client.do_put(desc, table.schema)
-        writer.write_table(table, max_chunksize=max(1, batch_bytes // 4))
-        writer.close()
-
-    def get_read_all(self, batch_bytes: int) -> torch.Tensor:
-        table = self.client.do_get(flight.Ticket(b"m|%d" % batch_bytes)).read_all()
-        column = table.column(0)
-        values = column.chunk(0).to_numpy() if column.num_chunks == 1 else column.to_numpy()
-        return torch.from_numpy(values)
-
-    def get_into(self, batch_bytes: int, out: torch.Tensor) -> torch.Tensor:
-        dst = out.view(torch.uint8).numpy()
-        offset = 0
-        for chunk in self.client.do_get(flight.Ticket(b"m|%d" % batch_bytes)):
-            arr = chunk.data.column(0)
-            src = np.frombuffer(arr.buffers()[1], np.uint8, len(arr) * 4, arr.offset * 4)
-            dst[offset : offset + len(src)] = src
-            offset += len(src)
-        return out
-
-    def close(self) -> None:
-        self.client.close()
-        self.proc.terminate()
-        self.proc.join(10)
-
+# The baselines (raw TCP, plain pyarrow.flight) are torch_tq.bench's, shared with
+# `torch-tq bench` and benchmarks/transports.py.
+from torch_tq.bench import FlightBaseline, TcpBaseline  # noqa: E402
 
 # ---------------------------------------------------------------------- the run
 

@@ -50,8 +50,7 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")
 import torch_tq
 from torch_tq._config import parse_size
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from roundtrip import TcpBaseline  # noqa: E402  (the same raw TCP baseline)
+from torch_tq.bench import TcpBaseline  # the same raw TCP baseline as everywhere
 
 
 def _median_time(fn, runs: int) -> float:

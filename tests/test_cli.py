@@ -141,7 +141,7 @@ def test_tools_against_a_real_server(memory_server, unique_id, tmp_path):
     proc = _cli("ls", *loc, "--index-id", str(unique_id))
     assert proc.returncode == 0, proc.stderr
     assert re.search(rf"{unique_id}\s+prompt\s+int32\s+3x4\s+48 B", proc.stdout)
-    assert re.search(r"resp\s+bfloat16\s+2x1024\s+4.0 KiB", proc.stdout)
+    assert re.search(r"resp\s+bfloat16\s+2x1024\s+4 KiB", proc.stdout)
     assert "2 matrices, 4.0 KiB" in proc.stdout
     rows = json.loads(_cli("ls", *loc, "--index-id", str(unique_id), "--type", "resp",
                            "--json").stdout)
@@ -174,3 +174,17 @@ def test_env_reports_versions_and_devices():
     assert info["torch_tq"] == torch_tq.__version__ and info["torch"] == torch.__version__
     assert info["pyarrow"] == pa.__version__ and isinstance(info["cuda"], bool)
     assert "ucx_usable" in info and info["cpus"] >= 1
+
+
+def test_bench_prints_the_table_and_json():
+    proc = _cli("bench", "--sizes", "4KiB,64KiB", "--runs", "2", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    methods = {r["method"] for r in rows}
+    assert {"memcpy", "tcp", "pyarrow.flight", "torch_tq grpc", "torch_tq same-host"} <= methods
+    assert {r["size"] for r in rows} == {4096, 65536}
+    assert all(r["gbps"] > 0 and r["us"] > 0 for r in rows)
+    proc = _cli("bench", "--sizes", "4KiB", "--runs", "1", "--transports", "grpc", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"4 KiB\s+torch_tq grpc\s+[0-9.]+\s+[0-9.]+", proc.stdout)
+    assert "GET vs flight" in proc.stdout

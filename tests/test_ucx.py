@@ -41,7 +41,7 @@ def test_ucx_chosen_and_bit_exact(server, unique_id):
     remote = torch_tq.Client(server.location, transport="grpc")
     assert torch.equal(remote.get(unique_id, "u"), c.get(unique_id, "u"))
     calls = c.server_stats()["calls"]
-    # matrices over 64 KiB move over UCX; smaller ones travel with the gRPC call itself
+    # matrices over 1 MiB move over UCX; smaller ones travel with the gRPC call itself
     assert calls["action:UcxPut"] == 1 and calls["action:UcxGet"] == 6
     out = torch.empty(3, 1 << 20)
     assert c.get(unique_id, "u", out=out) is out
@@ -148,8 +148,8 @@ def test_ucx_calls_draw_on_the_ucx_quota(unique_id):
                                same_host=False) as srv:
         c = torch_tq.Client(_locations(srv), retry_deadline=0)
         assert c.transport == "ucx"  # LocalInfo + UcxInfo: two TCP tokens
-        for i in range(30):  # far over 5/s: fine over UCX (80 KB: over the inline size)
-            c.put(unique_id, "q", torch.full((20_000,), float(i)))
+        for i in range(30):  # far over 5/s: fine over UCX (1.2 MB: over the inline size)
+            c.put(unique_id, "q", torch.full((300_000,), float(i)))
             assert c.get(unique_id, "q")[0].item() == i
         with pytest.raises(torch_tq.Unavailable, match="rate limit"):
             for _ in range(10):
@@ -168,7 +168,7 @@ def test_no_descriptor_thread_mapping_or_endpoint_leaks_after_1000_calls(server,
 
     c = torch_tq.Client(_locations(server))
     assert c.transport == "ucx"
-    t = torch.randn(40_000)  # 160 KB: over the inline size, so every call moves over UCX
+    t = torch.randn(300_000)  # 1.2 MB: over the inline size, so every call moves over UCX
     for i in range(20):  # warm: pools, lanes, endpoints, torch's own threads
         c.put(unique_id, "l", t + i)
         assert torch.equal(c.get(unique_id, "l"), t + i)

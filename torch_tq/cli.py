@@ -118,13 +118,9 @@ def _client(args: argparse.Namespace):
 
 
 def human_size(n: int) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+    from torch_tq.bench import human_size as human
+
+    return human(n)
 
 
 def _emit(args: argparse.Namespace, data, text: str) -> None:
@@ -223,12 +219,27 @@ def _import(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from torch_tq import bench
+
+    sizes = [parse_size(x) for x in args.sizes.split(",") if x.strip()]
+    transports = args.transports.split(",") if args.transports else None
+    show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
+    rows = bench.suite(sizes, transports, runs=args.runs, storage=args.storage,
+                       progress=(lambda line: print(line, file=sys.stderr)) if show else None)
+    _emit(args, rows, bench.table(rows))
+    return 0
+
+
 def environment() -> dict:
     """Versions and what this machine offers (CUDA, UCX, the extension), for bug reports."""
     import platform
 
     info: dict = {"torch_tq": __version__, "python": platform.python_version(),
                   "platform": platform.platform()}
+    from torch_tq import ucx  # its settings before ucxx loads UCX
+
+    ucx.installed()
     for name in ("torch", "pyarrow", "numpy", "xxhash", "cramjam", "ucxx", "safetensors",
                  "tqdm"):
         try:
@@ -352,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (ex, im):
         p.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
                        help="a progress bar on stderr (needs tqdm; auto: when a terminal)")
+    b = sub.add_parser("bench", help="time put/get on every transport against memcpy, raw TCP "
+                                     "and plain pyarrow.flight, in one run; print the table")
+    b.add_argument("--sizes", default="1KiB,64KiB,1MiB,16MiB,256MiB",
+                   help="matrix sizes, comma-separated (default 1KiB,64KiB,1MiB,16MiB,256MiB)")
+    b.add_argument("--runs", type=int, default=3, help="timings per figure (median; default 3)")
+    b.add_argument("--transports", default=None,
+                   help="grpc,same-host,ucx (default: those available here)")
+    b.add_argument("--storage", choices=["memory", "disk"], default="memory")
+    b.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
+                   help="a line per figure on stderr (auto: when a terminal)")
+    b.add_argument("--json", action="store_true", help="print the rows as JSON")
+    b.set_defaults(func=_bench)
     e = sub.add_parser("env", help="versions, CUDA and UCX availability (for bug reports)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=_env)

@@ -42,6 +42,18 @@ from torch_tq.errors import InvalidArgument, Unavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("TORCH_TQ_UCX_TIMEOUT", "30"))
+# Before UCX's libraries load (they read it then): no warning about variables ucxx itself
+# sets; UCX prints its warnings on stdout, which belongs to the program.
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+
+
+def installed() -> bool:
+    """Whether ucxx imports here (loading UCX with this module's settings)."""
+    try:
+        import ucxx  # noqa: F401
+    except ImportError:
+        return False
+    return True
 _MASK = (1 << 64) - 1
 
 
@@ -106,7 +118,6 @@ class Runtime:
     addresses the transfer names (at most :attr:`lanes`)."""
 
     def __init__(self) -> None:
-        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
         try:
             import ucxx
         except ImportError as e:  # also: its native libraries failed to load
