@@ -435,7 +435,7 @@ class Client:
             return
         rt = ucx.runtime()
         raw = flat.view(np.uint8).reshape(-1) if flat.size else np.empty(0, np.uint8)
-        sizes = ucx.split(raw.nbytes, self.chunk_bytes)
+        sizes = ucx.split(raw.nbytes, max(self.chunk_bytes, ucx.PART_BYTES))
         parts = ucx.views(raw, sizes)
         tag = random.getrandbits(64)
         sending = rt.start("send", peers, tag, parts)

@@ -537,20 +537,29 @@ class TQFlightServer(flight.FlightServerBase):
         key = req["key"]
         matrix = self.store.open(key)
         entry = matrix.entry
-        parts = []
+        # Runs of the stored bytes: consecutive batches that are slices of one buffer (a
+        # matrix that came in one piece) make one run, so that a transfer has few parts.
+        runs: list = []  # [buffer, start, end] or a finished memoryview
         for batch in matrix.batches():  # verified before anything is sent
             column = batch.column(0)
             if column.type == pa.bool_():
-                raw = memoryview(codec.element_bytes(column))
+                runs.append(memoryview(codec.element_bytes(column)))
             elif len(column):
                 width = column.type.byte_width
-                raw = memoryview(column.buffers()[1])[column.offset * width:
-                                                      (column.offset + len(column)) * width]
-            else:
-                continue
-            # pieces of at most chunk_bytes: the lanes share even a one-batch matrix
+                buf = column.buffers()[1]
+                start, end = column.offset * width, (column.offset + len(column)) * width
+                last = runs[-1] if runs else None
+                if isinstance(last, list) and last[0].address == buf.address and last[2] == start:
+                    last[2] = end
+                else:
+                    runs.append([buf, start, end])
+        parts = []
+        step = max(self.store.chunk_bytes, ucx.PART_BYTES)
+        for run in runs:
+            raw = memoryview(run[0])[run[1]:run[2]] if isinstance(run, list) else run
             whole = np.frombuffer(raw, dtype=np.uint8)
-            parts.extend(ucx.views(whole, ucx.split(whole.nbytes, self.store.chunk_bytes)))
+            # pieces of a bounded size: the lanes share even a one-batch matrix
+            parts.extend(ucx.views(whole, ucx.split(whole.nbytes, step)))
         self.stats.add_bytes(sent=entry.nbytes)
         reply = {"success": True, "message": "success", "index_id": key.index_id,
                  "matrix_type": key.matrix_type, **entry.describe()}

@@ -195,6 +195,10 @@ class Runtime:
 
 
 MAX_LANES = 16
+# The parts of a transfer are at least this large: enough of them to keep every lane busy,
+# few enough that ucxx's pool of request futures (refilled by its notifier thread) keeps up
+# (4 MiB parts of a 1 GiB matrix drained it, and ucxx warned on stdout).
+PART_BYTES = 16 << 20
 MAX_ENDPOINTS = 256  # per lane; the least recently used goes first
 
 
