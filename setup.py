@@ -57,7 +57,10 @@ setup(
     extras_require={
         "snappy": ["cramjam>=2.7"],
         "ucx": ["ucxx-cu12>=0.52"],
-        "test": ["pytest>=7", "hypothesis>=6", "pandas>=2", "torchdata>=0.9", "cramjam>=2.7"],
+        "progress": ["tqdm>=4"],
+        "notebooks": ["nbformat>=5", "nbclient>=0.7", "ipykernel>=6", "matplotlib>=3.6"],
+        "test": ["pytest>=7", "hypothesis>=6", "pandas>=2", "torchdata>=0.9", "cramjam>=2.7",
+                 "safetensors>=0.4", "build>=1"],
     },
     entry_points={"console_scripts": ["torch-tq=torch_tq.cli:main"]},
     zip_safe=False,
