@@ -50,16 +50,11 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")
 import torch_tq
 from torch_tq._config import parse_size
 
-from torch_tq.bench import TcpBaseline  # the same raw TCP baseline as everywhere
+from torch_tq.bench import TcpBaseline, median_time, timings  # the baselines of torch-tq bench
 
 
 def _median_time(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, runs, warm=False)  # each measurement below warms up itself
 
 
 def _alternating(fn_a, fn_b, runs: int) -> tuple[float, float]:
@@ -76,12 +71,7 @@ def _alternating(fn_a, fn_b, runs: int) -> tuple[float, float]:
 def _latency(fn, count: int) -> tuple[float, float]:
     for _ in range(min(100, count)):
         fn()
-    times = []
-    for _ in range(count):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    times = sorted(timings(fn, count))
     return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6
 
 

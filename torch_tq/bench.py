@@ -186,14 +186,22 @@ def _read_all(t) -> None:
     flat[words:].sum()
 
 
-def _median(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm: connections, pools, endpoints
+def timings(fn: Callable[[], object], count: int) -> list[float]:
+    """Seconds of each of ``count`` calls of ``fn``."""
     times = []
-    for _ in range(reps):
+    for _ in range(count):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], object], reps: int, warm: bool = True) -> float:
+    """Median seconds of ``reps`` calls of ``fn`` (after one untimed call, when ``warm``:
+    connections, pools, endpoints)."""
+    if warm:
+        fn()
+    return statistics.median(timings(fn, reps))
 
 
 def suite(sizes: Iterable[int], transports: Iterable[str] | None = None, runs: int = 3,
@@ -234,26 +242,27 @@ def suite(sizes: Iterable[int], transports: Iterable[str] | None = None, runs: i
             if baselines:
                 raw = src.view(torch.uint8).numpy()
                 dst = np.empty_like(raw)
-                add(size, "memcpy", "put", _median(lambda: np.copyto(dst, raw), reps))
-                add(size, "memcpy", "get", _median(lambda: np.copyto(dst, raw), reps))
-                add(size, "tcp", "put", _median(lambda: tcp.put(raw), reps))
-                add(size, "tcp", "get", _median(lambda: tcp.get(dst), reps))
+                add(size, "memcpy", "put", median_time(lambda: np.copyto(dst, raw), reps))
+                add(size, "memcpy", "get", median_time(lambda: np.copyto(dst, raw), reps))
+                add(size, "tcp", "put", median_time(lambda: tcp.put(raw), reps))
+                add(size, "tcp", "get", median_time(lambda: tcp.get(dst), reps))
                 table = pa.table({"data": src.numpy()})
                 out = torch.empty_like(src)
-                add(size, "pyarrow.flight", "put", _median(lambda: plain.put(table), reps))
+                add(size, "pyarrow.flight", "put", median_time(lambda: plain.put(table), reps))
                 add(size, "pyarrow.flight", "get",
-                    _median(lambda: plain.get_into(BATCH_BYTES, out), reps))
+                    median_time(lambda: plain.get_into(BATCH_BYTES, out), reps))
                 del table
             for name, c in clients.items():
                 c.put(1, "bench", src)
                 if not torch.equal(c.get(1, "bench"), src):
                     raise RuntimeError(f"torch_tq {name}: a get returned other data")
-                add(size, f"torch_tq {name}", "put", _median(lambda c=c: c.put(1, "bench", src), reps))
+                add(size, f"torch_tq {name}", "put", median_time(
+                    lambda c=c: c.put(1, "bench", src), reps))
                 # a same-host get may be a mapping nothing has read yet: the figure includes
                 # one pass over its bytes, as every other get has written each one
                 read = _read_all if name == "same-host" else (lambda t: t)
                 add(size, f"torch_tq {name}", "get",
-                    _median(lambda c=c, read=read: read(c.get(1, "bench")), reps))
+                    median_time(lambda c=c, read=read: read(c.get(1, "bench")), reps))
         for c in clients.values():
             c.close()
     finally:
