@@ -19,6 +19,7 @@ import time
 
 from torch_tq._config import DEFAULT_SHUTDOWN_GRACE_S, parse_size
 from torch_tq._version import __version__
+from torch_tq.bench import human_size
 from torch_tq.errors import TQError
 from torch_tq.limits import LIMIT_OPTIONS
 
@@ -117,12 +118,6 @@ def _client(args: argparse.Namespace):
                   retry_deadline=0 if args.no_retry else args.timeout)
 
 
-def human_size(n: int) -> str:
-    from torch_tq.bench import human_size as human
-
-    return human(n)
-
-
 def _emit(args: argparse.Namespace, data, text: str) -> None:
     print(json.dumps(data, indent=2) if args.json else text)
 
@@ -204,7 +199,7 @@ def _export(args: argparse.Namespace, argv: list[str]) -> int:
 def _import(args: argparse.Namespace, argv: list[str]) -> int:
     from torch_tq import safetensors_io
 
-    plan = safetensors_io.plan_import(args.path, args.index_id)  # checked before connecting
+    plan, _ = safetensors_io.plan_import(args.path, args.index_id)  # checked before connecting
     total = sum(spec["data_offsets"][1] - spec["data_offsets"][0] for _, _, spec in plan)
     with _client(args) as client:
         bar = _progress(args, total, "import")

@@ -162,14 +162,14 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
 
 
 def plan_import(path: str | os.PathLike, index_id: int | None = None
-                ) -> list[tuple[str, protocol.Key, dict[str, Any]]]:
+                ) -> tuple[list[tuple[str, protocol.Key, dict[str, Any]]], int]:
     """``(tensor name, key, spec)`` for every tensor of the file, checked (see the module
-    docstring for where keys come from).
+    docstring for where keys come from), and where the file's data begins.
 
     Raises:
         InvalidArgument: a bad file, or a tensor without a valid key.
     """
-    header, _ = read_header(path)
+    header, data_start = read_header(path)
     ours: dict[str, tuple[int, str]] = {}
     meta = header.get("__metadata__") or {}
     if isinstance(meta.get(METADATA_KEY), str):
@@ -204,7 +204,7 @@ def plan_import(path: str | os.PathLike, index_id: int | None = None
         seen.add(key)
         plan.append((name, key, spec))
     plan.sort(key=lambda p: p[2]["data_offsets"][0])
-    return plan
+    return plan, data_start
 
 
 def import_safetensors(client: Client, path: str | os.PathLike, index_id: int | None = None,
@@ -213,8 +213,7 @@ def import_safetensors(client: Client, path: str | os.PathLike, index_id: int | 
     """See :meth:`torch_tq.Client.import_safetensors`."""
     import torch
 
-    plan = plan_import(path, index_id)  # everything is checked before anything is stored
-    _, data_start = read_header(path)
+    plan, data_start = plan_import(path, index_id)  # all checked before anything is stored
     done: list[tuple[int, str]] = []
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size

@@ -480,9 +480,9 @@ class TQFlightServer(flight.FlightServerBase):
                 result["recycle"] = pool.describe()
         elif name == protocol.UCX_INFO:
             protocol.parse_empty_body(body, "UcxInfo body")
-            result = {"success": True, "message": "success",
-                      "address": self._ucx_runtime().addresses_b64[0],
-                      "addresses": self._ucx_runtime().addresses_b64}
+            addresses = self._ucx_runtime().addresses_b64
+            result = {"success": True, "message": "success", "address": addresses[0],
+                      "addresses": addresses}
         elif name == protocol.UCX_GET:
             result, inline = self._ucx_get(protocol.parse_ucx_body(body, name))
             if inline is not None:  # a small matrix comes back with the answer itself
