@@ -46,6 +46,7 @@ from torch_tq._malloc import tune_malloc
 from torch_tq.limits import Limiter, Limits, client_identity, limits_from
 from torch_tq.queue import Queue
 from torch_tq.store import Entry, Store
+from torch_tq.ucx_probe import AddressProbe
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,7 @@ class TQFlightServer(flight.FlightServerBase):
                  ucx_enabled: bool = True, same_host: bool = True, **kwargs) -> None:
         self.store = store
         self.ucx_enabled = ucx_enabled
+        self.ucx_probe = AddressProbe()  # its process starts with the first UCX client
         self.started = time.monotonic()
         self.stats = ServerStats()
         self.limits = limits or Limits()
@@ -336,12 +338,12 @@ class TQFlightServer(flight.FlightServerBase):
                 session.append(decoder.flatten(batch.column(0)))
             if context.is_cancelled():
                 raise Unavailable(f"upload of {cmd.key} was cancelled by the client")
-            if not declared:
-                if batches == 0:
-                    raise InvalidArgument(
-                        f"upload of {cmd.key} carried no record batch: send the matrix as one "
-                        "batch or declare its 'shape'"
-                    )
+            if not declared and batches == 0:
+                raise InvalidArgument(
+                    f"upload of {cmd.key} carried no record batch: send the matrix as one "
+                    "batch or declare its 'shape'"
+                )
+            if shape is None:  # nothing declared, or only 'nbytes': the form tells
                 shape = decoder.shape_for(session.count)
             entry = session.commit(shape)
         finally:
@@ -478,6 +480,7 @@ class TQFlightServer(flight.FlightServerBase):
             pool = getattr(self.store.backend, "pool", None)
             if pool is not None:  # a memory store's recycled same-host files
                 result["recycle"] = pool.describe()
+            result["ucx_address_probe"] = self.ucx_probe.describe()
         elif name == protocol.UCX_INFO:
             protocol.parse_empty_body(body, "UcxInfo body")
             addresses = self._ucx_runtime().addresses_b64
@@ -525,10 +528,26 @@ class TQFlightServer(flight.FlightServerBase):
         return ucx.runtime()  # started on the first UCX client
 
     def _ucx_peers(self, rt, req: dict) -> list[bytes]:
-        """The client's lanes a request names: no more than this server runs."""
+        """The client's lanes a request names (no more than this server runs), with an
+        endpoint to each. An address met for the first time is checked against UCX's
+        layout, then tried in a probe process (:mod:`torch_tq.ucx_probe`) before this
+        process lets UCX near it.
+
+        Raises:
+            InvalidArgument: a malformed address, or one UCX cannot make an endpoint to.
+        """
         peers = ucx.decode_addresses(req["addresses"])
         if len(peers) > rt.lanes:
             raise InvalidArgument(f"{len(peers)} UCX lanes named; this server runs {rt.lanes}")
+        unknown = rt.unknown(peers)
+        if unknown:
+            for address in unknown:
+                self.ucx_probe.check(address)
+            try:
+                rt.connect(peers)
+            except Unavailable as e:
+                raise InvalidArgument(f"the client's UCX lanes cannot be reached: {e.message}") \
+                    from None
         return peers
 
     def _ucx_get(self, req: dict) -> tuple[dict, pa.Buffer | None]:
@@ -833,5 +852,6 @@ def _shutdown(server: TQFlightServer, grace: float) -> None:
         sys.stdout.flush()
         os._exit(0)
     server.queue.close()
+    server.ucx_probe.close()
     server.store.close()
     log.info("server stopped")

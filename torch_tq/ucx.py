@@ -37,6 +37,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from torch_tq import ucx_address
 from torch_tq.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,10 @@ class Runtime:
         except Exception as e:
             raise Unavailable(f"UCX endpoints could not be made: {e}") from None
 
+    def unknown(self, peers: list[bytes]) -> list[bytes]:
+        """The peer addresses that have no endpoint yet on their lane."""
+        return [a for lane, a in zip(self._lanes, peers) if a not in lane._endpoints]
+
     def forget(self, peers: list[bytes]) -> None:
         """Drops cached endpoints (after a failure: the next transfer makes new ones)."""
         for lane, address in zip(self._lanes, peers):
@@ -276,13 +281,17 @@ def decode_address(value: Any) -> bytes:
 
 
 def decode_addresses(value: Any) -> list[bytes]:
-    """A peer's lanes: a list of 1 to MAX_LANES base64 worker addresses (or one, as text)."""
+    """A peer's lanes: a list of 1 to MAX_LANES base64 worker addresses (or one, as text),
+    each checked against UCX's address layout (:func:`torch_tq.ucx_address.parse`)."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_LANES:
         raise InvalidArgument(f"addresses must be a list of 1 to {MAX_LANES} base64 UCX "
                               "worker addresses")
-    return [decode_address(v) for v in value]
+    peers = [decode_address(v) for v in value]
+    for address in peers:
+        ucx_address.parse(address)
+    return peers
 
 
 def split(nbytes: int, part_bytes: int) -> list[int]:
