@@ -84,6 +84,10 @@ class _WriteTable:
             raise InvalidArgument(
                 f"BatchWrite columns must be distinct and among {sorted(_WRITE_COLUMNS)}, got {names}"
             )
+        if "matrix_type" in names and "type" in names:
+            raise InvalidArgument(
+                "BatchWrite table has both a 'matrix_type' and a 'type' column: send one"
+            )
         type_col = "matrix_type" if "matrix_type" in names else "type"
         for required in ("index_id", type_col, "data"):
             if required not in names:

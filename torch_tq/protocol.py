@@ -225,6 +225,13 @@ def validate_shape(value: Any) -> tuple[int, ...]:
 
 
 def _check_keys(body: dict[str, Any], allowed: set[str], required: set[str], what: str) -> None:
+    """Every field known, every required one there, and none null: a field is given with a
+    value of its type or left out (``null`` is not taken for "absent")."""
+    nulls = sorted(k for k, v in body.items() if v is None)
+    if nulls:
+        raise InvalidArgument(
+            f"field(s) {nulls} in {what} are null: give a value or leave the field out"
+        )
     unknown = set(body) - allowed
     if unknown:
         raise InvalidArgument(
@@ -297,7 +304,7 @@ def parse_put_descriptor(descriptor: flight.FlightDescriptor) -> PutCommand:
     _check_action(action, WRITE_MATRIX, what)
     _check_keys(body, _PUT_FIELDS, {"index_id", "matrix_type"}, what)
     key = Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"]))
-    shape = validate_shape(body["shape"]) if body.get("shape") is not None else None
+    shape = validate_shape(body["shape"]) if "shape" in body else None
     dtype = body.get("dtype")
     if dtype is not None:
         from torch_tq.codec import DTYPES  # the dtype table lives with the codec
@@ -466,8 +473,8 @@ def parse_delete_body(raw: bytes) -> tuple[int, str | None]:
     body = parse_json_object(raw, what)
     _check_keys(body, {"index_id", "matrix_type"}, {"index_id"}, what)
     index_id = validate_index_id(body["index_id"])
-    mtype = body.get("matrix_type")
-    if mtype is None or mtype == "":
+    mtype = body.get("matrix_type", "")
+    if mtype == "":
         return index_id, None
     return index_id, validate_matrix_type(mtype)
 
@@ -486,7 +493,7 @@ def parse_list_criteria(raw: bytes) -> int | None:
     what = "ListFlights criteria"
     body = parse_json_object(raw, what)
     _check_keys(body, {"index_id"}, set(), what)
-    if body.get("index_id") is None:
+    if "index_id" not in body:
         return None
     return validate_index_id(body["index_id"])
 

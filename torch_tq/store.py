@@ -521,6 +521,11 @@ class PutSession:
             Unavailable: storage full.
         """
         try:
+            if self.expected_numel is not None and self.count != self.expected_numel:
+                raise InvalidArgument(
+                    f"upload of {self.key} ended after {self.count} of "
+                    f"{self.expected_numel} declared elements"
+                )
             stamp = now_ms()
             entry = self._writer.finish(shape, self.store.created_at(self.key, stamp), stamp)
             try:
