@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -338,3 +339,140 @@ def test_memory_store_reuses_a_replaced_file_only_when_nobody_holds_it(unique_id
         assert pool()["offered"] == 5
         assert pool()["bytes"] <= pool()["budget"]
         del held
+
+
+# --------------------------------------------------------------------------- a staging
+# directory the server does not trust: links, FIFOs, writers, abandoned files
+
+
+@pytest.fixture(params=["disk", "memory"])
+def staging_server(request, disk, memory_server):
+    srv = disk if request.param == "disk" else memory_server
+    with torch_tq.Client(srv.location, transport="same-host", chunk_bytes="256KiB") as c:
+        yield srv, c, c._local()
+
+
+def _publish(srv, key_id: int, mtype: str, name: str) -> None:
+    body = json.dumps({"index_id": key_id, "matrix_type": mtype, "file": name}).encode()
+    with flight.FlightClient(srv.location) as fc:
+        list(fc.do_action(flight.Action("PublishLocal", body)))
+
+
+def _stage(store, key_id: int, mtype: str, t: torch.Tensor) -> str:
+    return store.stage(torch_tq.protocol.Key(key_id, mtype), torch_tq.codec.DTYPES["float32"],
+                       tuple(t.shape), t.numpy())
+
+
+def _staged_name() -> str:
+    import uuid
+
+    return uuid.uuid4().hex + ".arrow"
+
+
+def test_a_staged_symlink_is_refused_and_the_outside_file_untouched(staging_server, unique_id,
+                                                                    tmp_path):
+    srv, c, store = staging_server
+    t = torch.arange(1000, dtype=torch.float32)
+    real = os.path.join(store.staging, _stage(store, unique_id, "outside", t))
+    outside = tmp_path / "outside.arrow"
+    shutil.move(real, outside)  # a complete, valid matrix file, outside the store
+    before = outside.read_bytes()
+    name = _staged_name()
+    os.symlink(outside, os.path.join(store.staging, name))
+    with pytest.raises(pa.ArrowInvalid, match="symbolic link"):
+        _publish(srv, unique_id, "outside", name)
+    assert outside.read_bytes() == before
+    assert not os.path.lexists(os.path.join(store.staging, name))
+    with pytest.raises(torch_tq.NotFound):
+        c.get(unique_id, "outside")
+
+
+def test_a_fifo_in_staging_is_refused_without_blocking(staging_server, unique_id):
+    srv, c, store = staging_server
+    name = _staged_name()
+    os.mkfifo(os.path.join(store.staging, name))
+    start = time.monotonic()
+    with pytest.raises(pa.ArrowInvalid, match="not a regular file"):
+        _publish(srv, unique_id, "fifo", name)
+    assert time.monotonic() - start < 5
+    assert c.health()["status"] == "SERVING"
+
+
+def test_a_hard_link_to_a_published_file_is_refused(staging_server, unique_id):
+    srv, c, store = staging_server
+    c.put(unique_id, "victim", torch.arange(300_000, dtype=torch.float32))  # a file of its own
+    published = store.path_of(torch_tq.protocol.Key(unique_id, "victim"))
+    name = _staged_name()
+    os.link(published, os.path.join(store.staging, name))
+    with pytest.raises(pa.ArrowInvalid, match="2 links"):
+        _publish(srv, unique_id, "thief", name)
+    with pytest.raises(torch_tq.NotFound):
+        c.get(unique_id, "thief")
+    assert torch.equal(c.get(unique_id, "victim"), torch.arange(300_000, dtype=torch.float32))
+
+
+def test_a_staged_file_still_open_for_writing_is_refused(staging_server, unique_id):
+    srv, c, store = staging_server
+    name = _stage(store, unique_id, "open", torch.ones(1000))
+    with open(os.path.join(store.staging, name), "r+b"):
+        with pytest.raises(pa.ArrowInvalid, match="still open for writing"):
+            _publish(srv, unique_id, "open", name)
+    with pytest.raises(torch_tq.NotFound):
+        c.get(unique_id, "open")
+
+
+def test_what_is_published_is_the_file_checked_not_the_clients_name(staging_server, unique_id):
+    srv, c, store = staging_server
+    t = torch.arange(1000, dtype=torch.float32)
+    name = _stage(store, unique_id, "own", t)
+    staged = os.path.join(store.staging, name)
+    _publish(srv, unique_id, "own", name)
+    assert not os.path.lexists(staged)  # the server took the file away from that name
+    published = store.path_of(torch_tq.protocol.Key(unique_id, "own"))
+    st = os.lstat(published)
+    assert not os.path.islink(published) and st.st_nlink == 1
+    with open(staged, "wb") as f:  # a client writing its old name changes nothing served
+        f.write(b"garbage")
+    assert torch.equal(c.get(unique_id, "own"), t)
+    assert torch.equal(torch_tq.Client(srv.location, transport="grpc").get(unique_id, "own"), t)
+    os.unlink(staged)
+
+
+_STAGE_AND_DIE = """
+import os, sys, time, torch, torch_tq
+c = torch_tq.Client(sys.argv[1], transport="same-host")
+store = c._local()
+t = torch.zeros(10 * 2**20 // 4)  # 10 MiB
+name = store.stage(torch_tq.protocol.Key(int(sys.argv[2]), "lost"),
+                   torch_tq.codec.DTYPES["float32"], tuple(t.shape), t.numpy())
+path = os.path.join(store.staging, name)
+if sys.argv[3] == "hold":  # a client mid-put: its file is open
+    f = open(path, "r+b")
+print(path, flush=True)
+time.sleep(3600)
+"""
+
+
+def test_abandoned_staged_files_are_removed_while_the_server_runs(tmp_path, unique_id):
+    import signal
+    import subprocess
+    import sys
+
+    env = {"TORCH_TQ_STAGING_TIMEOUT": "1"}
+    with torch_tq.start_server(data_dir=str(tmp_path / "d"), env=env) as srv:
+        children = {}
+        for mode in ("hold", "closed"):
+            p = subprocess.Popen([sys.executable, "-c", _STAGE_AND_DIE, srv.location,
+                                  str(unique_id), mode], stdout=subprocess.PIPE, text=True)
+            children[mode] = (p, p.stdout.readline().strip())
+        held, held_path = children["hold"]
+        time.sleep(3)  # past the timeout: the held file stays, the closed one is not held...
+        assert os.path.exists(held_path), "a file a live writer holds open was removed"
+        for p, _ in children.values():
+            p.send_signal(signal.SIGKILL)  # ...and now both clients die mid-put
+            p.wait()
+        deadline = time.monotonic() + 15
+        while any(os.path.exists(path) for _, path in children.values()):
+            assert time.monotonic() < deadline, "abandoned staged files were not removed"
+            time.sleep(0.2)
+        assert torch_tq.Client(srv.location).health()["status"] == "SERVING"

@@ -14,6 +14,9 @@ DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_MATRIX_BYTES = 10 * 10**9  # the seed's 10 GB per matrix
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
+# A same-host client's staged file that nobody holds open and nobody has published for
+# this long was abandoned (its client died): the server removes it.
+DEFAULT_STAGING_TIMEOUT_S = 60.0
 
 _SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?i?b?)?\s*", re.IGNORECASE | re.ASCII)
 _UNITS = {

@@ -23,8 +23,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import shutil
+import signal
+import stat
 import threading
 import time
 import uuid
@@ -155,6 +158,120 @@ class _FileSource:
         self._mm.close()
 
 
+def _open_for_writing(fd: int) -> bool:
+    """Whether another process has the file of ``fd`` (opened read-only) open for writing
+    or mapped writable: the kernel refuses a read lease then. False where leases are not
+    to be had at all (the check is then skipped, not failed)."""
+    try:
+        _quiet_lease(fd)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as e:
+        return e.errno in (errno.EAGAIN, errno.EBUSY)
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+def _quiet_lease(fd: int) -> None:
+    """Makes the kernel tell of a broken lease on ``fd`` with SIGURG, which is ignored
+    unless a program asks for it, instead of SIGIO, which ends the process: another
+    process opening the file in the moment the lease is held breaks it."""
+    fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+
+
+class StagedFile:
+    """A file a same-host client staged, taken over by the server to check and publish.
+
+    It is opened without following links and without blocking (a FIFO or a device in the
+    staging directory must not wedge the server), and accepted only as a regular, non-empty
+    file with one link, owned by the server's user and open for writing nowhere else. Then
+    it is renamed to ``dest``, a name of the server's own, and that name is checked to be
+    the very file that was opened; every read goes through the opened descriptor. So what
+    is checked is what gets published, never a link to something outside, and a later
+    edit of the client's path changes nothing.
+
+    Raises:
+        InvalidArgument: any of the above does not hold (``dest`` is left unused).
+    """
+
+    def __init__(self, path: str, dest: str, key: Key) -> None:
+        what = f"staged file for {key}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise InvalidArgument(f"{what} is missing") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InvalidArgument(f"{what} is a symbolic link: stage the file itself") \
+                    from None
+            raise InvalidArgument(f"{what} cannot be opened ({e.strerror})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArgument(f"{what} is not a regular file")
+            if st.st_nlink != 1:
+                raise InvalidArgument(f"{what} has {st.st_nlink} links: stage a file of its own")
+            if st.st_uid != os.geteuid():
+                raise InvalidArgument(f"{what} belongs to another user")
+            if st.st_size == 0:
+                raise InvalidArgument(f"{what} is empty")
+            if _open_for_writing(fd):
+                raise InvalidArgument(f"{what} is still open for writing: close it first")
+            try:
+                os.rename(path, dest)
+            except FileNotFoundError:
+                raise InvalidArgument(f"{what} went away while being published") from None
+            moved = os.lstat(dest)
+            if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
+                _unlink_quietly(dest)  # the client swapped the name: not the file checked
+                raise InvalidArgument(f"{what} was replaced while being published")
+            self._mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.path = dest
+        try:
+            self._reader = ipc.open_file(pa.py_buffer(self._mm))
+            del self._mm  # the reader's buffers keep the mapping
+        except (OSError, pa.ArrowException) as e:
+            self.discard()
+            raise InvalidArgument(f"{what} is invalid: not an Arrow IPC file ({first_line(e)})") \
+                from None
+        self.schema = self._reader.schema
+        self.num_record_batches = self._reader.num_record_batches
+
+    def get_batch_with_custom_metadata(self, i: int):
+        return self._reader.get_batch_with_custom_metadata(i)
+
+    def check_unlinked(self) -> None:
+        """Refuses the file if someone linked it elsewhere since it was taken."""
+        if os.fstat(self.fd).st_nlink != 1:
+            raise InvalidArgument("the staged file was linked elsewhere while being published")
+
+    def close(self) -> None:
+        """Nothing: a reader of the file (:class:`~torch_tq.store.MatrixReader`) closes its
+        source when done, but the publish still needs it; :meth:`release` ends it."""
+
+    def release(self) -> None:
+        """Closes the descriptor (batches already read keep the mapping)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._reader = None
+
+    def discard(self) -> None:
+        """Removes the server's name for the file and releases it."""
+        _unlink_quietly(self.path)
+        self.release()
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class FileBackend:
     """Matrices as Arrow IPC files under ``root`` (see the module docstring)."""
 
@@ -234,16 +351,22 @@ class FileBackend:
         if self.durable:
             _fsync_path(sink.dir, directory=True)
 
-    def adopt(self, key: Key, path: str) -> None:
-        """Publishes a complete file from the staging directory (same filesystem): fsync,
-        rename over the final name, fsync of the directory."""
+    def staging_dest(self, key: Key) -> str:
+        """Where a staged file of ``key`` goes while the server checks it: a temporary name
+        beside the final one (removed at start, as unfinished uploads are)."""
         directory = self.dir_of(key.index_id)
         os.makedirs(directory, exist_ok=True)
+        return os.path.join(directory, f".{key.matrix_type}.{uuid.uuid4().hex}.tmp")
+
+    def adopt(self, key: Key, staged: StagedFile) -> None:
+        """Publishes a checked staged file: fsync, rename over the final name, fsync of the
+        directory."""
         if self.durable:
-            _fsync_path(path)
-        os.replace(path, self.path_of(key))
+            os.fsync(staged.fd)
+        staged.check_unlinked()
+        os.replace(staged.path, self.path_of(key))
         if self.durable:
-            _fsync_path(directory, directory=True)
+            _fsync_path(self.dir_of(key.index_id), directory=True)
 
     def delete(self, key: Key) -> bool:
         try:
@@ -341,6 +464,7 @@ def unshared(path: str) -> bool:
     except OSError:
         return False
     try:
+        _quiet_lease(fd)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
         return True
@@ -507,18 +631,22 @@ class MemoryBackend:
         if retired is not None:
             self.pool.offer(retired)
 
-    def adopt(self, key: Key, path: str) -> None:
+    def staging_dest(self, key: Key) -> str:
+        """Where a staged file of ``key`` goes while the server checks it."""
+        directory = os.path.dirname(self.path_of(key))
+        os.makedirs(directory, exist_ok=True)
+        return os.path.join(directory, f".{key.matrix_type}.{uuid.uuid4().hex}.tmp")
+
+    def adopt(self, key: Key, staged: StagedFile) -> None:
         """Publishes a checked file a same-host client staged: the matrix is the file's
         mapping (no copy), and the file moves to where same-host readers look for it. The
         file it replaces goes to the recycle pool (if nobody holds it)."""
-        source = pa.memory_map(path, "r")
-        reader = ipc.open_file(source)
-        sink = _Batches(reader.schema)
-        for i in range(reader.num_record_batches):
-            sink.items.append(reader.get_batch_with_custom_metadata(i))
-        del reader, source  # the batches keep the mapping
+        sink = _Batches(staged.schema)
+        for i in range(staged.num_record_batches):
+            sink.items.append(staged.get_batch_with_custom_metadata(i))  # they keep the mapping
+        staged.check_unlinked()
+        path = staged.path
         final = self.path_of(key)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
         retired = None
         with self._lock:
             if self.pool is not None:

@@ -22,9 +22,13 @@ mount namespaces fail this check and stay on gRPC).
 from __future__ import annotations
 
 import hashlib
+import logging
 import mmap
 import os
+import shutil
 import socket
+import stat
+import time
 import uuid
 
 import pyarrow as pa
@@ -32,6 +36,7 @@ import pyarrow.ipc as ipc
 
 from torch_tq import codec
 from torch_tq.backends import (
+    FREE_PREFIX,
     RECYCLE_MIN_BYTES,
     STAGING,
     IpcFile,
@@ -39,6 +44,7 @@ from torch_tq.backends import (
     first_line,
     io_error,
     parse_free_name,
+    unshared,
 )
 from torch_tq.errors import InternalError, TQError
 from torch_tq.protocol import Key, not_found
@@ -312,3 +318,41 @@ def prepare_server_dir(root: str) -> str:
     os.replace(tmp, os.path.join(root, PROBE))
     return token
 
+
+
+log = logging.getLogger(__name__)
+
+
+def sweep_staging(root: str, max_age_s: float) -> int:
+    """Server side: removes what same-host clients left in the staging directory and
+    abandoned (a client killed mid-put leaves its file there): entries untouched for
+    ``max_age_s`` that no process holds open. The memory store's recycled files
+    (``free-*``, trimmed by their pool) and the server's own ``.retired-*`` names stay.
+    Returns how many entries went."""
+    staging = os.path.join(root, STAGING)
+    cutoff = time.time() - max_age_s
+    removed = 0
+    try:
+        names = os.listdir(staging)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith((FREE_PREFIX, ".retired-")):
+            continue
+        path = os.path.join(staging, name)
+        try:
+            st = os.lstat(path)
+            if st.st_mtime > cutoff:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+            elif stat.S_ISREG(st.st_mode) and not unshared(path):
+                continue  # a writer still holds it: not abandoned
+            else:
+                os.unlink(path)
+            removed += 1
+        except OSError:
+            continue  # published or removed meanwhile
+    if removed:
+        log.info("removed %d abandoned same-host staged file(s)", removed)
+    return removed

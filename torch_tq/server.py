@@ -35,6 +35,7 @@ from torch_tq._config import (
     DEFAULT_MAX_MATRIX_BYTES,
     DEFAULT_PORT,
     DEFAULT_SHUTDOWN_GRACE_S,
+    DEFAULT_STAGING_TIMEOUT_S,
     parse_bool,
     parse_size,
     resolve,
@@ -296,6 +297,11 @@ class TQFlightServer(flight.FlightServerBase):
             self.local_root = (store.backend.root if store.storage == "disk"
                                else getattr(store.backend, "shared_root", None))
         self.probe = local.prepare_server_dir(self.local_root) if self.local_root else None
+        self._stopping = threading.Event()
+        if self.probe is not None:
+            timeout = resolve(None, "STAGING_TIMEOUT", DEFAULT_STAGING_TIMEOUT_S, float)
+            threading.Thread(target=self._sweep_staging, args=(timeout,), daemon=True,
+                             name="torch_tq-staging").start()
         check_fork_safe()
         note_grpc_use()
         super().__init__(location, **kwargs)  # serves from here on
@@ -521,6 +527,14 @@ class TQFlightServer(flight.FlightServerBase):
                 f"{', '.join(protocol.ACTION_DESCRIPTIONS)}"
             )
         return [flight.Result(pa.py_buffer(protocol.dumps(result)))]
+
+    def _sweep_staging(self, timeout: float) -> None:
+        """Removes abandoned same-host staged files while the server runs."""
+        while not self._stopping.wait(min(30.0, max(0.2, timeout / 2))):
+            try:
+                local.sweep_staging(self.local_root, timeout)
+            except Exception as e:  # noqa: BLE001 - the next round tries again
+                log.warning("sweeping the staging directory failed: %s", e)
 
     def _ucx_runtime(self):
         if not self.ucx_enabled:
@@ -837,6 +851,8 @@ def _wait_stdin_eof(stop: threading.Event) -> None:
 
 def _shutdown(server: TQFlightServer, grace: float) -> None:
     done = threading.Event()
+
+    server._stopping.set()
 
     def run() -> None:
         try:

@@ -277,39 +277,40 @@ class Store:
             InvalidArgument: the file is not a complete, valid matrix of ``key``.
             Unavailable / InternalError: it could not be published.
         """
-        from torch_tq.backends import _FileSource
+        from torch_tq.backends import StagedFile
 
         if not isinstance(self.backend, FileBackend) and not getattr(
                 self.backend, "shared_root", None):
             raise InvalidArgument("this store takes no same-host uploads")
         bad = f"staged file for {key} is invalid"
         try:
-            source = _FileSource(path, key)
-        except NotFound:
-            raise InvalidArgument(f"staged file for {key} is missing") from None
-        except InternalError as e:
-            raise InvalidArgument(f"{bad}: {e.message}") from None
+            staged = StagedFile(path, self.backend.staging_dest(key), key)
+        except OSError as e:
+            raise io_error(e, f"publish {key}") from None
         try:
-            reader = MatrixReader(source, key, digests=False)
-            self.check_size(key, reader.entry.nbytes)
-            for i in range(source.num_record_batches if self.backend.digests else 0):
-                _, md = source.get_batch_with_custom_metadata(i)
-                if DIGEST_KEY not in (md or {}):
-                    raise InternalError(f"batch {i} carries no digest")
-            for _ in reader.batches():
-                pass
-        except InternalError as e:
-            raise InvalidArgument(f"{bad}: {e.message}") from None
-        finally:
-            source.close()
-        entry = reader.entry
-        with self._stripe(key.index_id):
             try:
-                self.backend.adopt(key, path)
-            except OSError as e:
-                raise io_error(e, f"publish {key}") from None
-            self._set(entry)
-            self._notify(key.index_id)
+                reader = MatrixReader(staged, key, digests=False)
+                self.check_size(key, reader.entry.nbytes)
+                for i in range(staged.num_record_batches if self.backend.digests else 0):
+                    _, md = staged.get_batch_with_custom_metadata(i)
+                    if DIGEST_KEY not in (md or {}):
+                        raise InternalError(f"batch {i} carries no digest")
+                for _ in reader.batches():  # its close() leaves the staged file open
+                    pass
+            except InternalError as e:
+                raise InvalidArgument(f"{bad}: {e.message}") from None
+            entry = reader.entry
+            with self._stripe(key.index_id):
+                try:
+                    self.backend.adopt(key, staged)
+                except OSError as e:
+                    raise io_error(e, f"publish {key}") from None
+                self._set(entry)
+                self._notify(key.index_id)
+        except BaseException:
+            staged.discard()
+            raise
+        staged.release()
         return entry
 
     def check_size(self, key: Key, nbytes: int) -> None:
