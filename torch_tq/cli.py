@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="items per BatchWrite/BatchRead (1000)")
     lim.add_argument("--max-batch-bytes", type=parse_size, default=None,
                      help="bytes per BatchWrite call (1GiB)")
+    lim.add_argument("--slot-wait-s", type=float, default=None,
+                     help="seconds a call within its fair share waits for a slot of a full "
+                          "node (1)")
     s.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
                    help="seconds in-flight calls get at shutdown (default 5)")
     s.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)

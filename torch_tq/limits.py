@@ -1,4 +1,4 @@
-"""Limits and quotas: per-client QPS and concurrent streams, calls per node.
+"""Limits and quotas: per-client QPS and concurrent streams, calls per node shared fairly.
 
 pyarrow.flight enforces none of these (RELIABILITY.md §5): one OS thread serves each call in
 flight, with no cap. :class:`Limiter` is consulted at the start of every handler and told when
@@ -13,10 +13,21 @@ caller on one host shares one quota.
 What the server cannot see: TCP connections as such (gRPC accepts and multiplexes them below
 Python), so "connections per node" is enforced as concurrent calls per node; calls rejected
 by gRPC itself before a handler runs are not counted.
+
+**Fair shares of the node's call slots.** While nobody waits, a client may use every free
+slot. Once the node is full, a caller that holds less than its fair share waits (up to
+``slot_wait_s``) and is handed a slot as one frees up; a caller that holds its share or
+more is turned away at once, with a retry hint. Shares are max-min fair on two levels:
+the node's slots are split evenly among the hosts that hold or wait for slots (the peer's
+IP address, which a client cannot forge over TCP), a host's share evenly among its client
+ids; a free slot goes to the waiting call whose host holds the least of its share, then
+whose id does. Until authentication gives real identities, a host can split its own share
+into as many ids as it likes, but never take another host's.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import threading
@@ -43,6 +54,8 @@ class Limits:
         max_calls: concurrent calls per node.
         max_batch_items: items per BatchWrite/BatchRead call (the seed recommends 10-100).
         max_batch_bytes: bytes one BatchWrite call may carry.
+        slot_wait_s: how long a call within its fair share waits for a slot of a full node
+            before it is turned away (0: never waits).
     """
 
     qps: float = 1000.0
@@ -52,9 +65,10 @@ class Limits:
     max_calls: int = 1000
     max_batch_items: int = 1000
     max_batch_bytes: int = 1 << 30
+    slot_wait_s: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("qps", "qps_ucx"):
+        for name in ("qps", "qps_ucx", "slot_wait_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
                 0 <= value < math.inf
@@ -94,20 +108,61 @@ class _Client:
     def __init__(self, tokens: float, stamp: float) -> None:
         self.tokens = tokens
         self.stamp = stamp
-        self.active = 0
+        self.active = 0  # its calls admitted or waiting for a slot (its streams)
         self.ucx: _Bucket | None = None  # the UCX quota, made on first use
 
 
+class _Share:
+    """Slots held and awaited by one host, or by one client id on a host, and when it last
+    went idle (it stays *present*, and keeps its share, for ``PRESENCE_S`` after that)."""
+
+    __slots__ = ("active", "idle_since", "members", "waiting")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.waiting = 0
+        self.members = 0  # a host's present client ids
+        self.idle_since: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.active + self.waiting > 0
+
+
+class _Waiter:
+    __slots__ = ("event", "granted", "host", "member", "over_share")
+
+    def __init__(self, host: str, member: tuple[str, str]) -> None:
+        self.host = host
+        self.member = member
+        self.granted = False
+        self.over_share = False  # turned away: others came while it waited
+        self.event = threading.Event()
+
+
+# A host or client id keeps its share this long after its last call ended: a client that
+# makes short calls one after another is never idle for long, and must not lose its share
+# to a flood of long calls between two of its own.
+PRESENCE_S = 1.0
+
+
 class Limiter:
-    """Admission control for one server: a token bucket and a stream count per client, and a
-    call count for the node. Thread-safe; O(1) per call."""
+    """Admission control for one server: a token bucket and a stream count per client, and
+    the node's call slots shared fairly (see the module docstring). Thread-safe; O(1) per
+    call while the node has free slots, O(waiting calls) per release while calls wait."""
 
     def __init__(self, limits: Limits, clock=time.monotonic) -> None:
         self.limits = limits
         self._clock = clock
         self._lock = threading.Lock()
         self._clients: dict[str, _Client] = {}
+        self._hosts: dict[str, _Share] = {}  # the present hosts
+        self._members: dict[tuple[str, str], _Share] = {}  # their present client ids
+        self._present_hosts = 0
+        self._idle: collections.deque = collections.deque()  # (expiry, kind, key, idle since)
+        self._waiters: list[_Waiter] = []
         self.active = 0
+        self.peak_waiting = 0
         self.rejected: dict[str, int] = {}
 
     def _count(self, reason: str) -> None:  # the caller holds the lock
@@ -140,18 +195,162 @@ class Limiter:
             bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * qps)
         bucket.stamp = now
 
-    def admit(self, client: str, ucx: bool = False) -> None:
-        """Starts a call of ``client``, or raises :class:`Unavailable` with a retry hint.
-        ``ucx``: a transfer over UCX, which draws on the UCX quota (``qps_ucx``).
+    # -------------------------------------------------------------- the node's slots
 
-        A call that was admitted must be :meth:`release`-d exactly once."""
+    def _move(self, host: str, member: tuple[str, str], active: int, waiting: int,
+              now: float) -> None:
+        """Adds to the slots a host and one of its ids hold and await, keeping the counts
+        of present hosts and ids that the shares divide by."""
+        h, m = self._present(host, member, now)
+        for kind, key, entry in (("member", member, m), ("host", host, h)):
+            was = entry.busy
+            entry.active += active
+            entry.waiting += waiting
+            if was and not entry.busy:
+                entry.idle_since = now
+                self._idle.append((now + PRESENCE_S, kind, key, now))
+            elif entry.busy:
+                entry.idle_since = None
+        self.active += active
+
+    def _present(self, host: str, member: tuple[str, str], now: float) -> tuple[_Share, _Share]:
+        """The entries of a host and one of its ids, made present (idle) if they were not."""
+        h = self._hosts.get(host)
+        if h is None:
+            h = self._hosts[host] = _Share()
+            self._present_hosts += 1
+            h.idle_since = now
+            self._idle.append((now + PRESENCE_S, "host", host, now))
+        m = self._members.get(member)
+        if m is None:
+            m = self._members[member] = _Share()
+            h.members += 1
+            m.idle_since = now
+            self._idle.append((now + PRESENCE_S, "member", member, now))
+        return h, m
+
+    def _expire(self, now: float) -> None:
+        """Forgets hosts and ids idle for longer than PRESENCE_S (their shares go back to
+        the others). A host stays while one of its ids does."""
+        while self._idle and self._idle[0][0] <= now:
+            _, kind, key, since = self._idle.popleft()
+            table = self._members if kind == "member" else self._hosts
+            entry = table.get(key)
+            if entry is None or entry.idle_since != since:
+                continue  # busy again since
+            if kind == "host" and entry.members:
+                self._idle.append((now + PRESENCE_S, kind, key, since))  # after its ids
+                continue
+            del table[key]
+            if kind == "member":
+                self._hosts[key[0]].members -= 1
+            else:
+                self._present_hosts -= 1
+
+    def _caps(self, host: str, member: tuple[str, str]) -> tuple[int, int, int, int]:
+        """(present hosts, present ids of ``host``, the most slots ``host`` may hold, the
+        most ``member`` may): the node's slots split evenly among the present hosts, a
+        host's among its present ids (counting these two present), at least one each."""
+        h = self._hosts.get(host)
+        hosts = self._present_hosts + (0 if h is not None else 1)
+        members = (h.members if h is not None else 0) + (0 if member in self._members else 1)
+        host_cap = max(1, self.limits.max_calls // hosts)
+        return hosts, members, host_cap, max(1, host_cap // members)
+
+    def _within(self, host: str, member: tuple[str, str]) -> bool:
+        """Whether a call of ``member`` on ``host`` stays within their shares. A host alone
+        on the node, or an id alone on its host, has no share to keep to: when the node is
+        full, it waits for its own calls' slots."""
+        hosts, members, host_cap, member_cap = self._caps(host, member)
+        h = self._hosts.get(host)
+        m = self._members.get(member)
+        if hosts > 1 and (h.active if h else 0) >= host_cap:
+            return False
+        return members == 1 or (m.active if m else 0) < member_cap
+
+    def _usage(self, waiter: _Waiter) -> tuple[float, float]:
+        _, _, host_cap, member_cap = self._caps(waiter.host, waiter.member)
+        return (self._hosts[waiter.host].active / host_cap,
+                self._members[waiter.member].active / member_cap)
+
+    def _take_slot(self, host: str, member: tuple[str, str], now: float) -> _Waiter | None:
+        """Takes a slot for a call, or returns the waiter to wait on; raises when the call
+        may neither have a slot nor wait for one. The caller holds the lock."""
         lim = self.limits
+        self._expire(now)
+        if not lim.max_calls:
+            self._move(host, member, 1, 0, now)
+            return None
+        self._present(host, member, now)  # it counts in the shares from now on
+        if not self._within(host, member):
+            raise self._reject(
+                "fair_share", f"server busy: this client holds its fair share of the node's "
+                f"{lim.max_calls} call slots while others use them", 0.05)
+        if self.active < lim.max_calls:
+            self._move(host, member, 1, 0, now)
+            return None
+        if len(self._waiters) >= lim.max_calls:
+            self._turn_away_over_share()
+        if not lim.slot_wait_s or len(self._waiters) >= lim.max_calls:
+            raise self._reject(
+                "node_calls", f"server busy: {self.active} calls in flight, the limit is "
+                f"{lim.max_calls} per node", 0.05)
+        waiter = _Waiter(host, member)
+        self._waiters.append(waiter)
+        self._move(host, member, 0, 1, now)
+        self.peak_waiting = max(self.peak_waiting, len(self._waiters))
+        return waiter
+
+    def _turn_away_over_share(self) -> None:
+        """Ends the wait of calls that are no longer within their shares (another host or
+        id has come since they began to wait): they are turned away, as they would be now."""
+        now = self._clock()
+        for waiter in [w for w in self._waiters if not self._within(w.host, w.member)]:
+            self._waiters.remove(waiter)
+            self._move(waiter.host, waiter.member, 0, -1, now)
+            self._count("fair_share")
+            waiter.over_share = True
+            waiter.event.set()
+
+    def _hand_over(self, now: float) -> None:
+        """Gives free slots to waiting calls still within their shares: the one whose host
+        holds the least of its share first, then whose id does, then the longest waiting."""
+        if self._waiters:
+            self._turn_away_over_share()
+        while self._waiters and self.active < self.limits.max_calls:
+            best = min(range(len(self._waiters)), key=lambda i: self._usage(self._waiters[i]))
+            waiter = self._waiters.pop(best)
+            self._move(waiter.host, waiter.member, 1, -1, now)
+            waiter.granted = True
+            waiter.event.set()
+
+    def _wait(self, waiter: _Waiter) -> bool:
+        """Waits for ``waiter`` to be handed a slot; False when it was turned away or the
+        wait timed out."""
+        if waiter.event.wait(self.limits.slot_wait_s):
+            return waiter.granted
+        with self._lock:
+            if waiter.granted:
+                return True
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                self._move(waiter.host, waiter.member, 0, -1, self._clock())
+                self._count("node_calls")
+            return False
+
+    # -------------------------------------------------------------- calls
+
+    def admit(self, client: str, ucx: bool = False, host: str = "") -> None:
+        """Starts a call of ``client`` from ``host`` (the peer's address), or raises
+        :class:`Unavailable` with a retry hint. ``ucx``: a transfer over UCX, which draws
+        on the UCX quota (``qps_ucx``). May wait up to ``slot_wait_s`` for a slot.
+
+        A call that was admitted must be :meth:`release`-d exactly once, with the same
+        ``host``."""
+        lim = self.limits
+        member = (host, client)
         with self._lock:
             now = self._clock()
-            if lim.max_calls and self.active >= lim.max_calls:
-                raise self._reject(
-                    "node_calls", f"server busy: {self.active} calls in flight, the limit is "
-                    f"{lim.max_calls} per node", 0.05)
             state = self._client(client, now)
             if lim.streams_per_client and state.active >= lim.streams_per_client:
                 raise self._reject(
@@ -164,15 +363,28 @@ class Limiter:
                     state.ucx = _Bucket(lim.burst(lim.qps_ucx), now)
                 bucket = state.ucx
             self._refill(bucket, now, qps)
+            if qps and bucket.tokens < 1:
+                raise self._reject(
+                    "qps_ucx" if ucx else "qps",
+                    f"rate limit: client {client} is over {qps:g} calls/s"
+                    f"{' over UCX' if ucx else ''}", (1 - bucket.tokens) / qps)
+            waiter = self._take_slot(host, member, now)
             if qps:
-                if bucket.tokens < 1:
-                    raise self._reject(
-                        "qps_ucx" if ucx else "qps",
-                        f"rate limit: client {client} is over {qps:g} calls/s"
-                        f"{' over UCX' if ucx else ''}", (1 - bucket.tokens) / qps)
                 bucket.tokens -= 1
             state.active += 1
-            self.active += 1
+        if waiter is None or self._wait(waiter):
+            return
+        with self._lock:  # turned away after all: its stream and its token come back
+            state.active -= 1
+            if qps:
+                bucket.tokens += 1
+        if waiter.over_share:
+            raise Unavailable(
+                "server busy: this client holds its fair share of the node's "
+                f"{lim.max_calls} call slots while others use them (retry_after_ms=50)")
+        raise Unavailable(
+            f"server busy: no call slot freed up within {lim.slot_wait_s:g}s (the limit is "
+            f"{lim.max_calls} calls per node) (retry_after_ms=50)")
 
     def charge(self, client: str, n: int) -> None:
         """Charges ``n`` more calls' worth (the items of a batch beyond its first) to an
@@ -185,12 +397,14 @@ class Limiter:
                 self._refill(state, self._clock())
                 state.tokens -= n
 
-    def release(self, client: str) -> None:
+    def release(self, client: str, host: str = "") -> None:
         with self._lock:
-            self.active -= 1
+            now = self._clock()
+            self._move(host, (host, client), -1, 0, now)
             state = self._clients.get(client)
             if state is not None:
                 state.active -= 1
+            self._hand_over(now)
 
     def count_rejection(self, reason: str) -> None:
         with self._lock:
@@ -200,8 +414,11 @@ class Limiter:
         with self._lock:
             return {
                 "calls_in_flight": self.active,
+                "calls_waiting": len(self._waiters),
+                "peak_calls_waiting": self.peak_waiting,
                 "clients_active": sum(1 for s in self._clients.values() if s.active),
                 "clients_known": len(self._clients),
+                "hosts_present": self._present_hosts,
                 "rejected": dict(sorted(self.rejected.items())),
                 "limits": self.limits.describe(),
             }
@@ -236,7 +453,7 @@ def peer_host(peer: str) -> str:
 
 
 LIMIT_OPTIONS = ("qps", "qps_ucx", "qps_burst", "streams_per_client", "max_calls",
-                 "max_batch_items", "max_batch_bytes")
+                 "max_batch_items", "max_batch_bytes", "slot_wait_s")
 
 
 def limits_from(**options) -> Limits:
@@ -248,7 +465,7 @@ def limits_from(**options) -> Limits:
         raise InvalidArgument(f"unknown limit option(s) {sorted(unknown)}")
     values = {}
     for name in LIMIT_OPTIONS:
-        convert = float if name.startswith("qps") else int
+        convert = float if name.startswith("qps") or name.endswith("_s") else int
         if name == "max_batch_bytes":
             convert = parse_size
         value = resolve(options.get(name), name.upper(), None, convert)

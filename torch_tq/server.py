@@ -44,7 +44,7 @@ from torch_tq._version import __version__
 from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
 from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq._malloc import tune_malloc
-from torch_tq.limits import Limiter, Limits, client_identity, limits_from
+from torch_tq.limits import Limiter, Limits, client_identity, limits_from, peer_host
 from torch_tq.queue import Queue
 from torch_tq.store import Entry, Store
 from torch_tq.ucx_probe import AddressProbe
@@ -131,10 +131,11 @@ class _CallMiddleware(flight.ServerMiddleware):
         self.limiter = limiter
         self.headers = headers
         self.client: str | None = None
+        self.host = ""
 
     def call_completed(self, exception) -> None:
         if self.client is not None:
-            self.limiter.release(self.client)
+            self.limiter.release(self.client, self.host)
             self.client = None
 
 
@@ -156,16 +157,18 @@ def _admit(server, context, method: str, args) -> None:
     mw = context.get_middleware(_MIDDLEWARE)
     if mw is None:  # no middleware: nothing could release the call, so nothing is admitted
         return
-    client = client_identity(mw.headers, context.peer())
+    peer = context.peer()
+    client = client_identity(mw.headers, peer)
+    host = peer_host(peer or "")
     # a transfer over UCX draws on the client's UCX quota (the seed's 10,000/s)
     ucx_call = method == "do_action" and args and args[0].type.lower() in _UCX_ACTIONS
     try:
-        server.limiter.admit(client, ucx=bool(ucx_call))
+        server.limiter.admit(client, ucx=bool(ucx_call), host=host)
     except Unavailable:
         if ucx_call and args[0].type.lower() in ("ucxput", "ucx_put"):
             server.drain_refused_ucx_put(args[0].body)
         raise
-    mw.client = client
+    mw.client, mw.host = client, host
 
 
 def _caller(context) -> str | None:
