@@ -497,3 +497,90 @@ def test_a_host_keeps_its_share_while_another_host_floods_with_many_ids():
     result = _fairness("--ids", "many", "--netns")
     assert result["victim_refused_fraction"] <= 0.01, result
     assert result["ratio"] > 0.2, result
+
+
+# ------------------------------------------------------------------ a memory store's capacity
+
+
+def _memory(client: torch_tq.Client) -> dict:
+    return client.server_stats()["memory"]
+
+
+def test_a_memory_store_refuses_what_does_not_fit_before_taking_a_byte():
+    with torch_tq.start_server(storage="memory", max_memory="64MiB", qps=0) as srv:
+        client = torch_tq.Client(srv.location, transport="grpc")
+        assert _memory(client) == {"max_memory": 64 << 20, "stored": 0, "in_flight": 0}
+        fc = flight.FlightClient(srv.location)
+        rss0 = _rss_kib(srv.pid)
+        chunk = pa.table({"data": pa.array(torch.zeros(4 << 20).numpy())})  # 16 MiB
+        desc = flight.FlightDescriptor.for_command(json.dumps(
+            {"index_id": 1, "matrix_type": "big", "shape": [25 << 20], "dtype": "float32"}))
+        writer, _ = fc.do_put(desc, chunk.schema)  # 100 MiB declared
+        with pytest.raises(flight.FlightUnavailableError, match="memory store full"):
+            for _ in range(8):
+                writer.write_table(chunk)
+            writer.close()
+        assert _rss_kib(srv.pid) - rss0 < 64 * 1024
+        half = torch.ones(10 << 20)  # 40 MiB
+        client.put(2, "a", half)
+        with pytest.raises(torch_tq.Unavailable, match="memory store full"):
+            client.put(3, "b", half)
+        # an undeclared upload counts as it arrives
+        desc = flight.FlightDescriptor.for_command(json.dumps({"index_id": 4, "matrix_type": "c"}))
+        table = pa.table({"data": pa.array(torch.zeros(10 << 20).numpy())})
+        writer, _ = fc.do_put(desc, table.schema)
+        with pytest.raises(pa.ArrowException, match="memory store full"):
+            writer.write_table(table)
+            writer.close()
+        # batch items: each stands alone
+        results = client.put_many([(5, "d", torch.ones(1 << 20)), (6, "e", half)])
+        assert [r.success for r in results] == [True, False]
+        assert "memory store full" in results[1].message
+        assert sorted((m.index_id, m.matrix_type) for m in client.list()) == [(2, "a"), (5, "d")]
+        mem = _memory(client)
+        assert mem["in_flight"] == 0 and mem["stored"] == (40 << 20) + (4 << 20)
+        client.delete(2)
+        client.put(3, "b", half)  # room again
+        assert _memory(client)["stored"] == (40 << 20) + (4 << 20)
+
+
+@pytest.mark.parametrize("transport", ["same-host", "ucx"])
+def test_the_capacity_holds_on_the_fast_paths(transport):
+    if transport == "ucx":
+        pytest.importorskip("ucxx")
+    from .conftest import ucx_locations
+
+    with torch_tq.start_server(storage="memory", max_memory="32MiB", qps=0) as srv:
+        where = ucx_locations(srv.location) if transport == "ucx" else srv.location
+        client = torch_tq.Client(where, transport=transport)
+        assert client.transport == transport
+        client.put(1, "a", torch.ones(5 << 20))  # 20 MiB
+        with pytest.raises(torch_tq.Unavailable, match="memory store full"):
+            client.put(2, "b", torch.ones(5 << 20))
+        with pytest.raises(torch_tq.NotFound):
+            client.get(2, "b")
+        assert torch.equal(client.get(1, "a"), torch.ones(5 << 20))
+        assert _memory(client)["in_flight"] == 0
+        if transport == "same-host":
+            staging = os.path.join(client._local().root, "staging")
+            assert [n for n in os.listdir(staging) if n.endswith(".arrow")] == []
+
+
+def test_an_aborted_upload_gives_its_memory_back():
+    with torch_tq.start_server(storage="memory", qps=0) as srv:
+        client = torch_tq.Client(srv.location, transport="grpc")
+        client.health()
+        rss0 = _rss_kib(srv.pid)
+        fc = flight.FlightClient(srv.location)
+        chunk = pa.table({"data": pa.array(torch.zeros(16 << 20).numpy())})  # 64 MiB
+        desc = flight.FlightDescriptor.for_command(json.dumps(
+            {"index_id": 1, "matrix_type": "gone", "shape": [1 << 30], "dtype": "float32"}))
+        writer, _ = fc.do_put(desc, chunk.schema)  # 4 GiB declared, 512 MiB sent, then given up
+        for _ in range(8):
+            writer.write_table(chunk)
+        with pytest.raises(pa.ArrowInvalid, match="declared elements"):
+            writer.close()
+        time.sleep(1.5)
+        grown = _rss_kib(srv.pid) - rss0
+        assert grown < 300 * 1024, f"{grown // 1024} MiB kept after the abort"
+        assert _memory(client)["in_flight"] == 0

@@ -45,3 +45,45 @@ def tune_malloc() -> bool:
         )
     )
     return _tuned
+
+
+def give_back_memory() -> None:
+    """Returns freed memory to the system now: Arrow's pool's unused memory, then glibc's
+    free pages in every arena (gRPC's receive buffers come from glibc, on many threads'
+    arenas, which trimming at the top of the heap alone does not reach)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+_later_lock = None
+_later_pending = False
+
+
+def give_back_memory_soon(delay_s: float = 0.5) -> None:
+    """:func:`give_back_memory` now and once more ``delay_s`` later: the buffers of a call
+    that is failing are freed only after its handler has returned."""
+    import threading
+
+    global _later_lock, _later_pending
+    give_back_memory()
+    if _later_lock is None:
+        _later_lock = threading.Lock()
+    with _later_lock:
+        if _later_pending:
+            return
+        _later_pending = True
+
+    def later() -> None:
+        global _later_pending
+        with _later_lock:
+            _later_pending = False
+        give_back_memory()
+
+    timer = threading.Timer(delay_s, later)
+    timer.daemon = True
+    timer.start()

@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         compression=args.compression,
         ucx=args.ucx,
         same_host=args.same_host,
+        max_memory=args.max_memory,
         **{name: getattr(args, name) for name in LIMIT_OPTIONS},
         shutdown_grace=args.shutdown_grace,
         _watch_stdin=args.watch_stdin,
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not offer same-host access")
     s.add_argument("--compression", choices=["zstd", "lz4", "none"], default=None,
                    help="compress the disk store's files (default none)")
+    s.add_argument("--max-memory", type=parse_size, default=None,
+                   help="a memory store's capacity (default half the RAM)")
     lim = s.add_argument_group("limits (0 switches one off)")
     lim.add_argument("--qps", type=float, default=None, help="calls/s per client over TCP (1000)")
     lim.add_argument("--qps-ucx", type=float, default=None, help="calls/s per client over UCX (10000)")

@@ -490,6 +490,9 @@ class TQFlightServer(flight.FlightServerBase):
             if pool is not None:  # a memory store's recycled same-host files
                 result["recycle"] = pool.describe()
             result["ucx_address_probe"] = self.ucx_probe.describe()
+            memory = self.store.memory()
+            if memory is not None:
+                result["memory"] = memory
         elif name == protocol.UCX_INFO:
             protocol.parse_empty_body(body, "UcxInfo body")
             addresses = self._ucx_runtime().addresses_b64
@@ -713,6 +716,7 @@ def make_server(
     ucx: bool | None = None,
     same_host: bool | None = None,
     limits: Limits | None = None,
+    max_memory: int | str | None = None,
     **limit_options,
 ) -> TQFlightServer:
     """Builds a running server (it serves from construction on); see :func:`serve`."""
@@ -731,8 +735,13 @@ def make_server(
     tune_malloc()
     compression = protocol.validate_compression(resolve(compression, "COMPRESSION", None))
     same_host = resolve(same_host, "SAME_HOST", True, parse_bool)
+    memory_cap = resolve(max_memory, "MAX_MEMORY", None, parse_size)
+    if memory_cap is not None:
+        memory_cap = parse_size(memory_cap)
+        if storage != "memory":
+            raise InvalidArgument("max_memory is the capacity of a memory store (storage='memory')")
     store = Store(data_dir, storage, durable=durable, chunk_bytes=chunk, max_matrix_bytes=cap,
-                  compression=compression, shared=same_host)
+                  compression=compression, shared=same_host, max_memory=memory_cap)
     try:
         ucx_enabled = resolve(ucx, "UCX", True, parse_bool)
         return TQFlightServer(_location(host, port), store, limits, ucx_enabled, same_host)
@@ -755,6 +764,7 @@ def serve(
     ucx: bool | None = None,
     same_host: bool | None = None,
     limits: Limits | None = None,
+    max_memory: int | str | None = None,
     _watch_stdin: bool = False,
     **limit_options,
 ) -> None:
@@ -780,6 +790,9 @@ def serve(
             per call.
         shutdown_grace: seconds in-flight calls get to finish before the process exits hard
             (safe: uploads are published atomically).
+        max_memory: a memory store's capacity (default half the RAM;
+            ``TORCH_TQ_MAX_MEMORY``): an upload whose declared size does not fit is refused
+            with UNAVAILABLE before any byte is taken.
         limits: a :class:`torch_tq.Limits`, or its fields as keywords (``qps=1000``,
             ``qps_burst``, ``streams_per_client=100``, ``max_calls=1000``,
             ``max_batch_items=1000``, ``max_batch_bytes``; 0 switches one off;
@@ -795,7 +808,7 @@ def serve(
     server = make_server(
         host, port, data_dir, storage, durable=durable, chunk_bytes=chunk_bytes,
         max_matrix_bytes=max_matrix_bytes, compression=compression, ucx=ucx,
-        same_host=same_host, limits=limits,
+        same_host=same_host, limits=limits, max_memory=max_memory,
         **limit_options,
     )
     _check_allocator(server.store.storage)

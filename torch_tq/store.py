@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ import pyarrow as pa
 import xxhash
 
 from torch_tq import codec
+from torch_tq._malloc import give_back_memory_soon
 from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MATRIX_BYTES, default_data_dir
 from torch_tq.backends import FileBackend, MemoryBackend, first_line, io_error, make_shared_root
 from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError, Unavailable
@@ -36,6 +38,15 @@ TRAILER_KEY = b"torch_tq.trailer"
 TRAILER_DIGEST_KEY = b"torch_tq.trailer.xxh3"
 _STRIPES = 64
 _SPACE_MARGIN = 1 << 20
+_RELEASE_AFTER_BYTES = 64 << 20
+
+
+def default_max_memory() -> int:
+    """A memory store's default capacity: half the machine's RAM."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (OSError, ValueError):
+        return 8 << 30
 
 
 def now_ms() -> int:
@@ -79,6 +90,8 @@ class Store:
         chunk_bytes: the size of the record batches matrices are cut into.
         max_matrix_bytes: the per-matrix limit (the seed's 10 GB).
         shared: a memory store keeps same-host clients' matrices as files in /dev/shm.
+        max_memory: a memory store's capacity in bytes: what it holds and what uploads in
+            flight declare (or have sent) together (default: half the machine's RAM).
 
     Raises:
         Unavailable: the directory is owned by another running server.
@@ -94,6 +107,7 @@ class Store:
         max_matrix_bytes: int = DEFAULT_MAX_MATRIX_BYTES,
         compression: str | None = None,
         shared: bool = True,
+        max_memory: int | None = None,
     ) -> None:
         if compression not in (None, "zstd", "lz4"):
             raise InvalidArgument(
@@ -118,6 +132,9 @@ class Store:
         self.compression = compression
         self.chunk_bytes = chunk_bytes
         self.max_matrix_bytes = max_matrix_bytes
+        self.max_memory = (max_memory if max_memory is not None else default_max_memory()) \
+            if storage == "memory" else None
+        self._reserved = 0  # bytes that uploads in flight declared or sent (memory store)
         self._lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._entries: dict[int, dict[str, Entry]] = {}
@@ -252,12 +269,56 @@ class Store:
         expected_numel: int | None = None,
         xxh3: str | None = None,
     ) -> PutSession:
-        """Starts an upload; nothing is visible until :meth:`PutSession.commit`."""
+        """Starts an upload; nothing is visible until :meth:`PutSession.commit`. A declared
+        size is checked against the limits, the free space and (memory store) the capacity
+        before any byte is taken.
+
+        Raises:
+            InvalidArgument: over the per-matrix limit.
+            Unavailable: no room for it.
+        """
+        reserved = 0
         if expected_numel is not None:
             nbytes = expected_numel * dtype.itemsize
             self.check_size(key, nbytes)
             check_space(key, nbytes, self.backend.free_bytes())
-        return PutSession(self, key, dtype, expected_numel, xxh3)
+            self.reserve(key, nbytes)
+            reserved = nbytes
+        try:
+            return PutSession(self, key, dtype, expected_numel, xxh3, reserved)
+        except BaseException:
+            self.unreserve(reserved)
+            raise
+
+    def reserve(self, key: Key, nbytes: int) -> None:
+        """Counts ``nbytes`` of an upload in flight against a memory store's capacity.
+
+        Raises:
+            Unavailable: the store would hold more than ``max_memory``.
+        """
+        if self.max_memory is None or nbytes <= 0:
+            return
+        with self._lock:
+            held, flight = self._bytes, self._reserved
+            if held + flight + nbytes > self.max_memory:
+                raise Unavailable(
+                    f"memory store full: {key} needs {nbytes} bytes; {held} are stored and "
+                    f"{flight} in flight of a capacity of {self.max_memory} (--max-memory): "
+                    "nothing was stored; delete matrices or retry later")
+            self._reserved += nbytes
+
+    def unreserve(self, nbytes: int) -> None:
+        if self.max_memory is not None and nbytes > 0:
+            with self._lock:
+                self._reserved -= nbytes
+
+    def memory(self) -> dict | None:
+        """A memory store's capacity and use (None for a disk store)."""
+        if self.max_memory is None:
+            return None
+        with self._lock:
+            return {"max_memory": self.max_memory, "stored": self._bytes,
+                    "in_flight": self._reserved}
 
     def created_at(self, key: Key, default: int) -> int:
         """When ``key`` was first stored (kept across overwrites), else ``default``."""
@@ -300,13 +361,17 @@ class Store:
             except InternalError as e:
                 raise InvalidArgument(f"{bad}: {e.message}") from None
             entry = reader.entry
-            with self._stripe(key.index_id):
-                try:
-                    self.backend.adopt(key, staged)
-                except OSError as e:
-                    raise io_error(e, f"publish {key}") from None
-                self._set(entry)
-                self._notify(key.index_id)
+            self.reserve(key, entry.nbytes)
+            try:
+                with self._stripe(key.index_id):
+                    try:
+                        self.backend.adopt(key, staged)
+                    except OSError as e:
+                        raise io_error(e, f"publish {key}") from None
+                    self._set(entry)
+                    self._notify(key.index_id)
+            finally:
+                self.unreserve(entry.nbytes)
         except BaseException:
             staged.discard()
             raise
@@ -479,11 +544,13 @@ class PutSession:
         dtype: codec.DType,
         expected_numel: int | None,
         xxh3: str | None,
+        reserved: int = 0,
     ) -> None:
         self.store = store
         self.key = key
         self.dtype = dtype
         self.expected_numel = expected_numel
+        self._reserved = reserved  # counted against a memory store's capacity
         self._done = False
         schema = pa.schema([pa.field("data", dtype.arrow, nullable=False)])
         try:
@@ -512,6 +579,10 @@ class PutSession:
                 "elements it declared"
             )
         self.store.check_size(self.key, total * self.dtype.itemsize)
+        if self.expected_numel is None:  # undeclared: counted as it arrives
+            nbytes = len(values) * self.dtype.itemsize
+            self.store.reserve(self.key, nbytes)
+            self._reserved += nbytes
         self._writer.append(values)
 
     def commit(self, shape: tuple[int, ...]) -> Entry:
@@ -535,6 +606,7 @@ class PutSession:
             except (OSError, pa.ArrowException) as e:
                 raise io_error(e, f"publish {self.key}") from None
             self._done = True
+            self._release_reservation()
             return entry
         except BaseException:
             self.abort()
@@ -546,6 +618,16 @@ class PutSession:
             return
         self._done = True
         self._sink.abort()
+        held = self._reserved
+        self._release_reservation()
+        if self.store.max_memory is not None and held >= _RELEASE_AFTER_BYTES:
+            # what an aborted upload received goes back to the system now, not whenever
+            # the allocator would get round to it (~500 MiB stayed after a 1 GiB abort)
+            give_back_memory_soon()
+
+    def _release_reservation(self) -> None:
+        self.store.unreserve(self._reserved)
+        self._reserved = 0
 
 
 def read_trailer(key: Key, reader) -> Entry:
