@@ -104,3 +104,17 @@ def test_transports_benchmark_tiny():
                  "same-host disk put"):
         assert re.search(rf"^  {re.escape(name)}\s+[0-9.]+$", out, re.M), name
     assert re.search(r"small get p50: same-host [0-9]+ µs", out)
+
+
+def test_soak_benchmark_tiny(tmp_path):
+    out = tmp_path / "soak.json"
+    proc = _run("soak.py", "--minutes", "0.1", "--clients", "2", "--idle-s", "3",
+                "--json", str(out))
+    assert re.search(r"^drift: rss [0-9.]+x baseline \([+-][0-9.]+ MiB\), threads [+-]?[0-9]+, "
+                     r"fds [+-]?[0-9]+; server alive: True$", proc.stdout, re.M), proc.stdout
+    result = json.loads(out.read_text())
+    assert result["calls"] > 100 and result["outcomes"]["put"] > 0
+    assert "INTERNAL_ERROR" not in result["server_errors"]
+    assert result["calls_in_flight_after"] == 0
+    assert result["drift"]["fds"] <= 1 and result["drift"]["threads"] <= 1, result["drift"]
+    assert result["drift"]["rss_mib"] < 256, result["drift"]

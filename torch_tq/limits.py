@@ -164,6 +164,7 @@ class Limiter:
         self.active = 0
         self.peak_waiting = 0
         self.rejected: dict[str, int] = {}
+        self._last_call = clock()  # when a call last started or ended
 
     def _count(self, reason: str) -> None:  # the caller holds the lock
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -368,6 +369,7 @@ class Limiter:
                     "qps_ucx" if ucx else "qps",
                     f"rate limit: client {client} is over {qps:g} calls/s"
                     f"{' over UCX' if ucx else ''}", (1 - bucket.tokens) / qps)
+            self._last_call = now
             waiter = self._take_slot(host, member, now)
             if qps:
                 bucket.tokens -= 1
@@ -400,11 +402,17 @@ class Limiter:
     def release(self, client: str, host: str = "") -> None:
         with self._lock:
             now = self._clock()
+            self._last_call = now
             self._move(host, (host, client), -1, 0, now)
             state = self._clients.get(client)
             if state is not None:
                 state.active -= 1
             self._hand_over(now)
+
+    def quiet_for(self) -> float:
+        """Seconds since the node last had a call in flight (0 while it has one)."""
+        with self._lock:
+            return 0.0 if self.active else self._clock() - self._last_call
 
     def count_rejection(self, reason: str) -> None:
         with self._lock:

@@ -43,7 +43,7 @@ from torch_tq._config import (
 from torch_tq._version import __version__
 from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
 from torch_tq._fork import check_fork_safe, note_grpc_use
-from torch_tq._malloc import tune_malloc
+from torch_tq._malloc import give_back_memory, tune_malloc
 from torch_tq.limits import Limiter, Limits, client_identity, limits_from, peer_host
 from torch_tq.queue import Queue
 from torch_tq.store import Entry, Store
@@ -148,6 +148,7 @@ class _CallMiddlewareFactory(flight.ServerMiddlewareFactory):
 
 
 _MIDDLEWARE = "torch_tq"
+_TRIM_AFTER_BYTES = 64 << 20  # freed since the last trim
 
 
 _UCX_ACTIONS = {"ucxget", "ucx_get", "ucxput", "ucx_put"}
@@ -301,10 +302,8 @@ class TQFlightServer(flight.FlightServerBase):
                                else getattr(store.backend, "shared_root", None))
         self.probe = local.prepare_server_dir(self.local_root) if self.local_root else None
         self._stopping = threading.Event()
-        if self.probe is not None:
-            timeout = resolve(None, "STAGING_TIMEOUT", DEFAULT_STAGING_TIMEOUT_S, float)
-            threading.Thread(target=self._sweep_staging, args=(timeout,), daemon=True,
-                             name="torch_tq-staging").start()
+        threading.Thread(target=self._housekeeping, daemon=True,
+                         name="torch_tq-housekeeping").start()
         check_fork_safe()
         note_grpc_use()
         super().__init__(location, **kwargs)  # serves from here on
@@ -534,13 +533,29 @@ class TQFlightServer(flight.FlightServerBase):
             )
         return [flight.Result(pa.py_buffer(protocol.dumps(result)))]
 
-    def _sweep_staging(self, timeout: float) -> None:
-        """Removes abandoned same-host staged files while the server runs."""
-        while not self._stopping.wait(min(30.0, max(0.2, timeout / 2))):
+    def _housekeeping(self) -> None:
+        """While the server runs: removes abandoned same-host staged files, and gives the
+        memory of deleted and replaced matrices back to the system once enough of it is
+        free and the node has been quiet for a second (a memory store's matrices are
+        received buffers from many threads' glibc arenas, which glibc otherwise keeps:
+        850 MiB stayed after a soak emptied the store)."""
+        staging_timeout = resolve(None, "STAGING_TIMEOUT", DEFAULT_STAGING_TIMEOUT_S, float)
+        sweep_every = min(30.0, max(0.2, staging_timeout / 2))
+        next_sweep = time.monotonic() + sweep_every
+        trimmed = self.store.freed_bytes
+        while not self._stopping.wait(0.5):
             try:
-                local.sweep_staging(self.local_root, timeout)
+                if self.probe is not None and time.monotonic() >= next_sweep:
+                    local.sweep_staging(self.local_root, staging_timeout)
+                    next_sweep = time.monotonic() + sweep_every
+                freed = self.store.freed_bytes
+                # only on a quiet node: trimming locks glibc's arenas, and pages given back
+                # are faulted in again by the next upload (a busy node reuses them instead)
+                if freed - trimmed >= _TRIM_AFTER_BYTES and self.limiter.quiet_for() >= 1.0:
+                    trimmed = freed
+                    give_back_memory()
             except Exception as e:  # noqa: BLE001 - the next round tries again
-                log.warning("sweeping the staging directory failed: %s", e)
+                log.warning("housekeeping failed: %s", e)
 
     def _ucx_runtime(self):
         if not self.ucx_enabled:

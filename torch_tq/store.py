@@ -135,6 +135,7 @@ class Store:
         self.max_memory = (max_memory if max_memory is not None else default_max_memory()) \
             if storage == "memory" else None
         self._reserved = 0  # bytes that uploads in flight declared or sent (memory store)
+        self.freed_bytes = 0  # bytes of matrices replaced or deleted, ever
         self._lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._entries: dict[int, dict[str, Entry]] = {}
@@ -249,6 +250,7 @@ class Store:
             types = self._entries.setdefault(entry.key.index_id, {})
             old = types.get(entry.key.matrix_type)
             self._bytes += entry.nbytes - (old.nbytes if old else 0)
+            self.freed_bytes += old.nbytes if old else 0
             types[entry.key.matrix_type] = entry
 
     def _drop(self, key: Key) -> None:
@@ -257,6 +259,7 @@ class Store:
             old = types.pop(key.matrix_type, None)
             if old is not None:
                 self._bytes -= old.nbytes
+                self.freed_bytes += old.nbytes
             if not types:
                 self._entries.pop(key.index_id, None)
 
