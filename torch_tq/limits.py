@@ -208,8 +208,7 @@ class Limiter:
             entry.active += active
             entry.waiting += waiting
             if was and not entry.busy:
-                entry.idle_since = now
-                self._idle.append((now + PRESENCE_S, kind, key, now))
+                self._goes_idle(kind, key, entry, now)
             elif entry.busy:
                 entry.idle_since = None
         self.active += active
@@ -220,15 +219,18 @@ class Limiter:
         if h is None:
             h = self._hosts[host] = _Share()
             self._present_hosts += 1
-            h.idle_since = now
-            self._idle.append((now + PRESENCE_S, "host", host, now))
+            self._goes_idle("host", host, h, now)
         m = self._members.get(member)
         if m is None:
             m = self._members[member] = _Share()
             h.members += 1
-            m.idle_since = now
-            self._idle.append((now + PRESENCE_S, "member", member, now))
+            self._goes_idle("member", member, m, now)
         return h, m
+
+    def _goes_idle(self, kind: str, key, entry: _Share, now: float) -> None:
+        """``entry`` holds and awaits nothing from ``now``: it leaves after PRESENCE_S."""
+        entry.idle_since = now
+        self._idle.append((now + PRESENCE_S, kind, key, now))
 
     def _expire(self, now: float) -> None:
         """Forgets hosts and ids idle for longer than PRESENCE_S (their shares go back to

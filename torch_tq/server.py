@@ -302,11 +302,11 @@ class TQFlightServer(flight.FlightServerBase):
                                else getattr(store.backend, "shared_root", None))
         self.probe = local.prepare_server_dir(self.local_root) if self.local_root else None
         self._stopping = threading.Event()
-        threading.Thread(target=self._housekeeping, daemon=True,
-                         name="torch_tq-housekeeping").start()
         check_fork_safe()
         note_grpc_use()
         super().__init__(location, **kwargs)  # serves from here on
+        threading.Thread(target=self._housekeeping, daemon=True,
+                         name="torch_tq-housekeeping").start()
 
     # ------------------------------------------------------------------ DoPut
 
