@@ -156,6 +156,8 @@ def run(args) -> dict:
         "server_alive": alive,
         "server_errors": stats["errors"],
         "calls_in_flight_after": stats["calls_in_flight"] - 1,  # less the Stats call itself
+        "stored_after": {"matrices": stats["matrices"], "bytes": stats["bytes"],
+                         "groups": stats["groups"]},
         "samples": samples,
     }
 
