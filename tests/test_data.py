@@ -103,22 +103,44 @@ def write_all(location, ids, finish=True) -> None:
 
 @pytest.mark.parametrize("workers, context, dist", [(0, None, True), (2, "forkserver", False),
                                                     (2, "spawn", False)])
-def test_fixed_mode_every_id_once_across_ranks_and_workers(server, workers, context, dist):
-    ids = list(range(100, 137))
+def test_fixed_mode_gives_every_rank_the_same_count(server, workers, context, dist):
+    ids = list(range(100, 137))  # 37: odd, so the epoch is padded with one repeated id
     write_all(server.location, ids, finish=False)
     got = run_ranks(server.location, 2, workers, {"index_ids": ids, "shuffle": True, "seed": 7},
                     dist=dist, context=context)
+    assert len(got[0]) == len(got[1]) == 19
     everything = got[0] + got[1]
-    assert sorted(everything) == ids  # no duplicates, no losses
-    assert got[0] and got[1]
+    assert set(everything) == set(ids)  # nothing lost
+    assert len(everything) - len(set(everything)) == 1  # the one pad
+    dropped = run_ranks(server.location, 2, workers,
+                        {"index_ids": ids, "shuffle": True, "seed": 7, "drop_last": True},
+                        dist=dist, context=context)
+    assert len(dropped[0]) == len(dropped[1]) == 18
+    assert len(set(dropped[0] + dropped[1])) == 36  # no repeats: the tail is dropped
 
 
-def test_fixed_shards_are_disjoint_and_shuffle_follows_the_epoch():
+def test_fixed_shards_follow_distributed_sampler_and_shuffle_follows_the_epoch():
+    from torch.utils.data.distributed import DistributedSampler
+
     ids = range(50)
+    shards = [TQDataset("127.0.0.1:1", TYPES, index_ids=ids, rank=r, world_size=3,
+                        shuffle=False) for r in range(3)]
+    for r, shard in enumerate(shards):  # the same ids as DistributedSampler deals, in order
+        sampler = DistributedSampler(ids, num_replicas=3, rank=r, shuffle=False)
+        assert list(shard.shard_ids()) == [ids[i] for i in sampler]
+        assert len(shard) == len(sampler) == 17
+    for drop_last in (False, True):
+        for n, world in ((50, 3), (7, 4), (2, 5), (0, 2)):
+            counts = {len(TQDataset("127.0.0.1:1", TYPES, index_ids=range(n), rank=r,
+                                    world_size=world, drop_last=drop_last).shard_ids())
+                      for r in range(world)}
+            assert counts == {len(DistributedSampler(range(n), num_replicas=world, rank=0,
+                                                     drop_last=drop_last))}, (n, world)
     shards = [TQDataset("127.0.0.1:1", TYPES, index_ids=ids, rank=r, world_size=3,
                         shuffle=True, seed=1) for r in range(3)]
     parts = [list(s.shard_ids()) for s in shards]
-    assert sorted(i for part in parts for i in part) == list(ids)
+    assert set(i for part in parts for i in part) == set(ids)
+    assert [len(p) for p in parts] == [17, 17, 17]
     first = parts[0]
     shards[0].set_epoch(1)
     assert list(shards[0].shard_ids()) != first  # a new permutation each epoch

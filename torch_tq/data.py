@@ -53,9 +53,13 @@ class TQDataset(torch.utils.data.IterableDataset):
 
     Two modes:
 
-    * **fixed** (``index_ids=`` a list or range): every index_id once per epoch, split across
-      ``world_size`` ranks and the DataLoader's workers without duplicates or losses;
-      ``shuffle=True`` permutes with ``seed + epoch`` (call :meth:`set_epoch`);
+    * **fixed** (``index_ids=`` a list or range): split across ``world_size`` ranks as
+      ``torch.utils.data.DistributedSampler`` splits, so that every rank yields the same
+      number of items per epoch (``len(dataset)``) and takes the same number of steps:
+      ``drop_last=False`` (default) pads the epoch by repeating index_ids from the start of
+      its order, ``drop_last=True`` drops the tail; a rank's share is then split across the
+      DataLoader's workers. ``shuffle=True`` permutes with ``seed + epoch`` (call
+      :meth:`set_epoch`);
       :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch (torchdata's
       ``StatefulDataLoader`` calls them in each worker).
     * **streaming** (``group=``): the server leases ready index_ids of the consumer group to
@@ -76,6 +80,8 @@ class TQDataset(torch.utils.data.IterableDataset):
         rank, world_size: this process's data-parallel rank (default: ``torch.distributed``
             when initialized, else 0 of 1).
         shuffle, seed: fixed mode: permute the order each epoch.
+        drop_last: fixed mode: drop the tail that would not give every rank the same
+            count, instead of padding it with index_ids from the start of the epoch.
         unit: ``"matrix"`` (one item per index_id) or ``"sample"`` (one per row).
         prefetch: items fetched ahead by a background thread (0: none).
         lease, batch_items, poll: streaming: lease seconds, index_ids leased per request,
@@ -101,6 +107,7 @@ class TQDataset(torch.utils.data.IterableDataset):
         world_size: int | None = None,
         shuffle: bool = False,
         seed: int = 0,
+        drop_last: bool = False,
         unit: str = "matrix",
         prefetch: int = 2,
         lease: float = 60.0,
@@ -151,6 +158,7 @@ class TQDataset(torch.utils.data.IterableDataset):
         self.world_size = world_size
         self.shuffle = shuffle
         self.seed = seed
+        self.drop_last = bool(drop_last)
         self.unit = unit
         self.prefetch = max(0, int(prefetch))
         self.lease = float(lease)
@@ -204,21 +212,52 @@ class TQDataset(torch.utils.data.IterableDataset):
 
     # ------------------------------------------------------------------ sharding
 
-    def _shard(self) -> tuple[int, int]:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
+    def _per_rank(self) -> int:
+        """Fixed mode: how many index_ids each rank takes per epoch."""
+        n, world = len(self.index_ids), self.world_size
+        return n // world if self.drop_last else -(-n // world)
 
-    def shard_ids(self) -> list[int] | range:
-        """Fixed mode: this rank's and worker's index_ids for the current epoch, in order."""
+    def __len__(self) -> int:
+        """Fixed mode with ``unit="matrix"``: the items this rank yields per epoch (the same
+        on every rank).
+
+        Raises:
+            TypeError: streaming mode, or ``unit="sample"`` (the rows are not known before
+                the matrices are read), as ``len()`` of a dataset without a length does.
+        """
+        if self.index_ids is None:
+            raise TypeError("a streaming TQDataset (group=) has no length")
+        if self.unit != "matrix":
+            raise TypeError("a TQDataset with unit='sample' has no length before it is read")
+        return self._per_rank()
+
+    def __bool__(self) -> bool:  # a dataset is never false, with a length or without one
+        return True
+
+    def rank_ids(self) -> list[int] | range:
+        """Fixed mode: this rank's index_ids for the current epoch, in order (as
+        ``DistributedSampler`` deals them: the epoch's order padded or cut to a multiple of
+        ``world_size``, then every ``world_size``-th from ``rank``)."""
         assert self.index_ids is not None
         ids = self.index_ids
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             perm = torch.randperm(len(ids), generator=g).tolist()
             ids = [ids[i] for i in perm]
-        part, parts = self._shard()
-        return ids[part::parts]
+        if self.world_size == 1:
+            return ids
+        total = self._per_rank() * self.world_size
+        if total > len(ids):  # pad from the start of the epoch's order
+            ids = list(ids)
+            ids += (ids * -(-(total - len(ids)) // len(ids)))[: total - len(ids)]
+        return ids[self.rank:total:self.world_size]
+
+    def shard_ids(self) -> list[int] | range:
+        """Fixed mode: this rank's and DataLoader worker's index_ids for the current epoch,
+        in order: the rank's share (:meth:`rank_ids`) split across the workers."""
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank_ids()[worker::workers]
 
     # ------------------------------------------------------------------ reading
 
