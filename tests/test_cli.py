@@ -188,3 +188,28 @@ def test_bench_prints_the_table_and_json():
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"4 KiB\s+torch_tq grpc\s+[0-9.]+\s+[0-9.]+", proc.stdout)
     assert "GET vs flight" in proc.stdout
+
+
+def test_commands_wait_for_a_server_that_is_starting(tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    from .conftest import free_port
+
+    port = free_port()
+    servers = []
+    starter = threading.Timer(2.0, lambda: servers.append(
+        torch_tq.start_server(port=port, data_dir=str(tmp_path / "d"))))
+    starter.start()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "torch_tq", "ls", "--location",
+                               f"grpc://127.0.0.1:{port}", "--timeout", "20", "--json"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == []
+        assert proc.stderr.count("not reachable yet") <= 1  # one line, not one per try
+    finally:
+        starter.join()
+        for srv in servers:
+            srv.stop()

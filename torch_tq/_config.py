@@ -13,6 +13,7 @@ DEFAULT_UCX_PORT = 8081
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_MATRIX_BYTES = 10 * 10**9  # the seed's 10 GB per matrix
 DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_CONNECT_TIMEOUT_S = 30.0  # how long a client waits for a server that is not up yet
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
 # A same-host client's staged file that nobody holds open and nobody has published for
 # this long was abandoned (its client died): the server removes it.

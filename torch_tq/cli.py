@@ -116,7 +116,8 @@ def _client(args: argparse.Namespace):
     from torch_tq.client import Client
 
     return Client(args.location, timeout=args.timeout, transport="grpc",
-                  retry_deadline=0 if args.no_retry else args.timeout)
+                  retry_deadline=0 if args.no_retry else args.timeout,
+                  connect_timeout=0 if args.no_retry else args.timeout)
 
 
 def _emit(args: argparse.Namespace, data, text: str) -> None:

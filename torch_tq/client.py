@@ -29,7 +29,14 @@ import pyarrow.flight as flight
 import xxhash
 
 from torch_tq import batch as batch_ops, codec, native, protocol
-from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_PORT, DEFAULT_TIMEOUT_S, parse_size, resolve
+from torch_tq._config import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_PORT,
+    DEFAULT_TIMEOUT_S,
+    parse_size,
+    resolve,
+)
 from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq._malloc import tune_malloc
 from torch_tq.errors import (
@@ -103,19 +110,47 @@ def _key(index_id: Any, matrix_type: Any) -> Key:
     return Key(protocol.validate_index_id(index_id), protocol.validate_matrix_type(matrix_type))
 
 
+_CONNECT_FAILURES = ("failed to connect", "connection refused", "dns resolution failed",
+                     "name resolution", "no route to host")
+
+
+def _connect_failed(e: Unavailable) -> bool:
+    """Whether the call never reached a server (nothing was done: safe to make again)."""
+    text = e.message.lower()
+    return any(marker in text for marker in _CONNECT_FAILURES)
+
+
 def _retrying(method):
     """Retries a call the server turned away over a limit (an :class:`Unavailable` with a
     ``retry_after_ms`` hint: nothing was done), waiting the hint plus a growing random
-    jitter, until ``retry_deadline`` seconds have passed; then raises that error."""
+    jitter, until ``retry_deadline`` seconds have passed; then raises that error. A call
+    that could not reach the server at all (not started yet, restarting) is made again
+    with exponential backoff for up to the client's ``connect_timeout``."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         deadline = None
         attempt = 0
+        connect_deadline = None
+        backoff = 0.05
         while True:
             try:
                 return method(self, *args, **kwargs)
             except Unavailable as e:
+                if _connect_failed(e) and self.connect_timeout:
+                    now = time.monotonic()
+                    if connect_deadline is None:
+                        connect_deadline = now + self.connect_timeout
+                        log.warning("torch_tq: %s is not reachable yet; waiting up to %gs "
+                                    "for it (connect_timeout)", self.location,
+                                    self.connect_timeout)
+                    if now >= connect_deadline:
+                        raise Unavailable(
+                            f"{e.message}; still unreachable after {self.connect_timeout:g}s "
+                            "(the client's connect_timeout)") from None
+                    time.sleep(min(backoff, connect_deadline - now))
+                    backoff = min(2.0, backoff * 2)
+                    continue
                 hint = e.retry_after_ms
                 if hint is None or not self.retry_deadline:
                     raise
@@ -151,6 +186,10 @@ class Client:
             header); default a random id, kept across reconnects and by pickled copies.
         retry_deadline: seconds to keep retrying a call the server turned away over a limit
             (it says when to retry); 0 raises :class:`Unavailable` at once. Default 30.
+        connect_timeout: seconds a call waits for a server that cannot be reached (not
+            started yet: torchrun, SLURM and Kubernetes start processes in no fixed order),
+            retrying with exponential backoff; 0 fails at once. Default 30
+            (``TORCH_TQ_CONNECT_TIMEOUT``).
         compression: ``"zstd"``, ``"lz4"`` or ``"snappy"`` on the wire for this client's
             puts and gets (each call may override it); off by default: on a fast network it
             costs more CPU than it saves (``benchmarks/compression.py``).
@@ -179,6 +218,7 @@ class Client:
         retry_deadline: float = 30.0,
         compression: str | None = None,
         transport: str | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
         self.location, self.ucx_locations = _split_locations(
             resolve(location, "LOCATION", f"grpc://127.0.0.1:{DEFAULT_PORT}"))
@@ -193,6 +233,10 @@ class Client:
         if not isinstance(self.client_id, str) or not 1 <= len(self.client_id) <= 128:
             raise InvalidArgument("client_id must be a string of 1-128 characters")
         self.retry_deadline = float(retry_deadline)
+        self.connect_timeout = float(resolve(connect_timeout, "CONNECT_TIMEOUT",
+                                             DEFAULT_CONNECT_TIMEOUT_S, float))
+        if self.connect_timeout < 0:
+            raise InvalidArgument(f"connect_timeout must be >= 0, got {self.connect_timeout}")
         self.compression = protocol.validate_compression(compression)
         self.transport_mode = resolve(transport, "TRANSPORT", "auto")
         if self.transport_mode not in _TRANSPORTS:
@@ -217,7 +261,7 @@ class Client:
         locations = [*self.ucx_locations, self.location] if self.ucx_locations else self.location
         return (_rebuild, (locations, self.timeout, self.chunk_bytes, self.checksum,
                            self.client_id, self.retry_deadline, self.compression,
-                           self.transport_mode))
+                           self.transport_mode, self.connect_timeout))
 
     def __repr__(self) -> str:
         return f"Client({self.location!r})"
@@ -1224,10 +1268,11 @@ def _to_device(t, device, non_blocking: bool = False):
 
 def _rebuild(location, timeout: float | None, chunk_bytes: int, checksum: bool,
              client_id: str | None = None, retry_deadline: float = 30.0,
-             compression: str | None = None, transport: str = "auto") -> Client:
+             compression: str | None = None, transport: str = "auto",
+             connect_timeout: float | None = None) -> Client:
     return Client(location, timeout=timeout, chunk_bytes=chunk_bytes, checksum=checksum,
                   client_id=client_id, retry_deadline=retry_deadline, compression=compression,
-                  transport=transport)
+                  transport=transport, connect_timeout=connect_timeout)
 
 
 _TRANSPORTS = ("auto", "grpc", "ucx", "same-host")
