@@ -142,7 +142,7 @@ _CRASH_WRITER = textwrap.dedent(
     """
     import os, sys, torch, torch_tq
     location, log_path, keys = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    client = torch_tq.Client(location, timeout=10)
+    client = torch_tq.Client(location, timeout=10, connect_timeout=0)  # stops at the crash
     with open(log_path, "a") as log:
         version = int(sys.argv[4])  # versions grow across writer processes
         while True:
