@@ -213,3 +213,15 @@ def test_commands_wait_for_a_server_that_is_starting(tmp_path):
         starter.join()
         for srv in servers:
             srv.stop()
+
+
+def test_stats_takes_json_and_log_level_goes_after_the_command(memory_server):
+    loc = ["--location", memory_server.location]
+    stats = json.loads(_cli("stats", *loc, "--json").stdout)
+    assert stats["status"] == "SERVING" and "limits" in stats
+    text = _cli("stats", *loc).stdout
+    assert "status: SERVING" in text and text.lstrip()[0] != "{"
+    quiet = _cli("ls", *loc, "--json", "--log-level", "ERROR")
+    assert quiet.returncode == 0, quiet.stderr
+    assert isinstance(json.loads(quiet.stdout), list)
+    assert _cli("--log-level", "ERROR", "ls", *loc).returncode == 0

@@ -170,6 +170,10 @@ def test_bad_arguments_are_refused():
         TQDataset("127.0.0.1:1", TYPES, index_ids=[1], rank=2, world_size=2)
     with pytest.raises(InvalidArgument):
         TQDataset("127.0.0.1:1", TYPES, index_ids=[1], unit="row")
+    with pytest.raises(torch_tq.InvalidArgument, match="shuffle=True is for fixed mode"):
+        TQDataset("127.0.0.1:1", TYPES, group="g", shuffle=True)
+    with pytest.raises(torch_tq.InvalidArgument, match="ack='manual' is for streaming"):
+        TQDataset("127.0.0.1:1", TYPES, index_ids=[1], ack="manual")
 
 
 # ---------------------------------------------------------------------- resume

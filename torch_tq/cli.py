@@ -126,7 +126,13 @@ def _emit(args: argparse.Namespace, data, text: str) -> None:
 
 def _stats(args: argparse.Namespace, argv: list[str]) -> int:
     with _client(args) as client:
-        print(json.dumps(client.server_stats(), indent=2))
+        stats = client.server_stats()
+    lines = []
+    for key, value in stats.items():  # one line a figure; nested ones as compact JSON
+        if key in ("success", "message"):
+            continue
+        lines.append(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    _emit(args, stats, "\n".join(lines))
     return 0
 
 
@@ -343,8 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    remote("stats", "print a server's Stats (calls, errors, bytes, ...) as JSON", _stats,
-           json_flag=False)
+    remote("stats", "a server's Stats: calls, errors, bytes, limits, rejections", _stats)
     ls = remote("ls", "list stored matrices: keys, dtypes, shapes, sizes", _ls)
     ls.add_argument("--index-id", type=int, default=None, help="only this index_id")
     ls.add_argument("--type", default=None, help="only these types (comma-separated)")
@@ -380,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("env", help="versions, CUDA and UCX availability (for bug reports)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=_env)
+    for command in sub.choices.values():  # --log-level before or after the command
+        command.add_argument("--log-level", default=argparse.SUPPRESS,
+                             help="logging level (default INFO)")
     return parser
 
 

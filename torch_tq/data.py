@@ -143,6 +143,13 @@ class TQDataset(torch.utils.data.IterableDataset):
         else:
             self.index_ids = None
             self.group = protocol.validate_group(group)
+        if shuffle and self.group is not None:
+            raise InvalidArgument(
+                "shuffle=True is for fixed mode (index_ids=): a stream comes in the order "
+                "producers complete it")
+        if ack == "manual" and self.group is None:
+            raise InvalidArgument(
+                "ack='manual' is for streaming mode (group=): fixed mode acknowledges nothing")
         if unit not in ("matrix", "sample"):
             raise InvalidArgument(f"unit must be 'matrix' or 'sample', got {unit!r}")
         if ack not in ("auto", "manual"):
