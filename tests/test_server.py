@@ -301,3 +301,14 @@ def test_stats_count_calls_errors_and_bytes():
         assert proc.returncode == 0, proc.stderr
         printed = json.loads(proc.stdout)
         assert printed["calls"]["do_put"] == 1 and printed["active_calls"] == 1
+
+
+def test_start_server_keeps_its_info_logs_to_itself_unless_asked(tmp_path):
+    quiet, chatty = tmp_path / "quiet.log", tmp_path / "chatty.log"
+    with open(quiet, "wb") as f, torch_tq.start_server(storage="memory", stderr=f):
+        pass
+    with open(chatty, "wb") as f, torch_tq.start_server(storage="memory", stderr=f,
+                                                         log_level="INFO"):
+        pass
+    assert "INFO" not in quiet.read_text()
+    assert "INFO torch_tq.server" in chatty.read_text()

@@ -93,6 +93,7 @@ def start_server(
     startup_timeout: float = 60.0,
     env: dict[str, str] | None = None,
     stderr=None,
+    log_level: str = "WARNING",
     **options,
 ) -> ServerHandle:
     """Starts a storage server in its own process and waits until it accepts calls.
@@ -103,6 +104,8 @@ def start_server(
         startup_timeout: seconds to wait for the server to listen.
         env: extra environment variables for the server process.
         stderr: where the server's log goes (default: this process's stderr).
+        log_level: the server's logging level (default ``"WARNING"``: a notebook or a test
+            sees problems, not every start and stop; ``"INFO"`` for the whole story).
         options: more ``torch-tq serve`` options by their Python names, e.g. ``qps=200``,
             ``streams_per_client=10``.
 
@@ -116,8 +119,8 @@ def start_server(
         >>> with torch_tq.start_server(storage="memory") as srv:  # doctest: +SKIP
         ...     client = torch_tq.Client(srv.location)
     """
-    cmd = [sys.executable, "-m", "torch_tq", "serve", "--host", host, "--port", str(port),
-           "--storage", storage, "--watch-stdin"]
+    cmd = [sys.executable, "-m", "torch_tq", "--log-level", log_level, "serve", "--host", host,
+           "--port", str(port), "--storage", storage, "--watch-stdin"]
     if data_dir is not None:
         cmd += ["--data-dir", os.fspath(data_dir)]
     if durable is not None:
