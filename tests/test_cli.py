@@ -225,3 +225,22 @@ def test_stats_takes_json_and_log_level_goes_after_the_command(memory_server):
     assert quiet.returncode == 0, quiet.stderr
     assert isinstance(json.loads(quiet.stdout), list)
     assert _cli("--log-level", "ERROR", "ls", *loc).returncode == 0
+
+
+def test_local_failures_are_one_line_with_their_exit_code(memory_server, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = _cli("serve", "--port", str(busy.getsockname()[1]), "--storage", "memory")
+    assert proc.returncode == 3, proc.stderr
+    assert "torch-tq: UNAVAILABLE: cannot listen on" in proc.stderr
+    (tmp_path / "file").write_text("x")
+    proc = _cli("serve", "--port", "0", "--data-dir", str(tmp_path / "file" / "below"))
+    assert proc.returncode == 2 and "torch-tq: INVALID_ARGUMENT: data directory" in proc.stderr
+    torch_tq.Client(memory_server.location).put(880_001, "prompt", torch.ones(3))
+    proc = _cli("export", str(tmp_path / "missing" / "x.safetensors"), "--ids", "880001",
+                "--location", memory_server.location)
+    assert proc.returncode == 2 and "torch-tq: INVALID_ARGUMENT: No such file" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -407,5 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             # launched by start_server(): it reads stdout and re-raises this, typed.
             print(f"error: {e.code}: {e}", flush=True)
         return EXIT_CODES.get(e.code, 4)
+    except OSError as e:  # a local path: a missing directory, an unwritable file
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"torch-tq: INVALID_ARGUMENT: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_CODES["INVALID_ARGUMENT"]
     except KeyboardInterrupt:
         return 130

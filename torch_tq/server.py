@@ -46,6 +46,7 @@ from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq._malloc import give_back_memory, tune_malloc
 from torch_tq.limits import Limiter, Limits, client_identity, limits_from, peer_host
 from torch_tq.queue import Queue
+from torch_tq.backends import first_line
 from torch_tq.store import Entry, Store
 from torch_tq.ucx_probe import AddressProbe
 
@@ -755,11 +756,20 @@ def make_server(
         memory_cap = parse_size(memory_cap)
         if storage != "memory":
             raise InvalidArgument("max_memory is the capacity of a memory store (storage='memory')")
-    store = Store(data_dir, storage, durable=durable, chunk_bytes=chunk, max_matrix_bytes=cap,
-                  compression=compression, shared=same_host, max_memory=memory_cap)
+    try:
+        store = Store(data_dir, storage, durable=durable, chunk_bytes=chunk,
+                      max_matrix_bytes=cap, compression=compression, shared=same_host,
+                      max_memory=memory_cap)
+    except OSError as e:
+        raise InvalidArgument(f"data directory {data_dir or '(the default)'} cannot be used: "
+                              f"{e.strerror or e}") from None
     try:
         ucx_enabled = resolve(ucx, "UCX", True, parse_bool)
-        return TQFlightServer(_location(host, port), store, limits, ucx_enabled, same_host)
+        try:
+            return TQFlightServer(_location(host, port), store, limits, ucx_enabled, same_host)
+        except pa.ArrowException as e:  # gRPC could not bind: Arrow says no more than that
+            raise Unavailable(f"cannot listen on {_location(host, port)} (is the port in use, "
+                              f"or the address not this host's?): {first_line(e)}") from None
     except BaseException:
         store.close()
         raise
