@@ -244,3 +244,8 @@ def test_local_failures_are_one_line_with_their_exit_code(memory_server, tmp_pat
                 "--location", memory_server.location)
     assert proc.returncode == 2 and "torch-tq: INVALID_ARGUMENT: No such file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_help_is_plain_text():
+    out = _cli("--help").stdout
+    assert "``" not in out and "serve a storage node" in out

@@ -276,7 +276,7 @@ def _env(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torch-tq", description=__doc__)
+    parser = argparse.ArgumentParser(prog="torch-tq", description=__doc__.replace("``", ""))
     parser.add_argument("--version", action="version", version=f"torch_tq {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
