@@ -381,9 +381,30 @@ def test_fork_never_hangs(server, used):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     if used == "used":
-        assert "ForkedProcessError:" in proc.stdout and "forkserver" in proc.stdout
+        assert "ForkedProcessError:" in proc.stdout and "dataset.loader(" in proc.stdout
     else:
         assert proc.stdout.strip() == "[0, 1, 2, 3]"
+
+
+LOADER_SCRIPT = """
+import sys, torch_tq
+location = sys.argv[1]
+torch_tq.Client(location).health()  # gRPC is running in this process: fork would be unsafe
+fixed = torch_tq.TQDataset(location, ["prompt", "resp"], index_ids=range(4))
+print(sorted(int(i) for b in fixed.loader(batch_size=2, num_workers=2) for i in b["index_id"]))
+stream = torch_tq.TQDataset(location, ["prompt", "resp"], group="loader", idle_timeout=5)
+loader = stream.loader(batch_size=2, num_workers=2)
+print(loader.multiprocessing_context.get_start_method(), loader.in_order)
+print(sorted(int(i) for b in loader for i in b["index_id"]))
+"""
+
+
+def test_loader_builds_a_dataloader_that_is_safe_after_grpc(server):
+    write_all(server.location, range(4))
+    proc = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, server.location],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:3] == ["[0, 1, 2, 3]", "forkserver False", "[0, 1, 2, 3]"]
 
 
 # ---------------------------------------------------------------------- TensorSink

@@ -32,7 +32,8 @@ def check_fork_safe() -> None:
         raise ForkedProcessError(
             f"process {pid} was forked from process {_grpc_pid} after that process had used "
             "gRPC (a torch_tq or pyarrow.flight client), and a new connection here could hang. "
-            "Start this process with 'spawn' or 'forkserver' instead (for a DataLoader: "
-            "DataLoader(..., multiprocessing_context='forkserver')), or fork before the "
-            "first torch_tq call"
+            "Fix: dataset.loader(batch_size=..., num_workers=...) builds the DataLoader "
+            "right (or pass DataLoader(..., multiprocessing_context='forkserver')); other "
+            "processes: start them with 'spawn' or 'forkserver', or fork before the first "
+            "torch_tq call"
         )

@@ -217,6 +217,26 @@ class TQDataset(torch.utils.data.IterableDataset):
         ids = [int(i) for i in index_ids]
         return self._get_client().ack(self.group, ids, delete=self.delete_after_ack)
 
+    def loader(self, batch_size: int | None = 1, num_workers: int = 0,
+               **kwargs: Any) -> torch.utils.data.DataLoader:
+        """The ``DataLoader`` this dataset wants: workers started with ``forkserver`` (a
+        forked worker of a process that used gRPC could hang), ``in_order=False`` in
+        streaming mode (an in-order loader waits for each worker in turn while another
+        holds ready items), ``pin_memory`` left to the dataset (it receives into pinned
+        memory itself). Other keywords go to the ``DataLoader`` as they are.
+
+        Example:
+            >>> for batch in TQDataset(location, ["prompt"], group="g").loader(  # doctest: +SKIP
+            ...         batch_size=8, num_workers=2):
+            ...     ...
+        """
+        if num_workers:
+            kwargs.setdefault("multiprocessing_context", "forkserver")
+            if self.group is not None:
+                kwargs.setdefault("in_order", False)
+        return torch.utils.data.DataLoader(self, batch_size=batch_size, num_workers=num_workers,
+                                           **kwargs)
+
     # ------------------------------------------------------------------ sharding
 
     def _per_rank(self) -> int:
