@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import json
 import subprocess
 import sys
 import textwrap
@@ -454,3 +455,49 @@ def test_sink_checks_input_before_queueing(server):
             sink.write(1, {"prompt": [1, 2]})
     with pytest.raises(InvalidArgument):
         sink.write(1, {"prompt": torch.zeros(1)})  # closed
+
+
+# ---------------------------------------------------------------------- waiting that explains itself
+
+
+def _warnings_while_waiting(caplog, location, group, types, seconds=2.5):
+    import logging
+
+    ds = TQDataset(location, types, group=group, poll=0.3, warn_after=1, idle_timeout=seconds)
+    with caplog.at_level(logging.WARNING, logger="torch_tq.data"):
+        got = [int(item["index_id"]) for item in ds]
+    return got, [r.getMessage() for r in caplog.records if "nothing to read" in r.getMessage()]
+
+
+def test_a_wait_for_a_type_nobody_writes_says_so(memory_server, unique_id, caplog):
+    with TensorSink(memory_server.location) as sink:
+        for i in range(3):
+            sink.write(unique_id + i, {"prompt": torch.ones(2)})  # no "ref_log_prob", ever
+    got, warnings = _warnings_while_waiting(caplog, memory_server.location, f"w{unique_id}",
+                                            ["prompt", "ref_log_prob"])
+    assert got == []
+    assert warnings, "no warning while waiting"
+    assert "3 index_id(s) have some of the types ['prompt', 'ref_log_prob'] but not all" \
+        in warnings[0]
+
+
+def test_a_re_run_says_the_group_is_consumed_and_a_reset_starts_it_afresh(memory_server,
+                                                                          unique_id, caplog):
+    group = f"rerun{unique_id}"
+    write_all(memory_server.location, [unique_id, unique_id + 1], finish=False)
+    first = TQDataset(memory_server.location, TYPES, group=group, idle_timeout=2, poll=0.3)
+    assert sorted(int(x["index_id"]) for x in first) == [unique_id, unique_id + 1]
+    got, warnings = _warnings_while_waiting(caplog, memory_server.location, group, TYPES)
+    assert got == [] and warnings
+    assert "has consumed 2 index_id(s) already (a re-run?" in warnings[0]
+    assert f"torch-tq group reset {group}" in warnings[0]
+    status = subprocess.run([sys.executable, "-m", "torch_tq", "group", "status", group,
+                             "--location", memory_server.location, "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert json.loads(status.stdout)["consumed"] == 2, status.stderr
+    reset = subprocess.run([sys.executable, "-m", "torch_tq", "group", "reset", group,
+                            "--location", memory_server.location],
+                           capture_output=True, text=True, timeout=60)
+    assert reset.returncode == 0 and "reset" in reset.stdout, reset.stderr
+    again = TQDataset(memory_server.location, TYPES, group=group, idle_timeout=2, poll=0.3)
+    assert sorted(int(x["index_id"]) for x in again) == [unique_id, unique_id + 1]

@@ -124,6 +124,19 @@ def _emit(args: argparse.Namespace, data, text: str) -> None:
     print(json.dumps(data, indent=2) if args.json else text)
 
 
+def _group(args: argparse.Namespace, argv: list[str]) -> int:
+    with _client(args) as client:
+        if args.action == "reset":
+            client.delete_group(args.name)
+            _emit(args, {"group": args.name, "reset": True},
+                  f"group {args.name} reset: its next consumer starts afresh")
+            return 0
+        status = client.group_status(args.name)
+    _emit(args, status, "\n".join(f"{k}: {v}" for k, v in status.items()
+                                   if k not in ("success", "message")))
+    return 0
+
+
 def _stats(args: argparse.Namespace, argv: list[str]) -> int:
     with _client(args) as client:
         stats = client.server_stats()
@@ -350,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     remote("stats", "a server's Stats: calls, errors, bytes, limits, rejections", _stats)
+    grp = remote("group", "a consumer group: 'status NAME' (ready, leased, consumed, ...) or "
+                 "'reset NAME' (forget what it consumed, so that a re-run reads it all again)",
+                 _group)
+    grp.add_argument("action", choices=["status", "reset"])
+    grp.add_argument("name", help="the consumer group")
     ls = remote("ls", "list stored matrices: keys, dtypes, shapes, sizes", _ls)
     ls.add_argument("--index-id", type=int, default=None, help="only this index_id")
     ls.add_argument("--type", default=None, help="only these types (comma-separated)")

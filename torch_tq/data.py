@@ -88,6 +88,10 @@ class TQDataset(torch.utils.data.IterableDataset):
             long-poll seconds per request.
         idle_timeout: streaming: stop after this many seconds without an item (``None``:
             wait until producers finish).
+        warn_after: streaming: after this many seconds without an item (default 30, and
+            again every as many), log a warning saying why, as the server sees the group:
+            index_ids missing some of the types, leases held by others, a group that has
+            consumed everything already (a re-run), finished types. ``None``: never.
         delete_after_ack: streaming: delete an index_id's matrices once acknowledged, so the
             store does not grow without bound (for the last stage of a pipeline).
         ack: streaming: ``"auto"`` or ``"manual"``.
@@ -114,6 +118,7 @@ class TQDataset(torch.utils.data.IterableDataset):
         batch_items: int = 2,
         poll: float = 2.0,
         idle_timeout: float | None = None,
+        warn_after: float | None = 30.0,
         delete_after_ack: bool = False,
         ack: str = "auto",
         pin_memory: bool = False,
@@ -172,6 +177,7 @@ class TQDataset(torch.utils.data.IterableDataset):
         self.batch_items = int(batch_items)
         self.poll = float(poll)
         self.idle_timeout = idle_timeout
+        self.warn_after = float(warn_after) if warn_after else None
         self.delete_after_ack = delete_after_ack
         self.ack_mode = ack
         self.pin_memory = pin_memory
@@ -410,9 +416,40 @@ class _Stream:
             acks, self._to_ack = self._to_ack, []
         return acks
 
+    def _explain_wait(self, waited: float) -> None:
+        """Logs why nothing has come for ``waited`` seconds, as the server sees the group."""
+        ds = self.ds
+        try:
+            status = self.client.group_status(ds.group)
+        except TQError as e:
+            log.warning("group %s: nothing to read for %.0fs, and its status cannot be had: %s",
+                        ds.group, waited, e)
+            return
+        reasons = []
+        if status.get("incomplete"):
+            reasons.append(f"{status['incomplete']} index_id(s) have some of the types "
+                           f"{status['types']} but not all: is a producer of the others "
+                           "running?")
+        if status.get("leased"):
+            reasons.append(f"{status['leased']} index_id(s) are leased by other consumers")
+        done = sorted(set(status.get("finished_types", ())) & set(status["types"]))
+        if status.get("consumed") and not status.get("ready") and not status.get("leased"):
+            reasons.append(
+                f"the group has consumed {status['consumed']} index_id(s) already (a re-run?"
+                f" 'torch-tq group reset {ds.group}' or Client.delete_group('{ds.group}') "
+                "starts it afresh)")
+        if done:
+            reasons.append(f"types {done} are marked finished (TensorSink.finish); "
+                           "Client.reopen(types) clears that")
+        if not reasons:
+            reasons.append(f"nothing of the types {status['types']} has been written yet")
+        log.warning("group %s: nothing to read for %.0fs: %s", ds.group, waited,
+                    "; ".join(reasons))
+
     def items(self) -> Iterator[dict[str, Any]]:
         ds = self.ds
         idle_since = time.monotonic()
+        next_warning = idle_since + ds.warn_after if ds.warn_after else None
         while True:
             acks = self._take_acks()
             try:
@@ -432,10 +469,16 @@ class _Stream:
                 # run out and come back here.
                 return
             if not lease.index_ids:
-                if ds.idle_timeout is not None and time.monotonic() - idle_since >= ds.idle_timeout:
+                now = time.monotonic()
+                if ds.idle_timeout is not None and now - idle_since >= ds.idle_timeout:
                     return
+                if next_warning is not None and now >= next_warning:
+                    self._explain_wait(now - idle_since)
+                    next_warning = now + ds.warn_after
                 continue
             idle_since = time.monotonic()
+            if ds.warn_after:
+                next_warning = idle_since + ds.warn_after
             with self._lock:
                 self._unhanded.update(dict.fromkeys(lease.index_ids))
                 if self._heart is None:
