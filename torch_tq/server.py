@@ -760,6 +760,8 @@ def make_server(
         store = Store(data_dir, storage, durable=durable, chunk_bytes=chunk,
                       max_matrix_bytes=cap, compression=compression, shared=same_host,
                       max_memory=memory_cap)
+    except TQError:
+        raise  # ours say what is wrong already (Unavailable is an OSError too)
     except OSError as e:
         raise InvalidArgument(f"data directory {data_dir or '(the default)'} cannot be used: "
                               f"{e.strerror or e}") from None
