@@ -470,24 +470,28 @@ def _warnings_while_waiting(caplog, location, group, types, seconds=2.5):
 
 
 def test_a_wait_for_a_type_nobody_writes_says_so(memory_server, unique_id, caplog):
+    # types of this test's own: the session's server holds other tests' matrices
     with TensorSink(memory_server.location) as sink:
         for i in range(3):
-            sink.write(unique_id + i, {"prompt": torch.ones(2)})  # no "ref_log_prob", ever
+            sink.write(unique_id + i, {"wait_prompt": torch.ones(2)})  # no "wait_ref", ever
     got, warnings = _warnings_while_waiting(caplog, memory_server.location, f"w{unique_id}",
-                                            ["prompt", "ref_log_prob"])
+                                            ["wait_prompt", "wait_ref"])
     assert got == []
     assert warnings, "no warning while waiting"
-    assert "3 index_id(s) have some of the types ['prompt', 'ref_log_prob'] but not all" \
+    assert "3 index_id(s) have some of the types ['wait_prompt', 'wait_ref'] but not all" \
         in warnings[0]
 
 
 def test_a_re_run_says_the_group_is_consumed_and_a_reset_starts_it_afresh(memory_server,
                                                                           unique_id, caplog):
     group = f"rerun{unique_id}"
-    write_all(memory_server.location, [unique_id, unique_id + 1], finish=False)
-    first = TQDataset(memory_server.location, TYPES, group=group, idle_timeout=2, poll=0.3)
+    types = ["rerun_prompt", "rerun_resp"]  # this test's own (the server is the session's)
+    with TensorSink(memory_server.location) as sink:
+        for i in (unique_id, unique_id + 1):
+            sink.write(i, {t: torch.ones(2) for t in types})
+    first = TQDataset(memory_server.location, types, group=group, idle_timeout=2, poll=0.3)
     assert sorted(int(x["index_id"]) for x in first) == [unique_id, unique_id + 1]
-    got, warnings = _warnings_while_waiting(caplog, memory_server.location, group, TYPES)
+    got, warnings = _warnings_while_waiting(caplog, memory_server.location, group, types)
     assert got == [] and warnings
     assert "has consumed 2 index_id(s) already (a re-run?" in warnings[0]
     assert f"torch-tq group reset {group}" in warnings[0]
@@ -499,5 +503,5 @@ def test_a_re_run_says_the_group_is_consumed_and_a_reset_starts_it_afresh(memory
                             "--location", memory_server.location],
                            capture_output=True, text=True, timeout=60)
     assert reset.returncode == 0 and "reset" in reset.stdout, reset.stderr
-    again = TQDataset(memory_server.location, TYPES, group=group, idle_timeout=2, poll=0.3)
+    again = TQDataset(memory_server.location, types, group=group, idle_timeout=2, poll=0.3)
     assert sorted(int(x["index_id"]) for x in again) == [unique_id, unique_id + 1]

@@ -296,7 +296,7 @@ def test_stats_count_calls_errors_and_bytes():
         assert stats["bytes_in"] >= 4000 and stats["bytes_out"] >= 4000
         assert stats["active_calls"] == 1  # this very Stats call
         assert stats["matrices"] == 1 and stats["status"] == "SERVING"
-        proc = subprocess.run([sys.executable, "-m", "torch_tq", "stats", "--location", srv.location],
+        proc = subprocess.run([sys.executable, "-m", "torch_tq", "stats", "--location", srv.location, "--json"],
                        capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 0, proc.stderr
         printed = json.loads(proc.stdout)
