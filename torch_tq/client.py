@@ -62,6 +62,8 @@ class Lease(NamedTuple):
     expires_at: int | None  # ms since the epoch
     finished: bool  # the group's types are finished and nothing is left for it
     drained: bool  # the types are finished and nothing is ready (others may hold leases)
+    round: int | None = None  # rounds: which round this share belongs to
+    left: int | None = None  # rounds, when empty: ready index_ids that fill no round
 
 
 class ItemResult(NamedTuple):
@@ -1086,6 +1088,7 @@ class Client:
         lease: float = 60.0,
         ack: list[int] | tuple[int, ...] = (),
         delete: bool = False,
+        rounds: Mapping[str, Any] | None = None,
     ) -> Lease:
         """Leases up to ``max_items`` index_ids that have every type of ``types`` and that
         ``group`` has not consumed, waiting up to ``timeout`` seconds (at most 60) for one.
@@ -1093,6 +1096,14 @@ class Client:
         An index_id not acknowledged (:meth:`ack`) within ``lease`` seconds is handed out
         again. ``types`` is required when the group is new and must match afterwards.
         ``ack`` acknowledges earlier index_ids in the same round trip.
+
+        With ``rounds`` (``{"rank": r, "world_size": w, "dp_rank": d, "dp_size": s,
+        "share": b, "unit": "matrix"|"sample", "group_by": n, "balance_by": type}``, all but
+        rank and world_size optional) the server deals the group in rounds that give every
+        data-parallel rank a share of the same weight (see :mod:`torch_tq.rounds`): the
+        lease is this rank's next share, ``max_items`` does not apply, and once no further
+        round can be filled the lease is empty and drained, with ``left`` the ready
+        index_ids that stay in the group.
 
         Returns:
             A :class:`Lease`; empty with ``drained=True`` once producers have finished
@@ -1114,25 +1125,38 @@ class Client:
         if ack:
             body["ack"] = list(ack)
             body["delete"] = delete
+        if rounds is not None:
+            body["rounds"] = dict(rounds)
         reply = self._action(protocol.CONSUME, body, f"consume group={group}", wait=timeout)
         return Lease(reply["items"], reply["lease"], reply["lease_expires_at"], reply["finished"],
-                     reply["drained"])
+                     reply["drained"], reply.get("round"), reply.get("left"))
 
-    def ack(self, group: str, index_ids: list[int], *, delete: bool = False) -> dict[str, Any]:
+    def ack(self, group: str, index_ids: list[int], *, delete: bool = False,
+            rank: int | None = None) -> dict[str, Any]:
         """Consumes ``index_ids`` for ``group`` for good; with ``delete``, also deletes every
-        matrix of them (for the last stage of a pipeline).
+        matrix of them (for the last stage of a pipeline). ``rank``: the acknowledging rank,
+        for index_ids dealt in rounds to a dp rank of several members (consumed once each
+        member has acknowledged them).
 
         Returns:
             ``acked`` (newly), ``already`` (before), ``unknown`` (never handed to the group:
-            nothing changed for them) and ``deleted`` (matrices).
+            nothing changed for them), ``deleted`` (matrices), and ``waiting`` (acknowledged
+            by this rank, not yet by every member of its dp rank) when there are such.
         """
-        body = {"group": group, "index_ids": list(index_ids), "delete": delete}
+        body: dict[str, Any] = {"group": group, "index_ids": list(index_ids), "delete": delete}
+        if rank is not None:
+            body["rank"] = rank
         return self._action(protocol.ACK, body, f"ack group={group}")
 
-    def renew(self, group: str, index_ids: list[int], lease: float = 60.0) -> list[int]:
+    def renew(self, group: str, index_ids: list[int], lease: float = 60.0, *,
+              dp_rank: int | None = None) -> list[int]:
         """Extends the leases of ``index_ids`` to ``lease`` seconds from now (a heartbeat for
-        what a consumer still holds); returns those that were leased."""
-        body = {"group": group, "index_ids": list(index_ids), "lease_ms": int(round(lease * 1000))}
+        what a consumer still holds); returns those that were leased. With ``dp_rank``, the
+        shares dealt to that data-parallel rank and not yet taken are kept too."""
+        body: dict[str, Any] = {"group": group, "index_ids": list(index_ids),
+                                "lease_ms": int(round(lease * 1000))}
+        if dp_rank is not None:
+            body["dp_rank"] = dp_rank
         return self._action(protocol.RENEW, body, f"renew group={group}")["renewed"]
 
     def release(self, group: str, index_ids: list[int]) -> list[int]:

@@ -67,10 +67,15 @@ ACTION_DESCRIPTIONS = {
     STATS: "Health plus calls per method, errors per code, bytes in/out, active calls",
     CONSUME: 'Lease up to max_items index_ids whose types are all present and not yet consumed by '
              'the group, waiting up to timeout_ms: {"group": "g", "types": ["prompt", ...], '
-             '"max_items": N, "timeout_ms": T, "lease_ms": L, "ack": [ids], "delete": false}',
-    ACK: 'Consume leased index_ids for good: {"group": "g", "index_ids": [...], "delete": false}',
+             '"max_items": N, "timeout_ms": T, "lease_ms": L, "ack": [ids], "delete": false, '
+             '"rounds"?: {"rank": R, "world_size": W, "dp_rank": D, "dp_size": S, "share": B, '
+             '"unit": "matrix"|"sample", "group_by": N, "balance_by": "type"}} (rounds: the next '
+             'share of a round dealt equally to every data-parallel rank)',
+    ACK: 'Consume leased index_ids for good: {"group": "g", "index_ids": [...], "delete": false, '
+         '"rank"?: R}',
     RELEASE: 'Give leased index_ids back at once: {"group": "g", "index_ids": [...]}',
-    RENEW: 'Extend leases (a consumer heartbeat): {"group": "g", "index_ids": [...], "lease_ms": L}',
+    RENEW: 'Extend leases (a consumer heartbeat): {"group": "g", "index_ids": [...], "lease_ms": L, '
+           '"dp_rank"?: D}',
     FINISH_STREAM: 'Mark matrix types finished (no more will be written): {"types": [...]}',
     REOPEN_STREAM: 'Clear the finished mark of matrix types: {"types": [...]}',
     GROUP_STATUS: 'Ready, leased and consumed counts of a consumer group: {"group": "g"}',
@@ -547,10 +552,11 @@ def _validate_bool(value: Any, name: str) -> bool:
 
 
 _QUEUE_FIELDS = {
-    CONSUME: ({"group", "types", "max_items", "timeout_ms", "lease_ms", "ack", "delete"}, {"group"}),
-    ACK: ({"group", "index_ids", "delete"}, {"group", "index_ids"}),
+    CONSUME: ({"group", "types", "max_items", "timeout_ms", "lease_ms", "ack", "delete",
+               "rounds"}, {"group"}),
+    ACK: ({"group", "index_ids", "delete", "rank"}, {"group", "index_ids"}),
     RELEASE: ({"group", "index_ids"}, {"group", "index_ids"}),
-    RENEW: ({"group", "index_ids", "lease_ms"}, {"group", "index_ids", "lease_ms"}),
+    RENEW: ({"group", "index_ids", "lease_ms", "dp_rank"}, {"group", "index_ids", "lease_ms"}),
     FINISH_STREAM: ({"types"}, {"types"}),
     REOPEN_STREAM: ({"types"}, {"types"}),
     GROUP_STATUS: ({"group"}, {"group"}),
@@ -579,6 +585,14 @@ def parse_queue_body(raw: bytes, action: str) -> dict[str, Any]:
         out["ack"] = _validate_ids(body["ack"], "ack")
     if "delete" in body:
         out["delete"] = _validate_bool(body["delete"], "delete")
+    if "rounds" in body:
+        from torch_tq.rounds import parse_spec
+
+        out["rounds"] = parse_spec(body["rounds"], MAX_ITEMS)
+    if "rank" in body:
+        out["rank"] = _validate_int(body["rank"], "rank", 0, 1 << 20)
+    if "dp_rank" in body:
+        out["dp_rank"] = _validate_int(body["dp_rank"], "dp_rank", 0, 1 << 20)
     if action == CONSUME:
         out["max_items"] = _validate_int(body.get("max_items", 1), "max_items", 1, MAX_ITEMS)
         out["wait_s"] = _validate_int(

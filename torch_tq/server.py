@@ -259,10 +259,12 @@ _ACTIONS = {
 _QUEUE_ACTIONS = {
     protocol.CONSUME: lambda q, a: q.consume(
         a["group"], a.get("types"), a["max_items"], a["wait_s"], a["lease_s"],
-        a.get("ack", []), a.get("delete", False)),
-    protocol.ACK: lambda q, a: q.ack(a["group"], a["index_ids"], a.get("delete", False)),
+        a.get("ack", []), a.get("delete", False), a.get("rounds")),
+    protocol.ACK: lambda q, a: q.ack(a["group"], a["index_ids"], a.get("delete", False),
+                                     a.get("rank")),
     protocol.RELEASE: lambda q, a: q.release(a["group"], a["index_ids"]),
-    protocol.RENEW: lambda q, a: q.renew(a["group"], a["index_ids"], a["lease_s"]),
+    protocol.RENEW: lambda q, a: q.renew(a["group"], a["index_ids"], a["lease_s"],
+                                         a.get("dp_rank")),
     protocol.FINISH_STREAM: lambda q, a: q.finish(a["types"], True),
     protocol.REOPEN_STREAM: lambda q, a: q.finish(a["types"], False),
     protocol.GROUP_STATUS: lambda q, a: q.status(a["group"]),
