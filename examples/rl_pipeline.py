@@ -6,12 +6,15 @@
   :class:`~torch_tq.TensorSink` and marks those types finished;
 * the **reference** stage streams index_ids that have ``prompt`` and ``resp`` (consumer group
   ``ref_stage``), adds ``ref_log_prob`` and marks it finished when its input is done;
-* the **trainer** runs two simulated data-parallel ranks, each a ``DataLoader`` with two
-  workers over ``TQDataset(group="actor_update")``; the server hands every index_id to
-  exactly one of the four as soon as all three types are present.
+* the **trainer** runs two data-parallel ranks, each a ``DataLoader`` with two workers over
+  ``TQDataset(group="actor_update")`` built by ``TQDataset.loader(batch_size=4, ...)``;
+  the server deals the index_ids that have all three types in rounds of one batch per rank,
+  so both ranks get the same number of batches (what cannot fill a last round stays in the
+  group).
 
-The script checks that every index_id reached the trainer exactly once with all its types
-intact, and prints what each stage did.
+The script checks that both ranks got the same count, that no index_id reached the trainer
+twice, that every one arrived with all its types intact or is still in the group, and prints
+what each stage did.
 
     python examples/rl_pipeline.py [--items 64] [--storage memory|disk]
 """
@@ -25,11 +28,10 @@ import tempfile
 import time
 
 import torch
-from torch.utils.data import DataLoader
-
 import torch_tq
 
 SEQ, HIDDEN = 16, 8
+BATCH = 4  # per rank
 
 
 def prompt_of(i: int) -> torch.Tensor:
@@ -60,16 +62,14 @@ def reference(location: str) -> None:
 def trainer_rank(location: str, rank: int, world: int, out) -> None:
     ds = torch_tq.TQDataset(location, ["prompt", "resp", "ref_log_prob"], group="actor_update",
                             rank=rank, world_size=world)
-    loader = DataLoader(ds, batch_size=None, num_workers=2,
-                        multiprocessing_context="forkserver", in_order=False)
     seen = []
-    for item in loader:
-        i = int(item["index_id"])
-        assert torch.equal(item["prompt"], prompt_of(i)), i
-        assert torch.equal(item["resp"], resp_of(i)), i
-        want = torch.log_softmax(resp_of(i), dim=-1).sum(dim=-1)
-        assert torch.equal(item["ref_log_prob"], want), i
-        seen.append(i)
+    for batch in ds.loader(batch_size=BATCH, num_workers=2):  # forkserver, in_order=False
+        for k, i in enumerate(batch["index_id"].tolist()):
+            assert torch.equal(batch["prompt"][k], prompt_of(i)), i
+            assert torch.equal(batch["resp"][k], resp_of(i)), i
+            want = torch.log_softmax(resp_of(i), dim=-1).sum(dim=-1)
+            assert torch.equal(batch["ref_log_prob"][k], want), i
+            seen.append(i)
     out.put((rank, seen))
 
 
@@ -102,11 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
 
     everything = seen[0] + seen[1]
-    assert sorted(everything) == ids, "an index_id was lost or delivered twice"
-    assert status["finished"] and status["consumed"] == len(ids)
+    assert len(seen[0]) == len(seen[1]), f"unequal ranks: {len(seen[0])} and {len(seen[1])}"
+    assert len(set(everything)) == len(everything), "an index_id was delivered twice"
+    left = len(ids) - len(everything)
+    assert left < 2 * BATCH and status["ready"] == left, "an index_id was lost"
+    assert status["consumed"] == len(everything)
     print(f"rollout wrote {len(ids)} x (prompt, resp); reference added ref_log_prob; "
-          f"trainer rank 0 got {len(seen[0])}, rank 1 got {len(seen[1])}: every index_id "
-          f"exactly once with all 3 types ({elapsed:.1f} s, {args.storage} store)")
+          f"trainer rank 0 got {len(seen[0])}, rank 1 got {len(seen[1])} in batches of "
+          f"{BATCH}, each index_id once with all 3 types, {left} left in the group "
+          f"({elapsed:.1f} s, {args.storage} store)")
     return 0
 
 

@@ -91,6 +91,11 @@ def server(request, monkeypatch):
         yield srv
 
 
+# For tests of how items are dealt: the transports are covered by the tests that take
+# ``server`` with all of its params.
+GRPC_ONLY = pytest.mark.parametrize("server", ["grpc"], indirect=True)
+
+
 def write_all(location, ids, finish=True) -> None:
     with TensorSink(location) as sink:
         for i in ids:
@@ -102,6 +107,7 @@ def write_all(location, ids, finish=True) -> None:
 # ---------------------------------------------------------------------- fixed mode
 
 
+@GRPC_ONLY
 @pytest.mark.parametrize("workers, context, dist", [(0, None, True), (2, "forkserver", False),
                                                     (2, "spawn", False)])
 def test_fixed_mode_gives_every_rank_the_same_count(server, workers, context, dist):
@@ -180,6 +186,7 @@ def test_bad_arguments_are_refused():
 # ---------------------------------------------------------------------- resume
 
 
+@GRPC_ONLY
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("unit", ["matrix", "sample"])
 def test_resume_from_state_dict_equals_the_uninterrupted_tail(server, workers, unit):
@@ -210,6 +217,7 @@ def test_resume_from_state_dict_equals_the_uninterrupted_tail(server, workers, u
         assert head + tail == whole, k
 
 
+@GRPC_ONLY
 def test_state_dict_without_dataloader(server):
     write_all(server.location, range(6), finish=False)
     ds = TQDataset(server.location, TYPES, index_ids=range(6))
@@ -316,6 +324,7 @@ def test_stopping_early_gives_leases_back(server):
     assert sorted(taken + rest) == list(range(10))
 
 
+@GRPC_ONLY
 def test_delete_after_ack_keeps_the_store_bounded(server):
     write_all(server.location, range(5))
     ds = TQDataset(server.location, TYPES, group="last", delete_after_ack=True)
@@ -400,6 +409,7 @@ print(sorted(int(i) for b in loader for i in b["index_id"]))
 """
 
 
+@GRPC_ONLY
 def test_loader_builds_a_dataloader_that_is_safe_after_grpc(server):
     write_all(server.location, range(4))
     proc = subprocess.run([sys.executable, "-c", LOADER_SCRIPT, server.location],
@@ -445,6 +455,7 @@ def test_sink_failure_surfaces_at_flush_with_its_item():
         assert stored == {(1, "prompt"), (2, "resp"), (3, "prompt")}
 
 
+@GRPC_ONLY
 def test_sink_checks_input_before_queueing(server):
     with TensorSink(server.location) as sink:
         with pytest.raises(InvalidArgument):
@@ -505,3 +516,79 @@ def test_a_re_run_says_the_group_is_consumed_and_a_reset_starts_it_afresh(memory
     assert reset.returncode == 0 and "reset" in reset.stdout, reset.stderr
     again = TQDataset(memory_server.location, types, group=group, idle_timeout=2, poll=0.3)
     assert sorted(int(x["index_id"]) for x in again) == [unique_id, unique_id + 1]
+
+
+# ---------------------------------------------------------------------- data-parallel dealing
+
+
+def test_fixed_samples_are_dealt_so_every_rank_yields_the_same_count():
+    rows = {i: 1 + i % 3 for i in range(7)}  # 13 rows in all, unevenly spread over ids
+    per_rank = []
+    for r in range(2):
+        ds = TQDataset("127.0.0.1:1", TYPES, index_ids=range(7), rank=r, world_size=2,
+                       unit="sample")
+        per_rank.append(ds.shard_samples(rows))
+    assert [len(p) for p in per_rank] == [7, 7]  # 13 padded to 14
+    assert {s for p in per_rank for s in p} == {(i, r) for i in rows for r in range(rows[i])}
+
+
+def test_fixed_mode_gives_the_members_of_a_dp_rank_the_same_ids():
+    shards = [TQDataset("127.0.0.1:1", TYPES, index_ids=range(10), rank=r, world_size=4,
+                        dp_size=2) for r in range(4)]
+    assert [s.dp_rank for s in shards] == [0, 0, 1, 1]
+    assert shards[0].rank_ids() == shards[1].rank_ids() == range(0, 10, 2)
+    assert shards[2].rank_ids() == shards[3].rank_ids() == range(1, 10, 2)
+
+
+def test_round_options_are_checked_before_anything_is_read():
+    with pytest.raises(InvalidArgument, match="runs no code"):
+        TQDataset("127.0.0.1:1", TYPES, group="g", group_by=lambda i: i // 4)
+    with pytest.raises(InvalidArgument, match="multiple of group_by"):
+        TQDataset("127.0.0.1:1", TYPES, group="g", group_by=4, batch_size=6, world_size=2,
+                  rank=0)
+    with pytest.raises(InvalidArgument, match="streaming"):
+        TQDataset("127.0.0.1:1", TYPES, index_ids=range(4), group_by=2)
+    with pytest.raises(InvalidArgument, match="divide"):
+        TQDataset("127.0.0.1:1", TYPES, group="g", rank=0, world_size=4, dp_size=3)
+    ds = TQDataset("127.0.0.1:1", TYPES, group="g", rank=1, world_size=2)
+    assert ds.round_spec()["share"] == 1 and ds.batch_size is None
+    told = ds.loader(batch_size=4).dataset  # the loader tells a copy its batch size
+    assert told.round_spec()["share"] == 4 and ds.batch_size is None
+    assert TQDataset("127.0.0.1:1", TYPES, group="g").round_spec() is None  # one rank
+
+
+def test_streaming_dp_groups_and_grpo_groups_over_four_ranks(memory_server, unique_id):
+    P = f"d{unique_id}"
+    group = f"dp{unique_id}"
+    base = unique_id - unique_id % 4  # prompt k's responses are 4k .. 4k+3
+    ids = range(base, base + 4 * 9)  # 9 prompts x 4 responses
+    with TensorSink(memory_server.location) as sink:
+        for i in ids:
+            sink.write(i, {P: torch.tensor([i])})
+    # 4 ranks = 2 dp ranks x 2 tensor-parallel peers; batches of 4 = one prompt's group
+    datasets = [TQDataset(memory_server.location, [P], group=group, rank=r, world_size=4,
+                          dp_size=2, batch_size=4, group_by=4, idle_timeout=3)
+                for r in range(4)]
+    got: dict[int, list[int]] = {}
+
+    def run(r):
+        got[r] = [int(item["index_id"]) for item in datasets[r]]
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    torch_tq.Client(memory_server.location).finish([P])
+    for t in threads:
+        t.join(60)
+    try:
+        assert got[0] == got[1] and got[2] == got[3]  # peers: the same items, same order
+        assert len(got[0]) == len(got[2]) == 16  # 4 rounds; the 9th prompt stays
+        assert not set(got[0]) & set(got[2])
+        for r in (0, 2):
+            for k in range(0, 16, 4):  # each batch is one prompt's 4 responses
+                assert len({i // 4 for i in got[r][k:k + 4]}) == 1
+        status = torch_tq.Client(memory_server.location).group_status(group)
+        assert (status["consumed"], status["ready"]) == (32, 4)
+    finally:
+        torch_tq.Client(memory_server.location).reopen([P])

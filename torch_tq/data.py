@@ -13,6 +13,7 @@ the process that iterates (a DataLoader worker, say) and rebuilt after a fork.
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue as queue_mod
 import threading
@@ -31,6 +32,18 @@ from torch_tq.errors import InvalidArgument, NotFound, TQError
 log = logging.getLogger(__name__)
 
 _END = object()
+
+
+def _deal(ids: Any, rank: int, world: int, per_rank: int) -> Any:
+    """``DistributedSampler``'s dealing: ``ids`` padded from its start (or cut) to
+    ``per_rank * world``, then every ``world``-th from ``rank``."""
+    if world == 1:
+        return ids
+    total = per_rank * world
+    if total > len(ids):  # pad from the start of the epoch's order
+        ids = list(ids)
+        ids += (ids * -(-(total - len(ids)) // len(ids)))[: total - len(ids)]
+    return ids[rank:total:world]
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -62,10 +75,19 @@ class TQDataset(torch.utils.data.IterableDataset):
       :meth:`set_epoch`);
       :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch (torchdata's
       ``StatefulDataLoader`` calls them in each worker).
-    * **streaming** (``group=``): the server leases ready index_ids of the consumer group to
-      whichever rank or worker asks first, so load balances itself; iteration ends when
-      producers have finished the types (:meth:`TensorSink.finish`) and nothing is left to
-      lease, or after ``idle_timeout`` seconds without an item. With ``num_workers > 0`` pass
+    * **streaming** (``group=``): the server leases ready index_ids of the consumer group;
+      iteration ends when producers have finished the types (:meth:`TensorSink.finish`) and
+      nothing is left to lease, or after ``idle_timeout`` seconds without an item. With one
+      rank, whichever worker asks first gets the next ready index_ids. With ``world_size >
+      1`` (or ``dp_size=``) the server deals the group in *rounds* (:mod:`torch_tq.rounds`):
+      each round gives every data-parallel rank a share of ``batch_size`` items (one
+      DataLoader batch; :meth:`loader` passes it on), so every rank takes the same number of
+      steps and all end at the same step; ranks of one dp rank (``dp_rank=``, ``dp_size=``:
+      tensor- or pipeline-parallel peers) receive the same items in the same order;
+      ``group_by=n`` keeps index_ids ``i // n`` in one share (GRPO's n responses of a
+      prompt); ``balance_by=`` a matrix type holding a size (a sequence length) balances a
+      round's shares by it. The index_ids of a last round that cannot be filled stay in the
+      group for a later run, and a warning says how many. With ``num_workers > 0`` pass
       ``in_order=False`` to the DataLoader: an in-order loader waits for each worker in turn
       even while another worker holds ready items. With ``ack="auto"`` an index_id is
       acknowledged once it has been handed on (to the loop, or to the DataLoader's queue from
@@ -77,8 +99,18 @@ class TQDataset(torch.utils.data.IterableDataset):
         types: the matrix types to read for each index_id.
         index_ids: fixed mode: the index_ids to read.
         group: streaming mode: the consumer group name.
-        rank, world_size: this process's data-parallel rank (default: ``torch.distributed``
-            when initialized, else 0 of 1).
+        rank, world_size: this process's rank (default: ``torch.distributed`` when
+            initialized, else 0 of 1).
+        dp_rank, dp_size: streaming: its data-parallel rank (default: ``rank`` of
+            ``world_size``); the ``world_size // dp_size`` ranks of one dp rank read the same
+            items. Fixed mode deals by ``dp_rank`` of ``dp_size`` likewise.
+        batch_size: the per-rank DataLoader batch size (items, or samples with
+            ``unit="sample"``): streaming rounds deal shares of this size so that each
+            DataLoader batch is one share. :meth:`loader` sets it.
+        group_by: streaming rounds: ``n`` keeps index_ids ``i // n`` in one share.
+        balance_by: streaming rounds: a matrix type whose value (its sum) is an index_id's
+            size; a round's shares are balanced by it.
+        rounds: streaming: deal in rounds (default: when ``dp_size > 1``).
         shuffle, seed: fixed mode: permute the order each epoch.
         drop_last: fixed mode: drop the tail that would not give every rank the same
             count, instead of padding it with index_ids from the start of the epoch.
@@ -109,6 +141,12 @@ class TQDataset(torch.utils.data.IterableDataset):
         group: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        dp_rank: int | None = None,
+        dp_size: int | None = None,
+        batch_size: int | None = None,
+        group_by: int | None = None,
+        balance_by: str | None = None,
+        rounds: bool | None = None,
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
@@ -165,9 +203,42 @@ class TQDataset(torch.utils.data.IterableDataset):
             world_size = d_world if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise InvalidArgument(f"rank {rank} is outside [0, world_size={world_size})")
+        dp_size = world_size if dp_size is None else int(dp_size)
+        if dp_size < 1 or world_size % dp_size:
+            raise InvalidArgument(f"dp_size={dp_size} must divide world_size={world_size}")
+        dp_rank = rank // (world_size // dp_size) if dp_rank is None else int(dp_rank)
+        if not 0 <= dp_rank < dp_size:
+            raise InvalidArgument(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
+        if group_by is not None and (callable(group_by) or isinstance(group_by, bool)
+                                     or not isinstance(group_by, int) or group_by < 1):
+            raise InvalidArgument(
+                f"group_by takes a count n (index_ids i // n stay together, GRPO's n "
+                f"responses of a prompt), got {group_by!r:.60}: the server deals the rounds "
+                "and runs no code of the caller's")
+        if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+            raise InvalidArgument(f"batch_size must be a positive integer, got {batch_size!r}")
+        if balance_by is not None:
+            balance_by = protocol.validate_matrix_type(balance_by)
+        if rounds is None:
+            rounds = dp_size > 1 or group_by is not None or balance_by is not None
+        if (group_by or balance_by) and not rounds:
+            raise InvalidArgument("group_by= and balance_by= apply to rounds (rounds=True)")
+        if (group_by or balance_by) and self.group is None:
+            raise InvalidArgument("group_by= and balance_by= are for streaming mode (group=)")
         self.location = location
         self.rank = rank
         self.world_size = world_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.batch_size = int(batch_size) if batch_size is not None else None
+        self.group_by = group_by
+        self.balance_by = balance_by
+        self.rounds = bool(rounds) and self.group is not None
+        if (self.rounds and group_by and self.batch_size and unit == "matrix"
+                and self.batch_size % group_by):
+            raise InvalidArgument(
+                f"batch_size={self.batch_size} is not a multiple of group_by={group_by}: "
+                "a batch holds whole groups")
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = bool(drop_last)
@@ -221,7 +292,8 @@ class TQDataset(torch.utils.data.IterableDataset):
         if self.group is None:
             raise InvalidArgument("ack() is for streaming mode (group=)")
         ids = [int(i) for i in index_ids]
-        return self._get_client().ack(self.group, ids, delete=self.delete_after_ack)
+        return self._get_client().ack(self.group, ids, delete=self.delete_after_ack,
+                                      rank=self.rank if self.rounds else None)
 
     def loader(self, batch_size: int | None = 1, num_workers: int = 0,
                **kwargs: Any) -> torch.utils.data.DataLoader:
@@ -236,18 +308,39 @@ class TQDataset(torch.utils.data.IterableDataset):
             ...         batch_size=8, num_workers=2):
             ...     ...
         """
+        dataset = self
+        if batch_size is not None and self.batch_size != batch_size:
+            if self.batch_size is not None:
+                raise InvalidArgument(
+                    f"loader(batch_size={batch_size}) differs from the dataset's "
+                    f"batch_size={self.batch_size}")
+            dataset = copy.copy(self)  # told the batch size: a round's share is one batch
+            dataset.batch_size = int(batch_size)
         if num_workers:
             kwargs.setdefault("multiprocessing_context", "forkserver")
             if self.group is not None:
                 kwargs.setdefault("in_order", False)
-        return torch.utils.data.DataLoader(self, batch_size=batch_size, num_workers=num_workers,
-                                           **kwargs)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                           num_workers=num_workers, **kwargs)
+
+    def round_spec(self) -> dict[str, Any] | None:
+        """Streaming: what this dataset asks the server's rounds for (``None``: no rounds)."""
+        if not self.rounds:
+            return None
+        unit = self.unit if self.batch_size is not None else "matrix"
+        share = self.batch_size or (self.group_by or 1)
+        spec: dict[str, Any] = {"rank": self.rank, "world_size": self.world_size,
+                                "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                                "share": share, "unit": unit, "group_by": self.group_by or 1}
+        if self.balance_by is not None:
+            spec["balance_by"] = self.balance_by
+        return spec
 
     # ------------------------------------------------------------------ sharding
 
     def _per_rank(self) -> int:
-        """Fixed mode: how many index_ids each rank takes per epoch."""
-        n, world = len(self.index_ids), self.world_size
+        """Fixed mode: how many index_ids each dp rank takes per epoch."""
+        n, world = len(self.index_ids), self.dp_size
         return n // world if self.drop_last else -(-n // world)
 
     def __len__(self) -> int:
@@ -277,13 +370,7 @@ class TQDataset(torch.utils.data.IterableDataset):
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             perm = torch.randperm(len(ids), generator=g).tolist()
             ids = [ids[i] for i in perm]
-        if self.world_size == 1:
-            return ids
-        total = self._per_rank() * self.world_size
-        if total > len(ids):  # pad from the start of the epoch's order
-            ids = list(ids)
-            ids += (ids * -(-(total - len(ids)) // len(ids)))[: total - len(ids)]
-        return ids[self.rank:total:self.world_size]
+        return _deal(ids, self.dp_rank, self.dp_size, self._per_rank())
 
     def shard_ids(self) -> list[int] | range:
         """Fixed mode: this rank's and DataLoader worker's index_ids for the current epoch,
@@ -327,7 +414,62 @@ class TQDataset(torch.utils.data.IterableDataset):
             return self._iter_fixed()
         return self._iter_stream()
 
+    def shard_samples(self, rows: Mapping[int, int] | None = None) -> list[tuple[int, int]]:
+        """Fixed mode with ``unit="sample"``: this rank's and worker's ``(index_id, row)``
+        pairs for the current epoch. The epoch's rows (in its order of index_ids) are dealt
+        across dp ranks as ``DistributedSampler`` deals, so every rank yields the same number
+        of samples; an index_id's rows may then go to more than one rank. ``rows``: each
+        index_id's first dimension (default: asked of the server in one listing)."""
+        assert self.index_ids is not None
+        if rows is None:
+            first = self.types[0]
+            rows = {m.index_id: (m.shape[0] if m.shape else 1)
+                    for m in self._get_client().list() if m.matrix_type == first}
+        order = self.index_ids
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
+        missing = [i for i in order if i not in rows]
+        if missing:
+            raise NotFound(f"matrix not found: index_id={missing[0]}, type={self.types[0]} "
+                           f"({len(missing)} of the dataset's index_ids have no {self.types[0]})")
+        samples = [(i, r) for i in order for r in range(rows[i])]
+        n, world = len(samples), self.dp_size
+        per_rank = n // world if self.drop_last else -(-n // world)
+        mine = _deal(samples, self.dp_rank, world, per_rank) if samples else []
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return list(mine[worker::workers])
+
+    def _iter_fixed_samples(self) -> Iterator[dict[str, Any]]:
+        """Fixed mode, ``unit="sample"``, several dp ranks: samples dealt, not index_ids."""
+        pairs = self.shard_samples()
+        start = self._position[0]
+        client = self._get_client()
+        runs: list[tuple[int, list[int]]] = []  # consecutive rows of one index_id
+        for index_id, row in pairs[start:]:
+            if runs and runs[-1][0] == index_id:
+                runs[-1][1].append(row)
+            else:
+                runs.append((index_id, [row]))
+        source = _Prefetcher(lambda: ((self._fetch(client, i), r) for i, r in runs),
+                             self.prefetch)
+        n = start
+        try:
+            for item, wanted in source:
+                samples = dict(self._rows(item, 0))
+                for row in wanted:
+                    n += 1
+                    self._position = (n, 0)
+                    yield samples[row]
+        finally:
+            source.close()
+        self._position = (0, 0)
+
     def _iter_fixed(self) -> Iterator[dict[str, Any]]:
+        if self.unit == "sample" and self.dp_size > 1:
+            yield from self._iter_fixed_samples()
+            return
         ids = self.shard_ids()
         start, skip_rows = self._position
         client = self._get_client()
@@ -387,13 +529,16 @@ class _Stream:
         acknowledged), so a slow training step never lets them run out and go to another
         consumer; a consumer that dies stops renewing, and its leases run out."""
         period = self.ds.lease / 3
+        rounds = self.ds.rounds
         while not self._stop.wait(period):
             with self._lock:
                 held = list(self._unhanded) + self._to_ack
-            if not held:
+            if not held and not rounds:
                 continue
             try:
-                self.client.renew(self.ds.group, held, self.ds.lease)
+                # in rounds, also the shares dealt to this dp rank that it has not taken yet
+                self.client.renew(self.ds.group, held, self.ds.lease,
+                                  dp_rank=self.ds.dp_rank if rounds else None)
             except TQError as e:
                 log.warning("renewing leases of group %s: %s", self.ds.group, e)
 
@@ -430,6 +575,9 @@ class _Stream:
             reasons.append(f"{status['incomplete']} index_id(s) have some of the types "
                            f"{status['types']} but not all: is a producer of the others "
                            "running?")
+        if status.get("rounds") and status.get("ready"):
+            reasons.append(f"{status['ready']} ready index_id(s) wait to fill a round of "
+                           f"{status['rounds']['dealing']}")
         if status.get("leased"):
             reasons.append(f"{status['leased']} index_id(s) are leased by other consumers")
         done = sorted(set(status.get("finished_types", ())) & set(status["types"]))
@@ -446,16 +594,31 @@ class _Stream:
         log.warning("group %s: nothing to read for %.0fs: %s", ds.group, waited,
                     "; ".join(reasons))
 
+    def _first_of_rank(self) -> bool:
+        info = torch.utils.data.get_worker_info()
+        return info is None or info.id == 0
+
     def items(self) -> Iterator[dict[str, Any]]:
         ds = self.ds
+        spec = ds.round_spec()
+        info = torch.utils.data.get_worker_info()
+        if (spec is not None and ds.batch_size is None and info is not None
+                and info.num_workers > 1 and info.id == 0):
+            log.warning(
+                "TQDataset(group=%r) on %d ranks with %d DataLoader workers does not know the "
+                "per-rank batch size, so ranks may end with different numbers of partial "
+                "batches: build the loader with TQDataset.loader(batch_size=...) or pass "
+                "batch_size=", ds.group, ds.world_size, info.num_workers)
         idle_since = time.monotonic()
         next_warning = idle_since + ds.warn_after if ds.warn_after else None
+        if spec is not None:
+            self._start_heart()  # it keeps this dp rank's dealt shares while the loop is slow
         while True:
             acks = self._take_acks()
             try:
                 lease = self.client.consume(
                     ds.group, ds.types, max_items=ds.batch_items, timeout=ds.poll,
-                    lease=ds.lease, ack=acks, delete=ds.delete_after_ack,
+                    lease=ds.lease, ack=acks, delete=ds.delete_after_ack, rounds=spec,
                 )
             except BaseException:
                 with self._lock:
@@ -467,6 +630,11 @@ class _Stream:
                 # order, for this worker while they sit in another worker's queue). Stale
                 # leases, perhaps a dead consumer's, keep the group undrained until they
                 # run out and come back here.
+                if lease.left and ds.rank == 0 and self._first_of_rank():
+                    log.warning(
+                        "group %s: %d ready index_id(s) could not fill a last round (one "
+                        "share of %s per data-parallel rank); they stay in the group for a "
+                        "later run", ds.group, lease.left, spec["share"] if spec else 1)
                 return
             if not lease.index_ids:
                 now = time.monotonic()
@@ -481,10 +649,7 @@ class _Stream:
                 next_warning = idle_since + ds.warn_after
             with self._lock:
                 self._unhanded.update(dict.fromkeys(lease.index_ids))
-                if self._heart is None:
-                    self._heart = threading.Thread(target=self._heartbeat, daemon=True,
-                                                   name="torch_tq-lease-heartbeat")
-                    self._heart.start()
+            self._start_heart()
             for index_id in lease.index_ids:
                 try:
                     item = ds._fetch(self.client, index_id)
@@ -497,10 +662,18 @@ class _Stream:
                     continue
                 yield item
 
+    def _start_heart(self) -> None:
+        with self._lock:
+            if self._heart is None:
+                self._heart = threading.Thread(target=self._heartbeat, daemon=True,
+                                               name="torch_tq-lease-heartbeat")
+                self._heart.start()
+
     def flush(self) -> None:
         acks = self._take_acks()
         if acks:
-            self.client.ack(self.ds.group, acks, delete=self.ds.delete_after_ack)
+            self.client.ack(self.ds.group, acks, delete=self.ds.delete_after_ack,
+                            rank=self.ds.rank if self.ds.rounds else None)
 
     def close(self) -> None:
         """Acknowledges what was handed on and gives back what was leased but not."""
