@@ -98,8 +98,8 @@ def test_bad_files_store_nothing(client, unique_id, tmp_path):
         (bad({"prompt": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
          "names no index_id"),
         (bad({f"{unique_id}/ok": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-              f"{unique_id}/bad type!": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
-             b"\0" * 8), "matrix_type|type"),
+              f"{unique_id}/later": {"dtype": "C64", "shape": [1], "data_offsets": [4, 12]}},
+             b"\0" * 12), "dtype 'C64'"),
     ]
     for path, match in cases:
         with pytest.raises(torch_tq.InvalidArgument, match=match):
@@ -146,3 +146,38 @@ def test_export_of_a_large_matrix_streams_with_bounded_memory(tmp_path):
             tail = torch.frombuffer(bytearray(f.read(chunk.nbytes)), dtype=torch.int64)
         assert torch.equal(tail, chunk)
     assert proc_status_kib(os.getpid(), "VmRSS") > 0
+
+
+def test_hugging_face_names_come_back_out_as_they_went_in(memory_server, unique_id, tmp_path):
+    state = {"model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4),
+             "model.layers.0.Bias": torch.randn(4),
+             "model_layers_0_bias": torch.ones(1),  # a name that is a type already
+             "lm_head.weight": torch.randn(2, 4),
+             "vision_tower." + "x" * 70: torch.zeros(3)}
+    src = tmp_path / "hf.safetensors"
+    save_file(state, src, metadata={"format": "pt", "source": "hf-hub"})
+    a, b = unique_id, unique_id + 1
+    with torch_tq.Client(memory_server.location) as c:
+        keys = c.import_safetensors(src, index_id=a)
+        types = {t for i, t in keys if i == a}
+        assert len(types) == len(state) + 1 and "safetensors_names" in types
+        assert all(len(t) <= 64 for t in types)
+        assert torch.equal(c.get(a, "lm_head_weight"), state["lm_head.weight"])
+        out = tmp_path / "out.safetensors"
+        c.export_safetensors(out, [a])
+        back = load_file(out)
+        assert sorted(back) == sorted(state)  # the same names; safetensors_names left out
+        assert all(torch.equal(back[k], v) for k, v in state.items())
+        from safetensors import safe_open
+
+        with safe_open(out, "pt") as f:
+            assert f.metadata()["source"] == "hf-hub"
+        # our export imports back to the same keys; two index_ids with the same names
+        # export as <index_id>/<name>
+        c.import_safetensors(out)
+        c.import_safetensors(src, index_id=b)
+        both = tmp_path / "both.safetensors"
+        c.export_safetensors(both, [a, b])
+        names = set(load_file(both))
+        assert f"{a}/lm_head.weight" in names and f"{b}/lm_head.weight" in names
+        assert len(names) == 2 * len(state)

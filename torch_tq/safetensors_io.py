@@ -17,6 +17,13 @@ every tensor, in order, row-major, little-endian.
   come from our ``__metadata__``; else from names of the form ``"<index_id>/<type>"``; else
   the tensor name is the matrix type under the ``index_id`` the caller gives, so a file
   written by ``safetensors.torch.save_file`` imports too.
+* **Names that are not matrix types** (Hugging Face's ``model.layers.0.weight``: dots,
+  capitals, more than 64 characters) are stored under a type derived from the name
+  (``model_layers_0_weight``; shortened with a hash when long or taken), and the original
+  names, with the file's own ``__metadata__``, go into one more matrix of that index_id,
+  ``safetensors_names`` (the JSON as uint8). Export names such tensors as they were named
+  (bare, when no other exported index_id uses the name) and leaves ``safetensors_names``
+  out, so a checkpoint goes in and comes back out under the same names.
 """
 
 from __future__ import annotations
@@ -43,8 +50,44 @@ MAX_HEADER_BYTES = 100 << 20  # what the safetensors library itself accepts
 METADATA_KEY = "torch_tq"
 
 
+NAMES_TYPE = "safetensors_names"  # the original tensor names of an index_id (JSON, uint8)
+
+
 def _name(index_id: int, matrix_type: str) -> str:
     return f"{index_id}/{matrix_type}"
+
+
+def type_for_name(name: str, taken: set[str]) -> str:
+    """A matrix type for a tensor name that is not one: lower case, every run of other
+    characters an ``_``, a leading ``t_`` when it would not start with a letter, and a hash
+    of the name at the end when it is long or the type is ``taken`` already."""
+    import re
+    import xxhash
+
+    base = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "t"
+    if not base[0].isalpha():
+        base = "t_" + base
+    if len(base) <= 64 and base not in taken and base != NAMES_TYPE:
+        return base
+    digest = xxhash.xxh64(name.encode()).hexdigest()[:12]
+    return f"{base[:64 - 13].rstrip('_')}_{digest}"
+
+
+def _stored_names(client: Client, index_id: int) -> dict[str, Any]:
+    """``{"names": {matrix_type: name}, "metadata": {...}}`` from an index_id's
+    ``safetensors_names`` matrix (empty when it has none)."""
+    try:
+        raw = client.get(index_id, NAMES_TYPE)
+    except NotFound:
+        return {"names": {}, "metadata": {}}
+    try:
+        out = json.loads(raw.numpy().tobytes())
+        if isinstance(out.get("names"), dict) and isinstance(out.get("metadata", {}), dict):
+            return {"names": out["names"], "metadata": out.get("metadata", {})}
+    except (ValueError, AttributeError):
+        pass
+    raise InvalidArgument(f"index_id={index_id}: its {NAMES_TYPE} matrix is not the JSON "
+                          "this module writes")
 
 
 def export_safetensors(client: Client, path: str | os.PathLike, index_ids: Iterable[int],
@@ -55,25 +98,48 @@ def export_safetensors(client: Client, path: str | os.PathLike, index_ids: Itera
     if not ids:
         raise InvalidArgument("export needs at least one index_id")
     wanted = {protocol.validate_matrix_type(t) for t in types} if types is not None else None
-    entries, described = [], []
+    entries: list = []
+    file_meta: dict[str, str] = {"format": "pt"}
+    originals: dict[tuple[int, str], str] = {}
+    times: dict[int, dict[str, Any]] = {}
     for index_id in ids:
-        infos = [m for m in client.list(index_id)
-                 if wanted is None or m.matrix_type in wanted]
+        listed = client.list(index_id)
+        if any(m.matrix_type == NAMES_TYPE for m in listed):
+            stored = _stored_names(client, index_id)
+            file_meta.update({k: v for k, v in stored["metadata"].items()
+                              if isinstance(v, str) and k != METADATA_KEY})
+            originals.update({(index_id, t): n for t, n in stored["names"].items()})
+        infos = [m for m in listed if m.matrix_type != NAMES_TYPE
+                 and (wanted is None or m.matrix_type in wanted)]
         if not infos:
             raise NotFound(f"nothing to export for index_id={index_id}"
                            + (f" with types {sorted(wanted)}" if wanted else ""))
-        meta = client.metadata(index_id)
-        for m in sorted(infos, key=lambda m: m.matrix_type):
-            entries.append(m)
-            described.append({"name": _name(m.index_id, m.matrix_type), "index_id": m.index_id,
-                              "matrix_type": m.matrix_type,
-                              "created_at": meta.get("created_at"),
-                              "updated_at": meta.get("updated_at")})
-    header: dict[str, Any] = {"__metadata__": {"format": "pt",
+        times[index_id] = client.metadata(index_id)
+        entries += sorted(infos, key=lambda m: m.matrix_type)
+    # A tensor imported under a name of its own is exported under it: as it was when no
+    # other exported tensor has that name, else as <index_id>/<name>.
+    counts: dict[str, int] = {}
+    for m in entries:
+        n = originals.get((m.index_id, m.matrix_type))
+        if n is not None:
+            counts[n] = counts.get(n, 0) + 1
+    names: dict[tuple[int, str], str] = {}
+    for m in entries:
+        n = originals.get((m.index_id, m.matrix_type))
+        if n is None:
+            n = _name(m.index_id, m.matrix_type)
+        elif counts[n] > 1:
+            n = _name(m.index_id, n)
+        names[(m.index_id, m.matrix_type)] = n
+    described = [{"name": names[(m.index_id, m.matrix_type)], "index_id": m.index_id,
+                  "matrix_type": m.matrix_type,
+                  "created_at": times[m.index_id].get("created_at"),
+                  "updated_at": times[m.index_id].get("updated_at")} for m in entries]
+    header: dict[str, Any] = {"__metadata__": {**file_meta,
                                                METADATA_KEY: json.dumps(described)}}
     offset = 0
     for m in entries:
-        header[_name(m.index_id, m.matrix_type)] = {
+        header[names[(m.index_id, m.matrix_type)]] = {
             "dtype": TO_ST[m.dtype], "shape": list(m.shape),
             "data_offsets": [offset, offset + m.nbytes]}
         offset += m.nbytes
@@ -179,6 +245,33 @@ def plan_import(path: str | os.PathLike, index_id: int | None = None
         except (ValueError, TypeError, KeyError):
             raise InvalidArgument(f"{os.fspath(path)}: its torch_tq metadata is malformed") from None
     plan, seen = [], set()
+
+    def exact(tensor_name: str) -> bool:  # the name is a canonical matrix type
+        try:
+            return protocol.validate_matrix_type(tensor_name) == tensor_name != NAMES_TYPE
+        except InvalidArgument:
+            return False
+
+    # the types that names already are, so that a derived type never takes one of them
+    taken: dict[int | None, set[str]] = {}
+    for name in header:
+        if name in ours or name == "__metadata__":
+            continue
+        where, bare = index_id, name
+        if index_id is None and "/" in name and name.split("/", 1)[0].isdigit():
+            where, bare = int(name.split("/", 1)[0]), name.split("/", 1)[1]
+        if exact(bare):
+            taken.setdefault(where, set()).add(bare)
+
+    def typed(i: int, tensor_name: str, where: int | None) -> protocol.Key:
+        """The key of a tensor named by its type; a name that is no matrix type gets one."""
+        i = protocol.validate_index_id(i)
+        if exact(tensor_name):
+            return protocol.Key(i, tensor_name)
+        mtype = type_for_name(tensor_name, taken.setdefault(where, set()))
+        taken[where].add(mtype)
+        return protocol.Key(i, mtype)
+
     for name, spec in header.items():
         if name == "__metadata__":
             continue
@@ -187,12 +280,10 @@ def plan_import(path: str | os.PathLike, index_id: int | None = None
                 key = protocol.Key(protocol.validate_index_id(ours[name][0]),
                                    protocol.validate_matrix_type(ours[name][1]))
             elif index_id is not None:
-                key = protocol.Key(protocol.validate_index_id(index_id),
-                                   protocol.validate_matrix_type(name))
+                key = typed(index_id, name, index_id)
             elif "/" in name and name.split("/", 1)[0].isdigit():
                 head, tail = name.split("/", 1)
-                key = protocol.Key(protocol.validate_index_id(int(head)),
-                                   protocol.validate_matrix_type(tail))
+                key = typed(int(head), tail, int(head))
             else:
                 raise InvalidArgument(
                     f"tensor {name!r:.80} names no index_id: pass index_id= (the tensor "
@@ -205,6 +296,23 @@ def plan_import(path: str | os.PathLike, index_id: int | None = None
         plan.append((name, key, spec))
     plan.sort(key=lambda p: p[2]["data_offsets"][0])
     return plan, data_start
+
+
+def renamed(path: str | os.PathLike, plan: list[tuple[str, protocol.Key, dict[str, Any]]]
+            ) -> dict[int, dict[str, Any]]:
+    """Per index_id, what its ``safetensors_names`` matrix must record: the tensors whose
+    name in the file is not their matrix type, and the file's own metadata."""
+    header, _ = read_header(path)
+    meta = {k: v for k, v in (header.get("__metadata__") or {}).items()
+            if k != METADATA_KEY and isinstance(v, str)}
+    names: dict[int, dict[str, str]] = {}
+    for name, key, _spec in plan:
+        bare = name.split("/", 1)[1] if name.startswith(f"{key.index_id}/") else name
+        names.setdefault(key.index_id, {})[key.matrix_type] = bare
+    # an index_id with a renamed tensor records the names of all its tensors (so that they
+    # all come back out as they were); one without needs no record
+    return {i: {"names": n, "metadata": meta} for i, n in names.items()
+            if any(t != bare for t, bare in n.items())}
 
 
 def import_safetensors(client: Client, path: str | os.PathLike, index_id: int | None = None,
@@ -236,6 +344,13 @@ def import_safetensors(client: Client, path: str | os.PathLike, index_id: int | 
             done.append((key.index_id, key.matrix_type))
             if progress is not None:
                 progress(end - begin)
+        for i, entry in renamed(path, plan).items():
+            stored = _stored_names(client, i)  # an earlier import into the same index_id
+            stored["names"].update(entry["names"])
+            stored["metadata"].update(entry["metadata"])
+            raw = json.dumps(stored, sort_keys=True).encode()
+            client.put(i, NAMES_TYPE, torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+            done.append((i, NAMES_TYPE))
     except TQError as e:
         raise type(e)(f"import of {os.fspath(path)} stopped after {len(done)} of {len(plan)} "
                       f"matrices: {e.message}") from None
