@@ -120,3 +120,13 @@ def test_soak_benchmark_tiny(tmp_path):
     assert result["calls_in_flight_after"] == 0
     assert result["drift"]["fds"] <= 1 and result["drift"]["threads"] <= 1, result["drift"]
     assert result["drift"]["rss_mib"] < 256, result["drift"]
+
+
+def test_rounds_benchmark_tiny():
+    proc = _run("rounds.py", "--items", "64", "--runs", "1", "--json")
+    lines = proc.stdout.strip().splitlines()
+    figures = json.loads(lines[-2])
+    assert figures["per_rank"]["rounds"] == [32, 32]  # 4 rounds of 2 shares of 8
+    assert sum(figures["per_rank"]["streaming"]) == 64
+    assert re.fullmatch(r"rounds vs streaming, cost per item: [0-9.]+x \([+-][0-9.]+ us/item\)",
+                        lines[-1]), lines[-1]
