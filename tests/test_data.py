@@ -592,3 +592,60 @@ def test_streaming_dp_groups_and_grpo_groups_over_four_ranks(memory_server, uniq
         assert (status["consumed"], status["ready"]) == (32, 4)
     finally:
         torch_tq.Client(memory_server.location).reopen([P])
+
+
+def _rank_batches(location, rank, world, group, mtype, out) -> None:
+    ds = TQDataset(location, [mtype], group=group, rank=rank, world_size=world, unit="sample")
+    loader = ds.loader(batch_size=4, num_workers=2, in_order=True)
+    out.put((rank, [batch["index_id"].tolist() for batch in loader]))
+
+
+def test_streaming_samples_in_order_workers_give_equal_full_batches(memory_server, unique_id):
+    """unit='sample', 2 ranks x 2 in-order workers, ids of 1 to 3 rows: every batch is 4 rows
+    and both ranks take the same number of steps."""
+    mtype, group = f"s{unique_id}", f"samples{unique_id}"
+    rows = [1 + k % 3 for k in range(30)]  # 60 rows: 7 rounds of 2 x 4, and some left
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank_batches,
+                         args=(memory_server.location, r, 2, group, mtype, out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        with TensorSink(memory_server.location) as sink:
+            for k, n in enumerate(rows):
+                sink.write(unique_id + k, {mtype: torch.full((n, 2), float(k))})
+            sink.finish()
+        got = dict(out.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    assert len(got[0]) == len(got[1]) >= 6
+    assert all(len(batch) == 4 for r in (0, 1) for batch in got[r])
+    ids0 = {i for batch in got[0] for i in batch}
+    ids1 = {i for batch in got[1] for i in batch}
+    assert not ids0 & ids1  # no index_id reached both ranks
+    status = torch_tq.Client(memory_server.location).group_status(group)
+    assert status["consumed"] == len(ids0 | ids1)
+    assert status["consumed"] + status["ready"] == len(rows)  # nothing lost
+
+
+def test_fixed_samples_read_from_a_server_are_equal_per_rank(memory_server, unique_id):
+    mtype = f"f{unique_id}"
+    ids = range(unique_id, unique_id + 7)
+    with TensorSink(memory_server.location) as sink:
+        for k, i in enumerate(ids):
+            sink.write(i, {mtype: torch.arange(1 + k % 3) + 10 * k})
+    got = []
+    for r in range(2):
+        ds = TQDataset(memory_server.location, [mtype], index_ids=ids, rank=r, world_size=2,
+                       unit="sample")
+        got.append([(int(s["index_id"]), int(s["row"]), int(s[mtype])) for s in ds])
+    assert len(got[0]) == len(got[1]) == 7  # 13 rows padded to 14
+    every = {(i, r) for i, r, _ in got[0] + got[1]}
+    assert every == {(i, r) for k, i in enumerate(ids) for r in range(1 + k % 3)}
+    assert all(v == 10 * (i - unique_id) + r for i, r, v in got[0] + got[1])
