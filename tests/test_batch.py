@@ -114,7 +114,9 @@ def test_large_item_over_inline_limit_read_by_its_own_stream(bc, unique_id):
 
 def test_results_when_the_server_is_gone(unique_id):
     with torch_tq.start_server(storage="memory") as srv:
-        c = torch_tq.Client(srv.location, timeout=5)
+        # connect_timeout: a gone server is retried that long (tests/test_client.py covers
+        # the waiting); here only the results matter
+        c = torch_tq.Client(srv.location, timeout=5, connect_timeout=1)
         c.put(1, "a", torch.ones(2))
     results = c.get_many([(1, "a"), (2, "a")])
     assert [r.code for r in results] == ["UNAVAILABLE", "UNAVAILABLE"]

@@ -116,8 +116,8 @@ class TQDataset(torch.utils.data.IterableDataset):
             count, instead of padding it with index_ids from the start of the epoch.
         unit: ``"matrix"`` (one item per index_id) or ``"sample"`` (one per row).
         prefetch: items fetched ahead by a background thread (0: none).
-        lease, batch_items, poll: streaming: lease seconds, index_ids leased per request,
-            long-poll seconds per request.
+        lease, batch_items, poll: streaming: lease seconds, index_ids leased per request
+            (in rounds: one share per request), long-poll seconds per request.
         idle_timeout: streaming: stop after this many seconds without an item (``None``:
             wait until producers finish).
         warn_after: streaming: after this many seconds without an item (default 30, and
