@@ -63,6 +63,14 @@ def _drain(location: str, group: str, mtype: str, ranks: int, batch: int,
             counts[r] += len(lease.index_ids)
             acks = lease.index_ids
 
+    elapsed = _timed_ranks(rank, ranks, start)
+    for c in clients:
+        c.close()
+    return elapsed, counts
+
+
+def _timed_ranks(rank, ranks: int, start: threading.Barrier) -> float:
+    """Runs ``rank(r)`` in a thread per rank; seconds from the start barrier to the last."""
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
     for t in threads:
         t.start()
@@ -70,10 +78,7 @@ def _drain(location: str, group: str, mtype: str, ranks: int, batch: int,
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - t0
-    for c in clients:
-        c.close()
-    return elapsed, counts
+    return time.perf_counter() - t0
 
 
 def _dataset(location: str, group: str, mtype: str, ranks: int, batch: int,
@@ -89,14 +94,7 @@ def _dataset(location: str, group: str, mtype: str, ranks: int, batch: int,
         for _ in ds:
             counts[r] += 1
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0, counts
+    return _timed_ranks(rank, ranks, start), counts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,15 +52,22 @@ def _rank_main(location, rank, world, workers, kwargs, out, dist_port, context) 
 
 def run_ranks(location, world, workers, kwargs, timeout=120, dist=False,
               context="forkserver") -> dict[int, list[int]]:
+    port = free_port() if dist else 0
+    return run_processes(_rank_main, [(location, r, world, workers, kwargs) for r in range(world)],
+                         (port, context), timeout)
+
+
+def run_processes(target, args_per_rank, extra=(), timeout=120, meanwhile=None) -> dict:
+    """Runs ``target(*args, out, *extra)`` in a spawned process per rank (``meanwhile()``
+    runs here while they do); returns what each put on ``out``, by rank."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = free_port() if dist else 0
-    procs = [ctx.Process(target=_rank_main,
-                         args=(location, r, world, workers, kwargs, out, port, context))
-             for r in range(world)]
+    procs = [ctx.Process(target=target, args=(*args, out, *extra)) for args in args_per_rank]
     for p in procs:
         p.start()
     try:
+        if meanwhile is not None:
+            meanwhile()
         got = dict(out.get(timeout=timeout) for _ in procs)
     finally:
         for p in procs:
@@ -605,25 +612,15 @@ def test_streaming_samples_in_order_workers_give_equal_full_batches(memory_serve
     and both ranks take the same number of steps."""
     mtype, group = f"s{unique_id}", f"samples{unique_id}"
     rows = [1 + k % 3 for k in range(30)]  # 60 rows: 7 rounds of 2 x 4, and some left
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank_batches,
-                         args=(memory_server.location, r, 2, group, mtype, out))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
+
+    def produce():
         with TensorSink(memory_server.location) as sink:
             for k, n in enumerate(rows):
                 sink.write(unique_id + k, {mtype: torch.full((n, 2), float(k))})
             sink.finish()
-        got = dict(out.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
+
+    got = run_processes(_rank_batches, [(memory_server.location, r, 2, group, mtype)
+                                        for r in range(2)], meanwhile=produce)
     assert len(got[0]) == len(got[1]) >= 6
     assert all(len(batch) == 4 for r in (0, 1) for batch in got[r])
     ids0 = {i for batch in got[0] for i in batch}

@@ -178,6 +178,20 @@ def test_every_upload_form_with_malformed_commands(sweep_server):
     assert sweep.refused.get("INVALID_ARGUMENT", 0) > sweep.calls // 2
 
 
+def test_an_error_never_echoes_a_huge_value(sweep_server):
+    """A refusal quotes at most a short prefix of what it refuses: the whole of a 5,000
+    character field, echoed in the status and its details, could pass gRPC's 16 KiB limit on
+    a reply's metadata and turn the refusal into a transport error."""
+    _, fc, _ = sweep_server
+    table = FORMS["flat"]
+    for field in ("action", "dtype", "nbytes", "matrix_type", "index_id"):
+        command = {"action": "WriteMatrix", "index_id": AIM, "matrix_type": "prompt",
+                   "shape": [8], "dtype": "float32", "nbytes": 32, field: "A" * 5000}
+        with pytest.raises((flight.FlightError, pa.ArrowException)) as e:
+            _put(fc, json.dumps(command).encode(), table)
+        assert str(e.value).startswith("INVALID_ARGUMENT") and len(str(e.value)) < 2000, field
+
+
 def _batch_write(fc, table: pa.Table) -> list[dict]:
     ack = _put(fc, b'{"action": "BatchWrite"}', table)
     return json.loads(ack.to_pybytes())["results"]

@@ -127,7 +127,7 @@ def _item_values(table: _WriteTable, batch: pa.RecordBatch, row: int,
     if table.binary:
         if dtype_name is None or dtype_name not in codec.DTYPES:
             raise InvalidArgument(
-                f"unsupported dtype {dtype_name!r}; supported: {', '.join(codec.DTYPES)}"
+                f"unsupported dtype {dtype_name!r:.80}; supported: {', '.join(codec.DTYPES)}"
             )
         dtype = codec.DTYPES[dtype_name]
         buf = data[row].as_buffer()
@@ -142,7 +142,7 @@ def _item_values(table: _WriteTable, batch: pa.RecordBatch, row: int,
     if dtype_name is not None:
         if dtype_name not in codec.DTYPES:
             raise InvalidArgument(
-                f"unsupported dtype {dtype_name!r}; supported: {', '.join(codec.DTYPES)}"
+                f"unsupported dtype {dtype_name!r:.80}; supported: {', '.join(codec.DTYPES)}"
             )
         dtype = codec.DTYPES[dtype_name]
         if values.type != dtype.arrow:

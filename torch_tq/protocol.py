@@ -147,7 +147,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise InvalidArgument(f"duplicate key {k!r} in JSON object")
+            raise InvalidArgument(f"duplicate key {k!r:.80} in JSON object")
         out[k] = v
     return out
 
@@ -222,7 +222,7 @@ def validate_shape(value: Any) -> tuple[int, ...]:
     dims = []
     for d in value:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0 or d > 2**62:
-            raise InvalidArgument(f"shape entries must be integers >= 0, got {d!r}")
+            raise InvalidArgument(f"shape entries must be integers >= 0, got {d!r:.80}")
         dims.append(d)
     if math.prod(dims) > 2**62:
         raise InvalidArgument(f"shape {dims} has too many elements")
@@ -264,7 +264,7 @@ def _unwrap_envelope(body: dict[str, Any], what: str) -> tuple[dict[str, Any], s
     if "command" in inner:
         raise InvalidArgument(f"{what} body must not nest another command envelope")
     if "action" in inner and _spelling(inner["action"]) != _spelling(body["command"]):
-        raise InvalidArgument(f"{what}: body action {inner['action']!r} contradicts command")
+        raise InvalidArgument(f"{what}: body action {inner['action']!r:.80} contradicts command")
     inner = {k: v for k, v in inner.items() if k != "action"}
     return inner, body["command"]
 
@@ -277,7 +277,7 @@ def _check_action(action: Any, expected: str, what: str) -> None:
     if action is None:
         return
     if _spelling(action) != expected:
-        raise InvalidArgument(f"{what} expects action {expected!r}, got {action!r}")
+        raise InvalidArgument(f"{what} expects action {expected!r}, got {action!r:.80}")
 
 
 def _key_from_path(path: list[bytes], what: str) -> Key:
@@ -315,10 +315,10 @@ def parse_put_descriptor(descriptor: flight.FlightDescriptor) -> PutCommand:
         from torch_tq.codec import DTYPES  # the dtype table lives with the codec
 
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise InvalidArgument(f"unsupported dtype {dtype!r}; supported: {sorted(DTYPES)}")
+            raise InvalidArgument(f"unsupported dtype {dtype!r:.80}; supported: {sorted(DTYPES)}")
     nbytes = body.get("nbytes")
     if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
-        raise InvalidArgument(f"nbytes must be an integer >= 0, got {nbytes!r}")
+        raise InvalidArgument(f"nbytes must be an integer >= 0, got {nbytes!r:.80}")
     digest = body.get("xxh3")
     if digest is not None and (not isinstance(digest, str) or not _HEX64_RE.fullmatch(digest)):
         raise InvalidArgument("xxh3 must be 16 lower-case hex digits (XXH3-64 of the raw bytes)")
