@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 import torch_tq
 from torch_tq import InvalidArgument, TensorSink, TQDataset
 
-from .conftest import free_port
 
 TYPES = ["prompt", "resp"]
 
@@ -33,28 +32,19 @@ def check_item(item) -> int:
     return i
 
 
-def _rank_main(location, rank, world, workers, kwargs, out, dist_port, context) -> None:
-    """One data-parallel rank: iterate a DataLoader over TQDataset, report the index_ids."""
-    if dist_port:
-        # rank and world size come from torch.distributed, as in a real job
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{dist_port}", rank=rank, world_size=world)
-        ds = TQDataset(location, TYPES, **kwargs)
-        assert (ds.rank, ds.world_size) == (rank, world)
-    else:
-        ds = TQDataset(location, TYPES, rank=rank, world_size=world, **kwargs)
+def _rank_main(location, rank, world, workers, kwargs, out, context) -> None:
+    """One data-parallel rank: iterate a DataLoader over TQDataset, report the index_ids.
+    (tests/test_ddp.py runs ranks that take rank and world size from torch.distributed.)"""
+    ds = TQDataset(location, TYPES, rank=rank, world_size=world, **kwargs)
     loader = DataLoader(ds, batch_size=None, num_workers=workers,
                         multiprocessing_context=context if workers else None)
     out.put((rank, [check_item(item) for item in loader]))
-    if dist_port:
-        torch.distributed.destroy_process_group()
 
 
-def run_ranks(location, world, workers, kwargs, timeout=120, dist=False,
+def run_ranks(location, world, workers, kwargs, timeout=120,
               context="forkserver") -> dict[int, list[int]]:
-    port = free_port() if dist else 0
     return run_processes(_rank_main, [(location, r, world, workers, kwargs) for r in range(world)],
-                         (port, context), timeout)
+                         (context,), timeout)
 
 
 def run_processes(target, args_per_rank, extra=(), timeout=120, meanwhile=None) -> dict:
@@ -115,20 +105,21 @@ def write_all(location, ids, finish=True) -> None:
 
 
 @GRPC_ONLY
-@pytest.mark.parametrize("workers, context, dist", [(0, None, True), (2, "forkserver", False),
-                                                    (2, "spawn", False)])
-def test_fixed_mode_gives_every_rank_the_same_count(server, workers, context, dist):
+# Ranks from torch.distributed, forkserver workers and batches are what tests/test_ddp.py
+# runs under torchrun; this adds spawn workers and drop_last.
+def test_fixed_mode_gives_every_rank_the_same_count(server):
+    workers, context = 2, "spawn"
     ids = list(range(100, 137))  # 37: odd, so the epoch is padded with one repeated id
     write_all(server.location, ids, finish=False)
     got = run_ranks(server.location, 2, workers, {"index_ids": ids, "shuffle": True, "seed": 7},
-                    dist=dist, context=context)
+                    context=context)
     assert len(got[0]) == len(got[1]) == 19
     everything = got[0] + got[1]
     assert set(everything) == set(ids)  # nothing lost
     assert len(everything) - len(set(everything)) == 1  # the one pad
     dropped = run_ranks(server.location, 2, workers,
                         {"index_ids": ids, "shuffle": True, "seed": 7, "drop_last": True},
-                        dist=dist, context=context)
+                        context=context)
     assert len(dropped[0]) == len(dropped[1]) == 18
     assert len(set(dropped[0] + dropped[1])) == 36  # no repeats: the tail is dropped
 
