@@ -51,7 +51,7 @@ from torch_tq.store import Store, now_ms
 log = logging.getLogger(__name__)
 _U64 = struct.Struct("<Q")
 
-@dataclass
+@dataclass(eq=False)  # shares are compared by identity (deque.remove)
 class _Share:
     """One dp rank's share of a round: leased as one, read by each member rank of it."""
 
@@ -61,6 +61,7 @@ class _Share:
     ids: list[int]
     taken: set[int] = field(default_factory=set)  # member ranks that took it
     acked: dict[int, set[int]] = field(default_factory=dict)  # index_id -> ranks that acked
+    pending: bool = True  # in its dp rank's pending line: not yet taken by every member
 
 
 @dataclass
@@ -236,11 +237,9 @@ class Queue:
         share is not handed to more members."""
         deal = group.deal
         share = deal.shares.pop(index_id, None) if deal is not None else None
-        if share is not None:
-            try:
-                deal.pending[share.dp_rank].remove(share)
-            except ValueError:
-                pass
+        if share is not None and share.pending:
+            deal.pending[share.dp_rank].remove(share)
+            share.pending = False
 
     def _requeue(self, group: _Group, index_id: int) -> bool:
         """Puts an index_id no longer leased back at the front of the line (it waited
@@ -293,7 +292,10 @@ class Queue:
         first = min(group.types)
 
         def rows(index_id: int) -> int:
-            shape = self.store.get(Key(index_id, first)).shape
+            try:
+                shape = self.store.get(Key(index_id, first)).shape
+            except NotFound:  # deleted a moment ago: its removal from ready waits for our lock
+                return 0  # weightless; the consumer finds it gone and gives it back
             return shape[0] if shape else 1
         return rows
 
@@ -361,6 +363,7 @@ class Queue:
         share.taken.add(spec.rank)
         if len(share.taken) >= spec.members:
             pending.remove(share)
+            share.pending = False
         group.delivered += len(share.ids)
         return {"items": list(share.ids), "lease": share.token,
                 "lease_expires_at": now_ms() + int(lease_s * 1000),
