@@ -273,6 +273,7 @@ def test_streaming_stage_adds_a_type_and_trainer_waits_for_it(server):
     assert client.group_status("trainer")["finished"]
 
 
+@GRPC_ONLY  # lease logic: the same on every transport
 def test_slow_producer_long_polls_without_busy_looping(server):
     ids = list(range(6))
 
@@ -296,6 +297,7 @@ def test_slow_producer_long_polls_without_busy_looping(server):
     assert requests <= 2 * len(ids) + 3, requests
 
 
+@GRPC_ONLY  # lease logic: the same on every transport
 def test_streaming_manual_ack_redelivers_what_was_not_acked(server):
     write_all(server.location, range(4), finish=False)
     ds = TQDataset(server.location, TYPES, group="manual", ack="manual", lease=2.0,
@@ -308,6 +310,7 @@ def test_streaming_manual_ack_redelivers_what_was_not_acked(server):
     assert sorted(again) == sorted(first[2:])
 
 
+@GRPC_ONLY  # lease logic: the same on every transport
 def test_stopping_early_gives_leases_back(server):
     write_all(server.location, range(10), finish=False)
     ds = TQDataset(server.location, TYPES, group="early", batch_items=3, prefetch=2, lease=600)
@@ -330,6 +333,7 @@ def test_delete_after_ack_keeps_the_store_bounded(server):
     assert torch_tq.Client(server.location).list() == []
 
 
+@GRPC_ONLY  # lease logic: the same on every transport
 def test_killed_consumer_items_go_to_another(server):
     write_all(server.location, range(8), finish=True)
     code = textwrap.dedent(f"""
