@@ -75,7 +75,8 @@ class _Deal:
     dp_of: dict[int, int] = field(default_factory=dict)  # rank -> the dp rank it claimed
     rounds: int = 0
     sizes: dict[int, float] = field(default_factory=dict)  # balance_by values read so far
-    left_logged: int = -1
+    left_logged: int = -1  # the remainder last warned about
+    oversize_logged: bool = False
 
     def idle(self) -> bool:
         return not self.shares
@@ -341,11 +342,11 @@ class Queue:
             shares, oversize = form_round(
                 group.ready, group.ready.__contains__, spec, self._weight(group, spec),
                 self._sizer(group, spec))
-            if oversize and deal.left_logged != -2:
+            if oversize and not deal.oversize_logged:
                 log.warning("group %s: %d unit(s) of ready index_ids weigh more than a share "
                             "(%s) and can never be dealt", group.name, oversize,
                             spec.describe())
-                deal.left_logged = -2
+                deal.oversize_logged = True
             if shares is None:
                 return None
             deal.rounds += 1

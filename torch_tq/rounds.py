@@ -67,15 +67,6 @@ class RoundSpec:
             text += f", balanced by {self.balance_by}"
         return text
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rank": self.rank, "world_size": self.world_size,
-                               "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                               "share": self.share, "unit": self.unit,
-                               "group_by": self.group_by}
-        if self.balance_by is not None:
-            out["balance_by"] = self.balance_by
-        return out
-
 
 def parse_spec(value: Any, max_share: int) -> RoundSpec:
     """A checked :class:`RoundSpec` from a request's ``rounds`` object.
