@@ -3,7 +3,9 @@ venv and passes a smoke test there: the CLI, and a server with a put and a get.
 
 The venvs see this environment's site-packages for torch_tq's dependencies (torch, pyarrow,
 ...: installing them again would take minutes and the network), but torch_tq itself comes
-only from the built artifact, which the test checks."""
+only from the built artifact, which the test checks. They see them through a ``.pth`` file
+naming this interpreter's site-packages directories, not ``--system-site-packages``: run from
+a virtualenv, that flag would show the base interpreter's packages, not the virtualenv's."""
 
 from __future__ import annotations
 
@@ -42,10 +44,23 @@ def dist(tmp_path_factory):
     return out
 
 
+def _site_dirs() -> list[str]:
+    """This interpreter's site-packages directories (a virtualenv's, then its base's)."""
+    return [p for p in sys.path
+            if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
+
+
 def _venv(path) -> str:
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(path)],
-                   check=True, timeout=120)
-    return os.path.join(str(path), "bin", "python")
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
+    python = os.path.join(str(path), "bin", "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    # Plain path lines: appended after the venv's own site-packages, and the .pth files in them
+    # (this checkout's editable install among them) are not processed, so torch_tq itself
+    # can only come from what the test installs.
+    with open(os.path.join(purelib, "_outer_site.pth"), "w") as f:
+        f.write("\n".join(_site_dirs()) + "\n")
+    return python
 
 
 def _smoke(python: str, cwd) -> None:
