@@ -62,6 +62,6 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "pandas>=2", "torchdata>=0.9", "cramjam>=2.7",
                  "safetensors>=0.4", "build>=1"],
     },
-    entry_points={"console_scripts": ["torch-tq=torch_tq.cli:main"]},
+    entry_points={"console_scripts": ["torch-tq=torch_tq.tools.cli:main"]},
     zip_safe=False,
 )

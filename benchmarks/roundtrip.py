@@ -42,9 +42,9 @@ import torch_tq
 os.environ.setdefault("TORCH_TQ_TRANSPORT", "grpc")
 from torch_tq._config import parse_size
 
-# The baselines (raw TCP, plain pyarrow.flight) are torch_tq.bench's, shared with
+# The baselines (raw TCP, plain pyarrow.flight) are torch_tq.tools.bench's, shared with
 # `torch-tq bench` and benchmarks/transports.py.
-from torch_tq.bench import FlightBaseline, TcpBaseline  # noqa: E402
+from torch_tq.tools.bench import FlightBaseline, TcpBaseline  # noqa: E402
 
 # ---------------------------------------------------------------------- the run
 

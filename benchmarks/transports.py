@@ -50,7 +50,7 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")
 import torch_tq
 from torch_tq._config import parse_size
 
-from torch_tq.bench import TcpBaseline, median_time, timings  # the baselines of torch-tq bench
+from torch_tq.tools.bench import TcpBaseline, median_time, timings  # the baselines of torch-tq bench
 
 
 def _median_time(fn, runs: int) -> float:

@@ -75,7 +75,7 @@ def quickstart() -> nbformat.NotebookNode:
         new_code_cell(
             "client.close()\n"
             "server.stop()\n"
-            "from torch_tq.cli import environment\n"
+            "from torch_tq.tools.cli import environment\n"
             "env = environment()\n"
             "print({k: env[k] for k in (\"torch_tq\", \"python\", \"torch\", \"pyarrow\", "
             "\"cuda\", \"cpus\", \"platform\")})"),
@@ -92,7 +92,7 @@ def benchmarks() -> nbformat.NotebookNode:
             "float32 matrix per size, on every transport this machine has (gRPC, same-host, "
             "UCX), against baselines measured in the same run: memcpy, raw loopback TCP "
             "between two Python processes, and a plain `pyarrow.flight` server "
-            "(`torch_tq.bench`, the suite behind `torch-tq bench`). Sizes come from "
+            "(`torch_tq.tools.bench`, the suite behind `torch-tq bench`). Sizes come from "
             "`TORCH_TQ_NB_SIZES` (default 1 KiB to 1 GiB); each figure is a median of "
             "`TORCH_TQ_NB_RUNS` timings (more for small sizes). The outputs are from a real "
             "run; the next cell says which machine."),
@@ -100,7 +100,7 @@ def benchmarks() -> nbformat.NotebookNode:
             "import os\n"
             "from torch_tq import bench\n"
             "from torch_tq._config import parse_size\n"
-            "from torch_tq.cli import environment\n\n"
+            "from torch_tq.tools.cli import environment\n\n"
             "sizes = [parse_size(s) for s in os.environ.get(\n"
             "    \"TORCH_TQ_NB_SIZES\", \"1KiB,16KiB,256KiB,4MiB,64MiB,256MiB,1GiB\").split(\",\")]\n"
             "runs = int(os.environ.get(\"TORCH_TQ_NB_RUNS\", \"3\"))\n"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import torch_tq
 from torch_tq import InvalidArgument, NotFound, Unavailable
-from torch_tq.codec import DTYPES
+from torch_tq.codec.tensors import DTYPES
 
 from .conftest import TRANSPORTS, ucx_locations
 from .test_codec import bits, random_tensor
@@ -163,7 +163,7 @@ def test_a_client_started_before_its_server_waits_for_it(tmp_path):
 
 
 def test_location_forms():
-    from torch_tq.client import normalize_location
+    from torch_tq.client.client import normalize_location
 
     assert normalize_location("127.0.0.1:9000") == "grpc://127.0.0.1:9000"
     assert normalize_location("grpc+tcp://h:1") == "grpc://h:1"

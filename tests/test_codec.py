@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_tq import codec
+from torch_tq.codec import tensors as codec
 from torch_tq.errors import InternalError, InvalidArgument
 
 

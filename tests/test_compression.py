@@ -131,7 +131,7 @@ def test_at_rest_compression_needs_a_disk_store_and_an_ipc_codec():
         torch_tq.start_server(storage="memory", compression="zstd", startup_timeout=30)
     with pytest.raises(torch_tq.TQError, match="exit code 2"):  # argparse: not a choice
         torch_tq.start_server(storage="memory", compression="snappy", startup_timeout=30)
-    from torch_tq.store import Store
+    from torch_tq.store.engine import Store
 
     with pytest.raises(torch_tq.InvalidArgument, match="zstd or lz4"):
         Store(storage="memory", compression="snappy")

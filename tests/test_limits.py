@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import torch_tq
-from torch_tq.limits import Limiter, Limits, client_identity, peer_host
+from torch_tq.server.limits import Limiter, Limits, client_identity, peer_host
 
 from .conftest import proc_status_kib
 

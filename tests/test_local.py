@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import torch_tq
-from torch_tq import local
+from torch_tq.transport import same_host as local
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_concurrent_overwrites_never_show_a_mix(disk, memory_server, storage, un
 def test_staged_files_are_checked_by_the_server(disk, lc, unique_id):
     store = lc._local()
     t = torch.randn(1000)
-    name = store.stage(torch_tq.protocol.Key(unique_id, "bad"), torch_tq.codec.DTYPES["float32"],
+    name = store.stage(torch_tq.protocol.commands.Key(unique_id, "bad"), torch_tq.codec.tensors.DTYPES["float32"],
                        (1000,), t.numpy())
     path = os.path.join(store.staging, name)
     with open(path, "r+b") as f:  # flip a byte in the middle of the values
@@ -153,8 +153,8 @@ def test_staged_files_are_checked_by_the_server(disk, lc, unique_id):
         torch_tq.Client(disk.location, transport="grpc").get(unique_id, "bad")
     # a truncated file, or one that is not a matrix file at all, is refused
     for damage in (lambda b: b[: len(b) // 2], lambda b: b"not arrow at all"):
-        name = store.stage(torch_tq.protocol.Key(unique_id, "bad2"),
-                           torch_tq.codec.DTYPES["float32"], (1000,), t.numpy())
+        name = store.stage(torch_tq.protocol.commands.Key(unique_id, "bad2"),
+                           torch_tq.codec.tensors.DTYPES["float32"], (1000,), t.numpy())
         path = os.path.join(store.staging, name)
         with open(path, "rb") as f:
             data = f.read()
@@ -284,7 +284,7 @@ def test_memory_store_put_falls_back_to_grpc_when_staging_fails(unique_id):
         try:
             t = torch.randn(100_000)
             c.put(unique_id, "x", t)  # went over gRPC into the server's heap
-            assert not os.path.exists(c._local().path_of(torch_tq.protocol.Key(unique_id, "x")))
+            assert not os.path.exists(c._local().path_of(torch_tq.protocol.commands.Key(unique_id, "x")))
             assert torch.equal(c.get(unique_id, "x"), t)
         finally:
             os.unlink(staging)
@@ -330,7 +330,7 @@ def test_memory_store_reuses_a_replaced_file_only_when_nobody_holds_it(unique_id
         small = torch.arange(300_000, dtype=torch.float32)
         c.put(unique_id, "a", small)
         assert torch.equal(c.get(unique_id, "a"), small)
-        path = c._local().path_of(torch_tq.protocol.Key(unique_id, "a"))
+        path = c._local().path_of(torch_tq.protocol.commands.Key(unique_id, "a"))
         assert os.path.getsize(path) < small.numel() * 4 + 64 * 1024
         # an overwrite over gRPC and a delete retire files to the pool too
         remote.put(unique_id, "a", versions[4])
@@ -359,7 +359,7 @@ def _publish(srv, key_id: int, mtype: str, name: str) -> None:
 
 
 def _stage(store, key_id: int, mtype: str, t: torch.Tensor) -> str:
-    return store.stage(torch_tq.protocol.Key(key_id, mtype), torch_tq.codec.DTYPES["float32"],
+    return store.stage(torch_tq.protocol.commands.Key(key_id, mtype), torch_tq.codec.tensors.DTYPES["float32"],
                        tuple(t.shape), t.numpy())
 
 
@@ -401,7 +401,7 @@ def test_a_fifo_in_staging_is_refused_without_blocking(staging_server, unique_id
 def test_a_hard_link_to_a_published_file_is_refused(staging_server, unique_id):
     srv, c, store = staging_server
     c.put(unique_id, "victim", torch.arange(300_000, dtype=torch.float32))  # a file of its own
-    published = store.path_of(torch_tq.protocol.Key(unique_id, "victim"))
+    published = store.path_of(torch_tq.protocol.commands.Key(unique_id, "victim"))
     name = _staged_name()
     os.link(published, os.path.join(store.staging, name))
     with pytest.raises(pa.ArrowInvalid, match="2 links"):
@@ -428,7 +428,7 @@ def test_what_is_published_is_the_file_checked_not_the_clients_name(staging_serv
     staged = os.path.join(store.staging, name)
     _publish(srv, unique_id, "own", name)
     assert not os.path.lexists(staged)  # the server took the file away from that name
-    published = store.path_of(torch_tq.protocol.Key(unique_id, "own"))
+    published = store.path_of(torch_tq.protocol.commands.Key(unique_id, "own"))
     st = os.lstat(published)
     assert not os.path.islink(published) and st.st_nlink == 1
     with open(staged, "wb") as f:  # a client writing its old name changes nothing served
@@ -443,8 +443,8 @@ import os, sys, time, torch, torch_tq
 c = torch_tq.Client(sys.argv[1], transport="same-host")
 store = c._local()
 t = torch.zeros(10 * 2**20 // 4)  # 10 MiB
-name = store.stage(torch_tq.protocol.Key(int(sys.argv[2]), "lost"),
-                   torch_tq.codec.DTYPES["float32"], tuple(t.shape), t.numpy())
+name = store.stage(torch_tq.protocol.commands.Key(int(sys.argv[2]), "lost"),
+                   torch_tq.codec.tensors.DTYPES["float32"], tuple(t.shape), t.numpy())
 path = os.path.join(store.staging, name)
 if sys.argv[3] == "hold":  # a client mid-put: its file is open
     f = open(path, "r+b")

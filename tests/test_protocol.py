@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_tq import protocol
+from torch_tq.protocol import commands as protocol
 from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError, Unavailable
-from torch_tq.protocol import Key
+from torch_tq.protocol.commands import Key
 
 
 @settings(max_examples=500, deadline=None)

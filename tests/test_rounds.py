@@ -1,4 +1,4 @@
-"""Rounds: dealing a consumer group equally to data-parallel ranks (torch_tq.rounds, and the
+"""Rounds: dealing a consumer group equally to data-parallel ranks (torch_tq.store.rounds, and the
 queue's state for it on a real server)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import torch_tq
 from torch_tq import InvalidArgument
-from torch_tq.rounds import RoundSpec, form_round, parse_spec
+from torch_tq.store.rounds import RoundSpec, form_round, parse_spec
 
 T = torch.ones(2)
 

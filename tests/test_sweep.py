@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import torch_tq
-from torch_tq import batch as batch_ops, protocol
+from torch_tq.server import batch as batch_ops
+from torch_tq.protocol import commands as protocol
 
 KEEP = 555_000  # stored before the sweep; every mutation aims elsewhere
 AIM = 556_000
@@ -31,7 +32,7 @@ RAW_BODIES = [b"", b"null", b"[]", b"1", b'"s"', b"\xff\xfe", b"{", b"{}{}", b'{
 
 def _ucx_addresses() -> list[str]:
     try:
-        from torch_tq import ucx
+        from torch_tq.transport import ucx
 
         return ucx.runtime().addresses_b64[:1]
     except Exception:  # noqa: BLE001 - no UCX here: the UCX bodies are refused earlier

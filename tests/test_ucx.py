@@ -122,7 +122,7 @@ def test_fallback_when_the_endpoint_dies_mid_run(server, unique_id):
         import asyncio, os
         os.environ["UCX_NET_DEVICES"] = "lo"
         import torch, torch_tq
-        from torch_tq import ucx
+        from torch_tq.transport import ucx
         c = torch_tq.Client({_locations(server)!r})
         t = torch.randn(1 << 20)
         c.put({unique_id}, "d", t)
@@ -164,7 +164,7 @@ def _process_counts(pid: int) -> tuple[int, int, int]:
 
 
 def test_no_descriptor_thread_mapping_or_endpoint_leaks_after_1000_calls(server, unique_id):
-    from torch_tq import ucx
+    from torch_tq.transport import ucx
 
     c = torch_tq.Client(_locations(server))
     assert c.transport == "ucx"
@@ -204,7 +204,7 @@ def test_a_refused_put_takes_the_bytes_already_sent(unique_id):
     import pyarrow as pa
     import pyarrow.flight as flight
 
-    from torch_tq import ucx
+    from torch_tq.transport import ucx
 
     with torch_tq.start_server(storage="memory", same_host=False, max_matrix_bytes="1MiB",
                                qps_ucx=0.05, qps_burst=1) as srv:  # one UCX call per 20 s

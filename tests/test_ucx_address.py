@@ -16,7 +16,7 @@ import pyarrow.flight as flight
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from torch_tq import ucx_address
+from torch_tq.transport import ucx_address
 from torch_tq.errors import InvalidArgument
 
 ucxx = pytest.importorskip("ucxx")
@@ -24,7 +24,7 @@ ucxx = pytest.importorskip("ucxx")
 import torch  # noqa: E402
 
 import torch_tq  # noqa: E402
-from torch_tq import ucx  # noqa: E402
+from torch_tq.transport import ucx  # noqa: E402
 from tests.conftest import ucx_locations  # noqa: E402
 
 

@@ -5,7 +5,7 @@ as torch tensors; storage nodes run :func:`serve`.
 """
 
 from torch_tq._version import __version__
-from torch_tq.client import Client, ItemResult, Lease, MatrixInfo
+from torch_tq.client.client import Client, ItemResult, Lease, MatrixInfo
 from torch_tq.errors import (
     ForkedProcessError,
     InternalError,
@@ -14,16 +14,16 @@ from torch_tq.errors import (
     TQError,
     Unavailable,
 )
-from torch_tq.launch import ServerHandle, start_server
-from torch_tq.limits import Limits
-from torch_tq.server import serve
+from torch_tq.server.launch import ServerHandle, start_server
+from torch_tq.server.limits import Limits
+from torch_tq.server.flight import serve
 
 
 def __getattr__(name: str):
     # TQDataset and TensorSink need torch.utils.data; a storage node (``torch-tq serve``)
     # never imports torch, so they load on first use.
     if name in ("TQDataset", "TensorSink"):
-        from torch_tq import data
+        from torch_tq.integrations import data
 
         return getattr(data, name)
     raise AttributeError(f"module 'torch_tq' has no attribute {name!r}")

@@ -19,16 +19,16 @@ import time
 
 from torch_tq._config import DEFAULT_SHUTDOWN_GRACE_S, parse_size
 from torch_tq._version import __version__
-from torch_tq.bench import human_size
+from torch_tq.tools.bench import human_size
 from torch_tq.errors import TQError
-from torch_tq.limits import LIMIT_OPTIONS
+from torch_tq.server.limits import LIMIT_OPTIONS
 
 
 def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     import pyarrow as pa
 
     from torch_tq._config import resolve
-    from torch_tq.server import ALLOCATOR_ENV, allocator_for, serve
+    from torch_tq.server.flight import ALLOCATOR_ENV, allocator_for, serve
 
     wanted = allocator_for(resolve(args.storage, "STORAGE", "disk"))
     if ALLOCATOR_ENV not in os.environ and pa.default_memory_pool().backend_name != wanted:
@@ -60,8 +60,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
 def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from torch_tq.client import Client
-    from torch_tq.launch import start_server
+    from torch_tq.client.client import Client
+    from torch_tq.server.launch import start_server
 
     shape = tuple(int(d) for d in args.shape.split(","))
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="torch_tq-demo-")
@@ -113,7 +113,7 @@ EXIT_CODES = {"NOT_FOUND": 1, "INVALID_ARGUMENT": 2, "UNAVAILABLE": 3, "INTERNAL
 
 
 def _client(args: argparse.Namespace):
-    from torch_tq.client import Client
+    from torch_tq.client.client import Client
 
     return Client(args.location, timeout=args.timeout, transport="grpc",
                   retry_deadline=0 if args.no_retry else args.timeout,
@@ -150,7 +150,7 @@ def _stats(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _ls(args: argparse.Namespace, argv: list[str]) -> int:
-    from torch_tq.protocol import validate_matrix_type
+    from torch_tq.protocol.commands import validate_matrix_type
 
     with _client(args) as client:
         items = client.list(args.index_id)
@@ -218,7 +218,7 @@ def _export(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _import(args: argparse.Namespace, argv: list[str]) -> int:
-    from torch_tq import safetensors_io
+    from torch_tq.integrations import safetensors_io
 
     plan, _ = safetensors_io.plan_import(args.path, args.index_id)  # checked before connecting
     total = sum(spec["data_offsets"][1] - spec["data_offsets"][0] for _, _, spec in plan)
@@ -236,7 +236,7 @@ def _import(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
-    from torch_tq import bench
+    from torch_tq.tools import bench
 
     sizes = [parse_size(x) for x in args.sizes.split(",") if x.strip()]
     transports = args.transports.split(",") if args.transports else None
@@ -253,7 +253,7 @@ def environment() -> dict:
 
     info: dict = {"torch_tq": __version__, "python": platform.python_version(),
                   "platform": platform.platform()}
-    from torch_tq import ucx  # its settings before ucxx loads UCX
+    from torch_tq.transport import ucx  # its settings before ucxx loads UCX
 
     ucx.installed()
     for name in ("torch", "pyarrow", "numpy", "xxhash", "cramjam", "ucxx", "safetensors",

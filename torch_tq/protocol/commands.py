@@ -312,7 +312,7 @@ def parse_put_descriptor(descriptor: flight.FlightDescriptor) -> PutCommand:
     shape = validate_shape(body["shape"]) if "shape" in body else None
     dtype = body.get("dtype")
     if dtype is not None:
-        from torch_tq.codec import DTYPES  # the dtype table lives with the codec
+        from torch_tq.codec.tensors import DTYPES  # the dtype table lives with the codec
 
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InvalidArgument(f"unsupported dtype {dtype!r:.80}; supported: {sorted(DTYPES)}")
@@ -586,7 +586,7 @@ def parse_queue_body(raw: bytes, action: str) -> dict[str, Any]:
     if "delete" in body:
         out["delete"] = _validate_bool(body["delete"], "delete")
     if "rounds" in body:
-        from torch_tq.rounds import parse_spec
+        from torch_tq.store.rounds import parse_spec
 
         out["rounds"] = parse_spec(body["rounds"], MAX_ITEMS)
     if "rank" in body:
@@ -644,7 +644,7 @@ def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:
     if action == UCX_GET:
         out["inline_max"] = _validate_int(body.get("inline_max", 0), "inline_max", 0, 1 << 20)
     if action == UCX_PUT:
-        from torch_tq.codec import DTYPES
+        from torch_tq.codec.tensors import DTYPES
 
         out["shape"] = validate_shape(body["shape"])
         if not isinstance(body["dtype"], str) or body["dtype"] not in DTYPES:

@@ -34,8 +34,8 @@ import uuid
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from torch_tq import codec
-from torch_tq.backends import (
+from torch_tq.codec import tensors as codec
+from torch_tq.store.backends import (
     FREE_PREFIX,
     RECYCLE_MIN_BYTES,
     STAGING,
@@ -47,8 +47,8 @@ from torch_tq.backends import (
     unshared,
 )
 from torch_tq.errors import InternalError, TQError
-from torch_tq.protocol import Key, not_found
-from torch_tq.store import (
+from torch_tq.protocol.commands import Key, not_found
+from torch_tq.store.engine import (
     MatrixReader,
     MatrixWriter,
     check_size,
@@ -177,7 +177,7 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 def claim(staging: str, need: int, dest: str) -> bool:
     """Takes a recycled file from the memory store's pool (see
-    :class:`torch_tq.backends.RecyclePool`) by renaming it to ``dest``: the smallest that
+    :class:`torch_tq.store.backends.RecyclePool`) by renaming it to ``dest``: the smallest that
     holds ``need`` bytes, else the largest there is. False when there is none."""
     try:
         names = os.listdir(staging)
@@ -204,7 +204,7 @@ class MappedIpcFile:
     """An Arrow IPC file written through a shared mapping of a recycled file, whose pages
     already exist: a copy at memcpy speed (on several threads) instead of the fresh-page
     cost of ``write()``. ``capacity`` bounds the file; :meth:`finish` cuts it to what was
-    written. The same interface as :class:`torch_tq.backends.IpcFile`."""
+    written. The same interface as :class:`torch_tq.store.backends.IpcFile`."""
 
     def __init__(self, path: str, capacity: int, schema: pa.Schema) -> None:
         self.path = path

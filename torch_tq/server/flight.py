@@ -1,6 +1,6 @@
 """The Flight storage server and the ways to run it.
 
-:class:`TQFlightServer` maps the seed's Flight methods onto the :mod:`~torch_tq.store`:
+:class:`TQFlightServer` maps the seed's Flight methods onto the :mod:`~torch_tq.store.engine`:
 DoPut (WriteMatrix), DoGet (ReadMatrix ticket), GetFlightInfo, GetSchema, ListFlights,
 DoAction (DeleteMatrix, GetMetadata, Health) and ListActions.
 
@@ -28,7 +28,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from torch_tq import batch as batch_ops, codec, local, protocol, ucx
+from torch_tq.server import batch as batch_ops
+
+from torch_tq.codec import tensors as codec
+
+from torch_tq.transport import same_host as local
+
+from torch_tq.protocol import commands as protocol
+
+from torch_tq.transport import ucx
 from torch_tq._config import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_HOST,
@@ -44,11 +52,11 @@ from torch_tq._version import __version__
 from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
 from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq._malloc import give_back_memory, tune_malloc
-from torch_tq.limits import Limiter, Limits, client_identity, limits_from, peer_host
-from torch_tq.queue import Queue
-from torch_tq.backends import first_line
-from torch_tq.store import Entry, Store
-from torch_tq.ucx_probe import AddressProbe
+from torch_tq.server.limits import Limiter, Limits, client_identity, limits_from, peer_host
+from torch_tq.store.groups import Queue
+from torch_tq.store.backends import first_line
+from torch_tq.store.engine import Entry, Store
+from torch_tq.server.ucx_probe import AddressProbe
 
 log = logging.getLogger(__name__)
 
@@ -568,7 +576,7 @@ class TQFlightServer(flight.FlightServerBase):
     def _ucx_peers(self, rt, req: dict) -> list[bytes]:
         """The client's lanes a request names (no more than this server runs), with an
         endpoint to each. An address met for the first time is checked against UCX's
-        layout, then tried in a probe process (:mod:`torch_tq.ucx_probe`) before this
+        layout, then tried in a probe process (:mod:`torch_tq.server.ucx_probe`) before this
         process lets UCX near it.
 
         Raises:

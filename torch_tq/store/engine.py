@@ -1,7 +1,7 @@
 """The storage engine: the catalog, atomic uploads, and verified reads.
 
 A matrix is stored as record batches of bounded size (in an Arrow IPC file, or in RAM; see
-:mod:`torch_tq.backends`). On disk every batch carries the XXH3-64 digest of its element
+:mod:`torch_tq.store.backends`). On disk every batch carries the XXH3-64 digest of its element
 bytes in its custom metadata; the last batch also carries the trailer (shape, dtype, sizes,
 timestamps) with a digest of its own. A reader verifies each batch before handing it on, so
 a flipped bit is an :class:`~torch_tq.errors.InternalError`, never wrong data.
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import xxhash
 
-from torch_tq import codec
+from torch_tq.codec import tensors as codec
 from torch_tq._malloc import give_back_memory_soon
 from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MATRIX_BYTES, default_data_dir
-from torch_tq.backends import FileBackend, MemoryBackend, first_line, io_error, make_shared_root
+from torch_tq.store.backends import FileBackend, MemoryBackend, first_line, io_error, make_shared_root
 from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError, Unavailable
-from torch_tq.protocol import Key, not_found
+from torch_tq.protocol.commands import Key, not_found
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ class Store:
             InvalidArgument: the file is not a complete, valid matrix of ``key``.
             Unavailable / InternalError: it could not be published.
         """
-        from torch_tq.backends import StagedFile
+        from torch_tq.store.backends import StagedFile
 
         if not isinstance(self.backend, FileBackend) and not getattr(
                 self.backend, "shared_root", None):

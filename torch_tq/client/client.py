@@ -28,7 +28,13 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import xxhash
 
-from torch_tq import batch as batch_ops, codec, native, protocol
+from torch_tq import native
+
+from torch_tq.server import batch as batch_ops
+
+from torch_tq.codec import tensors as codec
+
+from torch_tq.protocol import commands as protocol
 from torch_tq._config import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -47,8 +53,8 @@ from torch_tq.errors import (
     TQError,
     Unavailable,
 )
-from torch_tq.limits import CLIENT_ID_HEADER
-from torch_tq.protocol import Key
+from torch_tq.server.limits import CLIENT_ID_HEADER
+from torch_tq.protocol.commands import Key
 
 if TYPE_CHECKING:
     import torch
@@ -197,8 +203,8 @@ class Client:
             costs more CPU than it saves (``benchmarks/compression.py``).
         transport: how matrices move (``TORCH_TQ_TRANSPORT``): ``"auto"`` (default) uses
             the same-host path when the server runs on this host with a disk store this
-            process can see (:mod:`torch_tq.local`), else UCX when a ``ucx://`` (or
-            ``rdma://``) location is given and UCX works (:mod:`torch_tq.ucx`), else gRPC,
+            process can see (:mod:`torch_tq.transport.same_host`), else UCX when a ``ucx://`` (or
+            ``rdma://``) location is given and UCX works (:mod:`torch_tq.transport.ucx`), else gRPC,
             falling back to gRPC for good when a UCX transfer fails; ``"same-host"``,
             ``"ucx"`` or ``"grpc"`` insist on one (raising :class:`Unavailable` when it
             cannot be had). gRPC always carries the control calls.
@@ -315,7 +321,7 @@ class Client:
             reasons.append(f"same-host: {reason}")
         if mode == "ucx" or (mode == "auto" and self.ucx_locations):
             try:
-                from torch_tq import ucx
+                from torch_tq.transport import ucx
 
                 rt = ucx.runtime()
                 info = self._action(protocol.UCX_INFO, {}, "ucx info")
@@ -336,7 +342,7 @@ class Client:
         return "grpc", None
 
     def _try_same_host(self) -> tuple[Any, str]:
-        from torch_tq import local
+        from torch_tq.transport import same_host as local
 
         try:
             info = self._action(protocol.LOCAL_INFO, {"host_id": local.host_id()}, "local info")
@@ -474,7 +480,7 @@ class Client:
         self._put_to(conn, key, dtype, shape, flat, compression)
 
     def _put_ucx(self, peers: list[bytes], key: Key, dtype: codec.DType, shape, flat) -> None:
-        from torch_tq import ucx
+        from torch_tq.transport import ucx
 
         if flat.nbytes <= _UCX_INLINE_BYTES:  # small: one gRPC upload beats two messages
             self._put_to(self._flight, key, dtype, shape, flat, self.compression)
@@ -510,7 +516,7 @@ class Client:
         """A get over UCX, received straight into the result: a tensor on the CUDA device
         ``cuda`` when given (UCX writes GPU memory), else a pooled pinned block when
         ``pinned`` (the host side of a copy to a GPU), else host memory."""
-        from torch_tq import ucx
+        from torch_tq.transport import ucx
 
         rt = ucx.runtime()
         tag = random.getrandbits(64)
@@ -1024,7 +1030,7 @@ class Client:
             NotFound: an index_id has nothing (of ``types``) to export.
             InternalError: a matrix changed shape or dtype during the export.
         """
-        from torch_tq import safetensors_io
+        from torch_tq.integrations import safetensors_io
 
         ids = [index_ids] if isinstance(index_ids, int) else list(index_ids)
         return safetensors_io.export_safetensors(self, path, ids, types, progress)
@@ -1043,7 +1049,7 @@ class Client:
             InvalidArgument: not a safetensors file, an unsupported dtype, or a tensor
                 without a valid key (nothing is stored).
         """
-        from torch_tq import safetensors_io
+        from torch_tq.integrations import safetensors_io
 
         return safetensors_io.import_safetensors(self, path, index_id, progress)
 
@@ -1100,7 +1106,7 @@ class Client:
         With ``rounds`` (``{"rank": r, "world_size": w, "dp_rank": d, "dp_size": s,
         "share": b, "unit": "matrix"|"sample", "group_by": n, "balance_by": type}``, all but
         rank and world_size optional) the server deals the group in rounds that give every
-        data-parallel rank a share of the same weight (see :mod:`torch_tq.rounds`): the
+        data-parallel rank a share of the same weight (see :mod:`torch_tq.store.rounds`): the
         lease is this rank's next share, ``max_items`` does not apply, and once no further
         round can be filled the lease is empty and drained, with ``left`` the ready
         index_ids that stay in the group.
@@ -1302,7 +1308,7 @@ def _rebuild(location, timeout: float | None, chunk_bytes: int, checksum: bool,
 _TRANSPORTS = ("auto", "grpc", "ucx", "same-host")
 # Up to this size a UCX client's matrix travels with the gRPC call itself: a control round
 # trip plus a UCX transfer costs more than one gRPC round trip below ~1.5 MiB here
-# (torch_tq.bench: a 1 MiB get 1.3 ms over gRPC, 2.0 ms over UCX; 2 MiB: 2.4 vs 1.7 ms).
+# (torch_tq.tools.bench: a 1 MiB get 1.3 ms over gRPC, 2.0 ms over UCX; 2 MiB: 2.4 vs 1.7 ms).
 _UCX_INLINE_BYTES = 1 << 20
 # Up to this size a put into a disk store on this host goes over gRPC, not through a file.
 _LOCAL_SMALL_BYTES = 64 << 10

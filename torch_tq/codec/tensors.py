@@ -280,7 +280,7 @@ class UploadDecoder:
         meta_dtype = md.get(DTYPE_KEY, b"").decode("utf-8", "replace") or None
         meta_shape = None
         if SHAPE_KEY in md:
-            from torch_tq.protocol import validate_shape  # shared validation of shapes
+            from torch_tq.protocol.commands import validate_shape  # shared validation of shapes
 
             try:
                 raw = json.loads(md[SHAPE_KEY])

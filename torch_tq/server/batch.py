@@ -32,9 +32,11 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from torch_tq import codec, protocol
+from torch_tq.codec import tensors as codec
+
+from torch_tq.protocol import commands as protocol
 from torch_tq.errors import InternalError, InvalidArgument, TQError
-from torch_tq.protocol import BadItem, Key
+from torch_tq.protocol.commands import BadItem, Key
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def _failed(index_id, matrix_type, error: TQError) -> dict:
 
 
 def _unexpected(e: BaseException, where: str) -> InternalError:
-    from torch_tq.server import format_exception
+    from torch_tq.server.flight import format_exception
 
     ref = uuid.uuid4().hex[:12]
     log.error("%s failed (ref %s):\n%s", where, ref, format_exception(e))

@@ -36,11 +36,13 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from torch_tq import codec, protocol
+from torch_tq.codec import tensors as codec
+
+from torch_tq.protocol import commands as protocol
 from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError
 
 if TYPE_CHECKING:
-    from torch_tq.client import Client
+    from torch_tq.client.client import Client
 
 # our dtype names <-> safetensors' (those both sides have)
 TO_ST = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32",

@@ -16,7 +16,7 @@ import threading
 import time
 
 from torch_tq.errors import ERROR_CLASSES, Unavailable
-from torch_tq.server import ALLOCATOR_ENV, allocator_for
+from torch_tq.server.flight import ALLOCATOR_ENV, allocator_for
 
 _LISTENING = re.compile(r"listening on (grpc://\S+)")
 _ERROR = re.compile(r"error: (NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR): (.*)")

@@ -42,11 +42,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch_tq.backends import io_error
+from torch_tq.store.backends import io_error
 from torch_tq.errors import InvalidArgument, NotFound, Unavailable
-from torch_tq.protocol import GROUP_RE, Key
-from torch_tq.rounds import RoundSpec, form_round
-from torch_tq.store import Store, now_ms
+from torch_tq.protocol.commands import GROUP_RE, Key
+from torch_tq.store.rounds import RoundSpec, form_round
+from torch_tq.store.engine import Store, now_ms
 
 log = logging.getLogger(__name__)
 _U64 = struct.Struct("<Q")
@@ -440,7 +440,7 @@ class Queue:
         """Leases up to ``max_items`` ready index_ids, waiting up to ``wait_s`` for one.
 
         ``ack`` acknowledges earlier index_ids first (one round trip for both). With
-        ``rounds``, the group is dealt in rounds (:mod:`torch_tq.rounds`): the reply is the
+        ``rounds``, the group is dealt in rounds (:mod:`torch_tq.store.rounds`): the reply is the
         next share of the consumer's dp rank that its rank has not taken yet (``max_items``
         does not apply), ``drained`` once no further round can be filled, with ``left`` the
         ready index_ids that stay in the group.

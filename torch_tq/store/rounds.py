@@ -8,7 +8,7 @@ data-parallel ranks one *share* of the same weight (``share`` index_ids, or ``sh
 same number of shares, and whatever cannot fill a last round stays in the group.
 
 This module holds the pure part: what a round asks for (:class:`RoundSpec`) and how one is
-formed from the ready index_ids (:func:`form_round`). :mod:`torch_tq.queue` keeps the state
+formed from the ready index_ids (:func:`form_round`). :mod:`torch_tq.store.groups` keeps the state
 (which shares each rank has taken, their leases and acknowledgements).
 """
 
@@ -74,7 +74,7 @@ def parse_spec(value: Any, max_share: int) -> RoundSpec:
     Raises:
         InvalidArgument: a missing, unknown or out-of-range field.
     """
-    from torch_tq import protocol
+    from torch_tq.protocol import commands as protocol
 
     if not isinstance(value, Mapping):
         raise InvalidArgument(f"rounds must be an object, got {type(value).__name__}")

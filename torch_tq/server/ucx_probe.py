@@ -1,11 +1,11 @@
 """Trying a caller's UCX worker address in a sacrificial process before the server uses it.
 
-A worker address that is well formed (:mod:`torch_tq.ucx_address`) can still name
+A worker address that is well formed (:mod:`torch_tq.transport.ucx_address`) can still name
 transport resources that UCX trusts blindly: a bit flipped in a shared-memory interface
 address makes UCX map another file of the peer's as its message queue, and the process
 dies of SIGBUS while the endpoint is being made (seen here with 1 of 1,503 single-bit
 flips of a real address). So the first time the server meets an address, a helper process
-(``python -m torch_tq.ucx_probe``, started with the server's UCX runtime) makes an endpoint
+(``python -m torch_tq.server.ucx_probe``, started with the server's UCX runtime) makes an endpoint
 from it and reports back. If the helper dies or hangs, the address is refused
 (:class:`~torch_tq.errors.InvalidArgument`) and a new helper starts for the next one; the
 server itself only ever makes endpoints that a helper has made before it.
@@ -46,7 +46,7 @@ class AddressProbe:
     def _start(self) -> subprocess.Popen:
         env = dict(os.environ, TORCH_TQ_UCX_LANES="1", PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "torch_tq.ucx_probe"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "torch_tq.server.ucx_probe"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True)
         line = _readline(proc, START_TIMEOUT_S)
         if line != b"ready":
@@ -129,7 +129,7 @@ def _main() -> None:
     stdout = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     stdin = sys.stdin.buffer
-    from torch_tq import ucx
+    from torch_tq.transport import ucx
 
     rt = ucx.runtime()
     stdout.write(b"ready\n")

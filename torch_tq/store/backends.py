@@ -4,7 +4,7 @@ Both backends hold a matrix as a sequence of record batches with per-batch custo
 (digests, and the trailer on the last batch), and both expose a stored matrix through the
 same small reader interface as :class:`pyarrow.ipc.RecordBatchFileReader`
 (``num_record_batches``, ``get_batch_with_custom_metadata(i)``, ``schema``), so the
-verification in :mod:`torch_tq.store` is one piece of code for both.
+verification in :mod:`torch_tq.store.engine` is one piece of code for both.
 
 Disk layout under the data directory::
 
@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
-from torch_tq.protocol import Key, not_found
+from torch_tq.protocol.commands import Key, not_found
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class StagedFile:
             raise InvalidArgument("the staged file was linked elsewhere while being published")
 
     def close(self) -> None:
-        """Nothing: a reader of the file (:class:`~torch_tq.store.MatrixReader`) closes its
+        """Nothing: a reader of the file (:class:`~torch_tq.store.engine.MatrixReader`) closes its
         source when done, but the publish still needs it; :meth:`release` ends it."""
 
     def release(self) -> None:

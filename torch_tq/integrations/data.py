@@ -3,7 +3,7 @@
 :class:`TQDataset` reads matrices either for a fixed set of index_ids (sharded across ranks
 and DataLoader workers, optionally shuffled per epoch, resumable mid-epoch) or as a stream
 from a consumer group (the server hands each index_id to exactly one consumer as soon as
-every required type is present; see :mod:`torch_tq.queue`).
+every required type is present; see :mod:`torch_tq.store.groups`).
 
 :class:`TensorSink` writes from a background thread, with bounded memory in flight.
 
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from torch_tq import protocol
-from torch_tq.client import Client
+from torch_tq.protocol import commands as protocol
+from torch_tq.client.client import Client
 from torch_tq.errors import InvalidArgument, NotFound, TQError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class TQDataset(torch.utils.data.IterableDataset):
       iteration ends when producers have finished the types (:meth:`TensorSink.finish`) and
       nothing is left to lease, or after ``idle_timeout`` seconds without an item. With one
       rank, whichever worker asks first gets the next ready index_ids. With ``world_size >
-      1`` (or ``dp_size=``) the server deals the group in *rounds* (:mod:`torch_tq.rounds`):
+      1`` (or ``dp_size=``) the server deals the group in *rounds* (:mod:`torch_tq.store.rounds`):
       each round gives every data-parallel rank a share of ``batch_size`` items (one
       DataLoader batch; :meth:`loader` passes it on), so every rank takes the same number of
       steps and all end at the same step; ranks of one dp rank (``dp_rank=``, ``dp_size=``:

@@ -171,7 +171,7 @@ class FlightBaseline:
 def available_transports() -> list[str]:
     """The torch_tq transports this machine can run: gRPC and same-host always, UCX when
     ucxx imports."""
-    from torch_tq import ucx
+    from torch_tq.transport import ucx
 
     return ["grpc", "same-host", "ucx"] if ucx.installed() else ["grpc", "same-host"]
 
@@ -211,8 +211,8 @@ def suite(sizes: Iterable[int], transports: Iterable[str] | None = None, runs: i
     "seconds", "gbps", "us"}`` (``seconds``: the median; ``us`` the same in µs)."""
     import torch
 
-    from torch_tq.client import Client
-    from torch_tq.launch import start_server
+    from torch_tq.client.client import Client
+    from torch_tq.server.launch import start_server
 
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # UCX's TCP stays on loopback here
     sizes = sorted({max(4, int(s) // 4 * 4) for s in sizes})

@@ -37,7 +37,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from torch_tq import ucx_address
+from torch_tq.transport import ucx_address
 from torch_tq.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def decode_address(value: Any) -> bytes:
 
 def decode_addresses(value: Any) -> list[bytes]:
     """A peer's lanes: a list of 1 to MAX_LANES base64 worker addresses (or one, as text),
-    each checked against UCX's address layout (:func:`torch_tq.ucx_address.parse`)."""
+    each checked against UCX's address layout (:func:`torch_tq.transport.ucx_address.parse`)."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_LANES:

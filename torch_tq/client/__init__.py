@@ -1,0 +1,1 @@
+"""The client side: ``Client`` and the transports under it."""

@@ -1,0 +1,1 @@
+"""Tensors to Arrow and back: the canonical wire schema, chunking, compression."""

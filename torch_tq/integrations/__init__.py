@@ -1,0 +1,1 @@
+"""torch_tq inside other tools: ``TQDataset``/``TensorSink`` (PyTorch) and safetensors."""

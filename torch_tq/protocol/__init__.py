@@ -1,0 +1,1 @@
+"""The wire protocol: commands, their validation, and wire errors in both directions."""

@@ -1,0 +1,1 @@
+"""The storage node: Flight handlers, admission and limits, batches, start and shutdown."""

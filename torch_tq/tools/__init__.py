@@ -1,0 +1,1 @@
+"""The command line and the benchmark suite behind ``torch-tq bench``."""
