@@ -14,19 +14,31 @@ from torch_tq.errors import (
     TQError,
     Unavailable,
 )
-from torch_tq.server.launch import ServerHandle, start_server
-from torch_tq.server.limits import Limits
-from torch_tq.server.flight import serve
+
+# Loaded on first use: a client process never imports the server, and TQDataset/TensorSink
+# need torch.utils.data, which a storage node never imports.
+_LAZY = {
+    "serve": "torch_tq.server.flight",
+    "start_server": "torch_tq.server.launch",
+    "ServerHandle": "torch_tq.server.launch",
+    "Limits": "torch_tq.server.limits",
+    "TQDataset": "torch_tq.integrations.data",
+    "TensorSink": "torch_tq.integrations.data",
+}
 
 
 def __getattr__(name: str):
-    # TQDataset and TensorSink need torch.utils.data; a storage node (``torch-tq serve``)
-    # never imports torch, so they load on first use.
-    if name in ("TQDataset", "TensorSink"):
-        from torch_tq.integrations import data
+    if name in _LAZY:
+        import importlib
 
-        return getattr(data, name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'torch_tq' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

@@ -1,1 +1,2 @@
-"""The client side: ``Client`` and the transports under it."""
+"""The client side: ``Client``, the transports under it, and the safetensors export and import
+built on it."""

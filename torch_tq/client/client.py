@@ -30,7 +30,7 @@ import xxhash
 
 from torch_tq import native
 
-from torch_tq.server import batch as batch_ops
+from torch_tq.codec import batch as batch_ops
 
 from torch_tq.codec import tensors as codec
 
@@ -53,8 +53,7 @@ from torch_tq.errors import (
     TQError,
     Unavailable,
 )
-from torch_tq.server.limits import CLIENT_ID_HEADER
-from torch_tq.protocol.commands import Key
+from torch_tq.protocol.commands import CLIENT_ID_HEADER, Key
 
 if TYPE_CHECKING:
     import torch
@@ -1030,7 +1029,7 @@ class Client:
             NotFound: an index_id has nothing (of ``types``) to export.
             InternalError: a matrix changed shape or dtype during the export.
         """
-        from torch_tq.integrations import safetensors_io
+        from torch_tq.client import safetensors_io
 
         ids = [index_ids] if isinstance(index_ids, int) else list(index_ids)
         return safetensors_io.export_safetensors(self, path, ids, types, progress)
@@ -1049,7 +1048,7 @@ class Client:
             InvalidArgument: not a safetensors file, an unsupported dtype, or a tensor
                 without a valid key (nothing is stored).
         """
-        from torch_tq.integrations import safetensors_io
+        from torch_tq.client import safetensors_io
 
         return safetensors_io.import_safetensors(self, path, index_id, progress)
 

@@ -14,7 +14,6 @@ import json
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,7 @@ import pyarrow.compute as pc
 
 from torch_tq import native
 from torch_tq.errors import InternalError, InvalidArgument
+from torch_tq.model import DTYPES, DType, validate_shape  # noqa: F401 - codec.DTYPES
 
 if TYPE_CHECKING:  # torch is imported lazily: a storage server never needs it
     import torch
@@ -40,37 +40,6 @@ warnings.filterwarnings(
 )
 
 
-@dataclass(frozen=True)
-class DType:
-    """One supported element type and its three spellings."""
-
-    name: str  # also the torch.dtype attribute name
-    arrow: pa.DataType  # the Arrow type the values travel and rest as
-    numpy: np.dtype  # the numpy view of the raw values (bool: one byte per element)
-    itemsize: int  # bytes per element in a tensor
-
-    @property
-    def torch(self) -> torch.dtype:
-        import torch
-
-        return getattr(torch, self.name)
-
-
-DTYPES: dict[str, DType] = {
-    d.name: d
-    for d in (
-        DType("bool", pa.bool_(), np.dtype(np.bool_), 1),
-        DType("uint8", pa.uint8(), np.dtype(np.uint8), 1),
-        DType("int8", pa.int8(), np.dtype(np.int8), 1),
-        DType("int16", pa.int16(), np.dtype(np.int16), 2),
-        DType("int32", pa.int32(), np.dtype(np.int32), 4),
-        DType("int64", pa.int64(), np.dtype(np.int64), 8),
-        DType("float16", pa.float16(), np.dtype(np.float16), 2),
-        DType("bfloat16", pa.uint16(), np.dtype(np.uint16), 2),
-        DType("float32", pa.float32(), np.dtype(np.float32), 4),
-        DType("float64", pa.float64(), np.dtype(np.float64), 8),
-    )
-}
 # Arrow value type -> dtype, for uploads that do not name their dtype (uint16 only as bf16).
 _BY_ARROW = {d.arrow: d for d in DTYPES.values() if d.name != "bfloat16"}
 
@@ -280,7 +249,6 @@ class UploadDecoder:
         meta_dtype = md.get(DTYPE_KEY, b"").decode("utf-8", "replace") or None
         meta_shape = None
         if SHAPE_KEY in md:
-            from torch_tq.protocol.commands import validate_shape  # shared validation of shapes
 
             try:
                 raw = json.loads(md[SHAPE_KEY])

@@ -1,1 +1,1 @@
-"""torch_tq inside other tools: ``TQDataset``/``TensorSink`` (PyTorch) and safetensors."""
+"""torch_tq inside PyTorch training loops: ``TQDataset`` and ``TensorSink``."""

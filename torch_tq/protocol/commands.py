@@ -20,7 +20,6 @@ gRPC status (NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE, INTERNAL).
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -28,6 +27,17 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from torch_tq.model import (  # noqa: F401 - the protocol's names for the data model
+    DTYPES,
+    GROUP_RE,
+    MAX_DIMS,
+    MAX_INDEX_ID,
+    Key,
+    not_found,
+    validate_index_id,
+    validate_matrix_type,
+    validate_shape,
+)
 from torch_tq.errors import (
     ERROR_CLASSES,
     InternalError,
@@ -104,21 +114,9 @@ _ACTION_SPELLINGS = {
 }
 
 MAX_COMMAND_BYTES = 64 * 1024
-MAX_INDEX_ID = 2**64 - 1
-MAX_DIMS = 32
-_MATRIX_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}", re.ASCII)
+CLIENT_ID_HEADER = "x-tq-client-id"  # who a call counts against, while authentication is off
 _DECIMAL_RE = re.compile(r"0|[1-9][0-9]{0,19}", re.ASCII)
 _HEX64_RE = re.compile(r"[0-9a-f]{16}", re.ASCII)
-
-
-class Key(NamedTuple):
-    """The address of one matrix."""
-
-    index_id: int
-    matrix_type: str
-
-    def __str__(self) -> str:
-        return f"index_id={self.index_id}, type={self.matrix_type}"
 
 
 @dataclass(frozen=True)
@@ -130,10 +128,6 @@ class PutCommand:
     dtype: str | None = None
     nbytes: int | None = None
     xxh3: str | None = None
-
-
-def not_found(key: Key) -> NotFound:
-    return NotFound(f"matrix not found: {key}")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -185,48 +179,6 @@ def parse_json_object(raw: bytes | str, what: str, limit: int = MAX_COMMAND_BYTE
 def _short(e: BaseException) -> str:
     text = str(e)
     return text if len(text) <= 200 else text[:200] + "..."
-
-
-def validate_index_id(value: Any) -> int:
-    """Returns ``value`` if it is a JSON integer in ``[0, 2**64 - 1]``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(
-            f"index_id must be an integer in [0, 2**64-1], got {type(value).__name__}"
-        )
-    if value < 0 or value > MAX_INDEX_ID:
-        raise InvalidArgument(f"index_id {value} is outside [0, 2**64-1]")
-    return value
-
-
-def validate_matrix_type(value: Any) -> str:
-    """Returns the canonical (lower-case) matrix type name.
-
-    Names match ``[A-Za-z][A-Za-z0-9_]{0,63}`` (ASCII only, checked before lowering so
-    look-alikes such as the Kelvin sign never become ASCII letters).
-    """
-    if not isinstance(value, str):
-        raise InvalidArgument(f"matrix_type must be a string, got {type(value).__name__}")
-    if not _MATRIX_TYPE_RE.fullmatch(value):
-        raise InvalidArgument(
-            f"invalid matrix_type {value[:80]!r}: use 1-64 ASCII letters, digits or '_', "
-            "starting with a letter"
-        )
-    return value.lower()
-
-
-def validate_shape(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list):
-        raise InvalidArgument(f"shape must be a list of integers, got {type(value).__name__}")
-    if len(value) > MAX_DIMS:
-        raise InvalidArgument(f"shape has {len(value)} dimensions; the limit is {MAX_DIMS}")
-    dims = []
-    for d in value:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 0 or d > 2**62:
-            raise InvalidArgument(f"shape entries must be integers >= 0, got {d!r:.80}")
-        dims.append(d)
-    if math.prod(dims) > 2**62:
-        raise InvalidArgument(f"shape {dims} has too many elements")
-    return tuple(dims)
 
 
 def _check_keys(body: dict[str, Any], allowed: set[str], required: set[str], what: str) -> None:
@@ -312,7 +264,6 @@ def parse_put_descriptor(descriptor: flight.FlightDescriptor) -> PutCommand:
     shape = validate_shape(body["shape"]) if "shape" in body else None
     dtype = body.get("dtype")
     if dtype is not None:
-        from torch_tq.codec.tensors import DTYPES  # the dtype table lives with the codec
 
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InvalidArgument(f"unsupported dtype {dtype!r:.80}; supported: {sorted(DTYPES)}")
@@ -507,7 +458,6 @@ MAX_IDS_PER_CALL = 10_000
 MAX_ITEMS = 10_000
 MAX_WAIT_S = 60.0
 MAX_LEASE_S = 24 * 3600.0
-GROUP_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}", re.ASCII)
 
 
 def validate_group(value: Any) -> str:
@@ -644,7 +594,6 @@ def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:
     if action == UCX_GET:
         out["inline_max"] = _validate_int(body.get("inline_max", 0), "inline_max", 0, 1 << 20)
     if action == UCX_PUT:
-        from torch_tq.codec.tensors import DTYPES
 
         out["shape"] = validate_shape(body["shape"])
         if not isinstance(body["dtype"], str) or body["dtype"] not in DTYPES:

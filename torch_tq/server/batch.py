@@ -26,7 +26,6 @@ item cap (then nothing is stored).
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -35,6 +34,7 @@ import pyarrow as pa
 from torch_tq.codec import tensors as codec
 
 from torch_tq.protocol import commands as protocol
+from torch_tq.server.errors import internal_error
 from torch_tq.errors import InternalError, InvalidArgument, TQError
 from torch_tq.protocol.commands import BadItem, Key
 
@@ -66,11 +66,7 @@ def _failed(index_id, matrix_type, error: TQError) -> dict:
 
 
 def _unexpected(e: BaseException, where: str) -> InternalError:
-    from torch_tq.server.flight import format_exception
-
-    ref = uuid.uuid4().hex[:12]
-    log.error("%s failed (ref %s):\n%s", where, ref, format_exception(e))
-    return InternalError(f"internal server error (ref {ref}); see the server log")
+    return internal_error(e, where, log)
 
 
 # --------------------------------------------------------------------------- BatchWrite
@@ -296,28 +292,3 @@ def read_items(store, cmd: protocol.BatchReadCommand, chunk_bytes: int) -> Itera
             rows, pieces, held = [], [], 0
     if rows or not cmd.items:
         yield _row_batch(rows, pieces)
-
-
-# --------------------------------------------------------------------------- client side
-
-
-def write_batch_of(group: list) -> pa.RecordBatch:
-    """The BatchWrite table of ``(i, key, dtype, shape, flat)`` entries (one copy of the
-    values, into one buffer)."""
-    n = len(group)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum([flat.nbytes for *_, flat in group], out=offsets[1:])
-    data = np.empty(int(offsets[-1]), dtype=np.uint8)
-    for (_, _, _, _, flat), start, end in zip(group, offsets[:-1], offsets[1:]):
-        data[start:end] = flat.view(np.uint8).reshape(-1)
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array([key.index_id for _, key, *_ in group], pa.uint64()),
-            pa.array([key.matrix_type for _, key, *_ in group], pa.string()),
-            pa.array([dtype.name for _, _, dtype, _, _ in group], pa.string()),
-            pa.array([list(shape) for _, _, _, shape, _ in group], pa.list_(pa.int64())),
-            pa.Array.from_buffers(pa.large_binary(), n,
-                                  [None, pa.py_buffer(offsets), pa.py_buffer(data)]),
-        ],
-        names=["index_id", "matrix_type", "dtype", "shape", "data"],
-    )

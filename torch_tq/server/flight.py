@@ -20,8 +20,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -49,9 +47,11 @@ from torch_tq._config import (
     resolve,
 )
 from torch_tq._version import __version__
-from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
+from torch_tq.errors import InvalidArgument, TQError, Unavailable
 from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq._malloc import give_back_memory, tune_malloc
+from torch_tq.server.errors import internal_error
+from torch_tq.server.launch import ALLOCATOR_ENV, allocator_for
 from torch_tq.server.limits import Limiter, Limits, client_identity, limits_from, peer_host
 from torch_tq.store.groups import Queue
 from torch_tq.store.backends import first_line
@@ -61,20 +61,13 @@ from torch_tq.server.ucx_probe import AddressProbe
 log = logging.getLogger(__name__)
 
 
-def format_exception(e: BaseException) -> str:
-    """A full traceback, whatever ``sys.tracebacklimit`` says (the server sets it to 0)."""
-    return "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=100))
-
-
 def _wire(e: BaseException, where: str) -> Exception:
     if isinstance(e, TQError):
         return protocol.to_wire_error(e)
     if isinstance(e, (flight.FlightError, *protocol.WIRE_ERRORS)):
         # pyarrow's own Flight errors (e.g. a cancelled call) carry no traceback.
         return e
-    ref = uuid.uuid4().hex[:12]
-    log.error("%s failed (ref %s):\n%s", where, ref, format_exception(e))
-    return protocol.to_wire_error(InternalError(f"internal server error (ref {ref}); see the server log"))
+    return protocol.to_wire_error(internal_error(e, where, log))
 
 
 class ServerStats:
@@ -840,7 +833,8 @@ def serve(
         >>> torch_tq.serve(port=8080, data_dir="/nvme/tq")  # doctest: +SKIP
     """
     # No traceback may reach a client: Arrow formats the exceptions our handlers raise with
-    # the traceback module, which honours this limit. Our own logs use format_exception().
+    # the traceback module, which honours this limit. Our own logs use
+    # server.errors.format_exception().
     sys.tracebacklimit = 0
     server = make_server(
         host, port, data_dir, storage, durable=durable, chunk_bytes=chunk_bytes,
@@ -863,23 +857,6 @@ def serve(
             pass
     finally:
         _shutdown(server, shutdown_grace)
-
-
-ALLOCATOR_ENV = "ARROW_DEFAULT_MEMORY_POOL"
-
-
-def allocator_for(storage: str) -> str:
-    """The Arrow allocator a server process should start with (pyarrow fixes it at import).
-
-    Received batches come from Arrow's default pool. For the ``disk`` store, whose uploads
-    only pass through, jemalloc gives freed upload buffers back: mimalloc (pyarrow's
-    default) was measured keeping ~400 MiB after a 2 GiB upload, jemalloc ~100 MiB. The
-    ``memory`` store keeps what it receives and frees a whole matrix on each overwrite;
-    mimalloc reuses that memory for the next upload instead of faulting in fresh pages,
-    which measured 0.85-0.92x plain Flight on put against 0.69-0.91x with jemalloc
-    (benchmarks/roundtrip.py, three runs each, interleaved).
-    """
-    return "mimalloc" if storage == "memory" else "jemalloc"
 
 
 def _check_allocator(storage: str) -> None:

@@ -34,9 +34,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+from torch_tq.protocol.commands import CLIENT_ID_HEADER
 from torch_tq.errors import InvalidArgument, Unavailable
 
-CLIENT_ID_HEADER = "x-tq-client-id"
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_.:@/+=-]{1,128}", re.ASCII)
 _MAX_IDLE_CLIENTS = 4096
 

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from torch_tq.errors import InternalError, InvalidArgument, TQError, Unavailable
-from torch_tq.protocol.commands import Key, not_found
+from torch_tq.model import Key, not_found
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from torch_tq._malloc import give_back_memory_soon
 from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MATRIX_BYTES, default_data_dir
 from torch_tq.store.backends import FileBackend, MemoryBackend, first_line, io_error, make_shared_root
 from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError, Unavailable
-from torch_tq.protocol.commands import Key, not_found
+from torch_tq.model import Key, not_found
 
 log = logging.getLogger(__name__)
 

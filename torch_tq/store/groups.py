@@ -44,7 +44,7 @@ from typing import Any
 
 from torch_tq.store.backends import io_error
 from torch_tq.errors import InvalidArgument, NotFound, Unavailable
-from torch_tq.protocol.commands import GROUP_RE, Key
+from torch_tq.model import GROUP_RE, Key
 from torch_tq.store.rounds import RoundSpec, form_round
 from torch_tq.store.engine import Store, now_ms
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch_tq.errors import InvalidArgument
+from torch_tq.model import validate_matrix_type
 
 UNITS = ("matrix", "sample")
 _FIELDS = {"rank", "world_size", "dp_rank", "dp_size", "share", "unit", "group_by", "balance_by"}
@@ -74,8 +75,6 @@ def parse_spec(value: Any, max_share: int) -> RoundSpec:
     Raises:
         InvalidArgument: a missing, unknown or out-of-range field.
     """
-    from torch_tq.protocol import commands as protocol
-
     if not isinstance(value, Mapping):
         raise InvalidArgument(f"rounds must be an object, got {type(value).__name__}")
     unknown = sorted(set(value) - _FIELDS)
@@ -108,7 +107,7 @@ def parse_spec(value: Any, max_share: int) -> RoundSpec:
             "whole groups")
     balance_by = value.get("balance_by")
     if balance_by is not None:
-        balance_by = protocol.validate_matrix_type(balance_by)
+        balance_by = validate_matrix_type(balance_by)
     return RoundSpec(rank, world, dp_rank, dp_size, share, unit, group_by, balance_by)
 
 

@@ -28,7 +28,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     import pyarrow as pa
 
     from torch_tq._config import resolve
-    from torch_tq.server.flight import ALLOCATOR_ENV, allocator_for, serve
+    from torch_tq.server.flight import serve
+    from torch_tq.server.launch import ALLOCATOR_ENV, allocator_for
 
     wanted = allocator_for(resolve(args.storage, "STORAGE", "disk"))
     if ALLOCATOR_ENV not in os.environ and pa.default_memory_pool().backend_name != wanted:
@@ -218,7 +219,7 @@ def _export(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _import(args: argparse.Namespace, argv: list[str]) -> int:
-    from torch_tq.integrations import safetensors_io
+    from torch_tq.client import safetensors_io
 
     plan, _ = safetensors_io.plan_import(args.path, args.index_id)  # checked before connecting
     total = sum(spec["data_offsets"][1] - spec["data_offsets"][0] for _, _, spec in plan)

@@ -47,7 +47,7 @@ from torch_tq.store.backends import (
     unshared,
 )
 from torch_tq.errors import InternalError, TQError
-from torch_tq.protocol.commands import Key, not_found
+from torch_tq.model import Key, not_found
 from torch_tq.store.engine import (
     MatrixReader,
     MatrixWriter,

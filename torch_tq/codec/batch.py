@@ -1,0 +1,29 @@
+"""The BatchWrite table a client sends: one row per item (index_id, matrix_type, dtype, shape,
+and the raw values as ``large_binary``), the form ``docs/protocol.md`` describes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def write_batch_of(group: list) -> pa.RecordBatch:
+    """The BatchWrite table of ``(i, key, dtype, shape, flat)`` entries (one copy of the
+    values, into one buffer)."""
+    n = len(group)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum([flat.nbytes for *_, flat in group], out=offsets[1:])
+    data = np.empty(int(offsets[-1]), dtype=np.uint8)
+    for (_, _, _, _, flat), start, end in zip(group, offsets[:-1], offsets[1:]):
+        data[start:end] = flat.view(np.uint8).reshape(-1)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array([key.index_id for _, key, *_ in group], pa.uint64()),
+            pa.array([key.matrix_type for _, key, *_ in group], pa.string()),
+            pa.array([dtype.name for _, _, dtype, _, _ in group], pa.string()),
+            pa.array([list(shape) for _, _, _, shape, _ in group], pa.list_(pa.int64())),
+            pa.Array.from_buffers(pa.large_binary(), n,
+                                  [None, pa.py_buffer(offsets), pa.py_buffer(data)]),
+        ],
+        names=["index_id", "matrix_type", "dtype", "shape", "data"],
+    )
