@@ -25,8 +25,6 @@ MAX_MODULE_LINES = 550  # "about 500"
 MAX_CLASS_LINES = 300
 # What is still too big, at its size today: to be cut (issue 15), never to grow.
 OVERSIZE = {
-    "torch_tq/client/client.py": 1339,
-    "torch_tq/client/client.py:Client": 1019,
     "torch_tq/server/flight.py": 903,
     "torch_tq/server/flight.py:TQFlightServer": 434,
     "torch_tq/integrations/data.py": 910,
@@ -50,10 +48,10 @@ def _modules():
 
 def test_the_import_linter_contracts_hold():
     proc = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command;"
-                           "lint_imports_command()", "--config", os.path.join(ROOT, "pyproject.toml")],
+                           "lint_imports_command()", os.path.join(ROOT, "pyproject.toml")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "3 kept, 0 broken" in proc.stdout, proc.stdout[-2000:]
+    assert "4 kept, 0 broken" in proc.stdout, proc.stdout[-2000:]
 
 
 def _imports(path: str) -> set[str]:

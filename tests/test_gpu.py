@@ -108,4 +108,4 @@ def test_ucx_get_to_cuda(monkeypatch, into_cuda):
             client.put(7, "u", src)
             got = client.get(7, "u", device="cuda")
             assert got.is_cuda and torch.equal(got.cpu(), src)
-            assert client.transport == "ucx" and client._ucx_cuda == into_cuda  # no fallback
+            assert client.transport == "ucx" and client._transport().cuda_direct == into_cuda  # no fallback

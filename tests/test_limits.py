@@ -562,7 +562,7 @@ def test_the_capacity_holds_on_the_fast_paths(transport):
         assert torch.equal(client.get(1, "a"), torch.ones(5 << 20))
         assert _memory(client)["in_flight"] == 0
         if transport == "same-host":
-            staging = os.path.join(client._local().root, "staging")
+            staging = os.path.join(client._transport().store.root, "staging")
             assert [n for n in os.listdir(staging) if n.endswith(".arrow")] == []
 
 

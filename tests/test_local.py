@@ -133,7 +133,7 @@ def test_concurrent_overwrites_never_show_a_mix(disk, memory_server, storage, un
 
 
 def test_staged_files_are_checked_by_the_server(disk, lc, unique_id):
-    store = lc._local()
+    store = lc._transport().store
     t = torch.randn(1000)
     name = store.stage(torch_tq.protocol.commands.Key(unique_id, "bad"), torch_tq.codec.tensors.DTYPES["float32"],
                        (1000,), t.numpy())
@@ -236,7 +236,7 @@ def test_memory_store_shares_same_host_puts_through_dev_shm(unique_id):
     with torch_tq.start_server(storage="memory") as srv:
         c = torch_tq.Client(srv.location)
         assert c.transport == "same-host"
-        root = c._local().root
+        root = c._transport().store.root
         assert root.startswith("/dev/shm/")
         remote = torch_tq.Client(srv.location, transport="grpc")
         t = torch.randn(300, 1000)
@@ -277,14 +277,14 @@ def test_memory_store_put_falls_back_to_grpc_when_staging_fails(unique_id):
     with torch_tq.start_server(storage="memory") as srv:
         c = torch_tq.Client(srv.location)
         assert c.transport == "same-host"
-        staging = c._local().staging
+        staging = c._transport().store.staging
         os.rename(staging, staging + ".away")  # staging now fails, as a full /dev/shm would
         with open(staging, "w"):
             pass
         try:
             t = torch.randn(100_000)
             c.put(unique_id, "x", t)  # went over gRPC into the server's heap
-            assert not os.path.exists(c._local().path_of(torch_tq.protocol.commands.Key(unique_id, "x")))
+            assert not os.path.exists(c._transport().store.path_of(torch_tq.protocol.commands.Key(unique_id, "x")))
             assert torch.equal(c.get(unique_id, "x"), t)
         finally:
             os.unlink(staging)
@@ -307,7 +307,7 @@ def test_memory_store_reuses_a_replaced_file_only_when_nobody_holds_it(unique_id
     with torch_tq.start_server(storage="memory") as srv:
         c = torch_tq.Client(srv.location)
         remote = torch_tq.Client(srv.location, transport="grpc")
-        staging = c._local().staging
+        staging = c._transport().store.staging
 
         def pool() -> dict:
             return c.server_stats()["recycle"]
@@ -330,7 +330,7 @@ def test_memory_store_reuses_a_replaced_file_only_when_nobody_holds_it(unique_id
         small = torch.arange(300_000, dtype=torch.float32)
         c.put(unique_id, "a", small)
         assert torch.equal(c.get(unique_id, "a"), small)
-        path = c._local().path_of(torch_tq.protocol.commands.Key(unique_id, "a"))
+        path = c._transport().store.path_of(torch_tq.protocol.commands.Key(unique_id, "a"))
         assert os.path.getsize(path) < small.numel() * 4 + 64 * 1024
         # an overwrite over gRPC and a delete retire files to the pool too
         remote.put(unique_id, "a", versions[4])
@@ -349,7 +349,7 @@ def test_memory_store_reuses_a_replaced_file_only_when_nobody_holds_it(unique_id
 def staging_server(request, disk, memory_server):
     srv = disk if request.param == "disk" else memory_server
     with torch_tq.Client(srv.location, transport="same-host", chunk_bytes="256KiB") as c:
-        yield srv, c, c._local()
+        yield srv, c, c._transport().store
 
 
 def _publish(srv, key_id: int, mtype: str, name: str) -> None:
@@ -441,7 +441,7 @@ def test_what_is_published_is_the_file_checked_not_the_clients_name(staging_serv
 _STAGE_AND_DIE = """
 import os, sys, time, torch, torch_tq
 c = torch_tq.Client(sys.argv[1], transport="same-host")
-store = c._local()
+store = c._transport().store
 t = torch.zeros(10 * 2**20 // 4)  # 10 MiB
 name = store.stage(torch_tq.protocol.commands.Key(int(sys.argv[2]), "lost"),
                    torch_tq.codec.tensors.DTYPES["float32"], tuple(t.shape), t.numpy())

@@ -128,7 +128,7 @@ def test_fallback_when_the_endpoint_dies_mid_run(server, unique_id):
         c.put({unique_id}, "d", t)
         assert c.transport == "ucx"
         rt = ucx.runtime()
-        for lane, address in zip(rt._lanes, c._ucx_peers()):  # every lane's endpoint dies
+        for lane, address in zip(rt._lanes, c._transport().peers):  # every lane's endpoint dies
             ep = asyncio.run_coroutine_threadsafe(lane.endpoint(address), lane.loop).result(10)
             asyncio.run_coroutine_threadsafe(ep.close(), lane.loop).result(10)
         assert torch.equal(c.get({unique_id}, "d"), t)  # retried over gRPC
@@ -211,7 +211,7 @@ def test_a_refused_put_takes_the_bytes_already_sent(unique_id):
         c = torch_tq.Client(_locations(srv))
         assert c.transport == "ucx"
         rt = ucx.runtime()
-        peers = c._ucx_peers()
+        peers = c._transport().peers
         fc = flight.FlightClient(srv.location)
         data = np.ones(4 << 20, np.uint8)
 

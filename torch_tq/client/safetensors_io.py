@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from torch_tq.codec import tensors as codec
 
 from torch_tq.protocol import commands as protocol
+from torch_tq.client.transports.grpc import GrpcTransport
 from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError
 
 if TYPE_CHECKING:
@@ -148,6 +149,7 @@ def export_safetensors(client: Client, path: str | os.PathLike, index_ids: Itera
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     path = os.fspath(path)
+    grpc = GrpcTransport(client.connection)  # streams batch by batch, nothing assembled
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                        f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -156,8 +158,8 @@ def export_safetensors(client: Client, path: str | os.PathLike, index_ids: Itera
             f.write(raw)
             for m in entries:
                 written = 0
-                for piece in client._stream_values(protocol.Key(m.index_id, m.matrix_type),
-                                                   m.dtype, m.shape):
+                for piece in grpc.stream_values(protocol.Key(m.index_id, m.matrix_type),
+                                                m.dtype, m.shape):
                     f.write(piece)
                     written += len(piece)
                     if progress is not None:

@@ -1,0 +1,173 @@
+"""gRPC: Arrow Flight streams. Always available; carries every control call, and whatever
+the other transports decline."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import xxhash
+
+from torch_tq.client.connection import Connection
+from torch_tq.client.devices import Want, pinned_out, tensor_from
+from torch_tq.client.results import ItemResult
+from torch_tq.client.transports.base import Capabilities
+from torch_tq.codec import batch as batch_codec
+from torch_tq.codec import tensors as codec
+from torch_tq.errors import InternalError, TQError
+from torch_tq.model import Key
+from torch_tq.protocol import commands as protocol
+
+_EXPORT_WINDOW = 8 << 20  # bytes gRPC may buffer ahead of an export's writes
+
+
+class GrpcTransport:
+    """Puts as one DoPut stream, gets as one DoGet stream, batches as BatchWrite/BatchRead
+    tables (docs/protocol.md)."""
+
+    name = "grpc"
+    can = Capabilities(zero_copy_reads=True)  # a one-buffer matrix becomes a tensor over it
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._pad = 0  # learnt: app_metadata padding that aligns BatchRead items
+
+    def put(self, conn, key: Key, dtype: codec.DType, shape: tuple[int, ...], flat,
+            compression: str | None = None) -> None:
+        digest = None
+        if self.connection.checksum:
+            digest = xxhash.xxh3_64_hexdigest(memoryview(flat.view("uint8")))
+        command = protocol.write_command(key, shape, dtype.name, flat.nbytes, digest)
+        snappy = compression == "snappy"
+        schema = codec.snappy_schema(dtype, shape) if snappy else codec.wire_schema(dtype, shape)
+        batches = (
+            pa.RecordBatch.from_arrays([codec.snappy_pack(a) if snappy else a], schema=schema)
+            for a in codec.values_to_arrays(dtype, flat, self.connection.chunk_bytes)
+        )
+        reply = self.connection.upload(conn, flight.FlightDescriptor.for_command(command),
+                                       schema, batches, f"put {key}", compression)
+        if not reply.get("success"):
+            raise InternalError(f"put {key}: {reply.get('message', 'not acknowledged')}")
+
+    def get(self, conn, key: Key, want: Want):
+        what = f"get {key}"
+        try:
+            ticket = flight.Ticket(protocol.read_command(key, want.compression))
+            reader = conn.do_get(ticket, self.connection.options())
+            dtype, shape = codec.parse_wire_schema(reader.schema)
+            snappy = codec.is_snappy(reader.schema)
+            out = pinned_out(dtype, shape) if want.pinned else want.out
+            assembler = codec.TensorAssembler(dtype, shape, out, want.shared)
+            for chunk in codec.chunks(reader):
+                column = chunk.data.column(0)
+                assembler.add(codec.snappy_unpack(column, dtype) if snappy else column)
+            result = assembler.finish()
+            self.connection.count_get(assembler.copied_bytes)
+            return want.place(result)
+        except TQError:
+            raise
+        except Exception as e:
+            raise protocol.from_flight_error(e, what) from None
+
+    def put_many(self, conn, group: list) -> list[dict]:
+        table = batch_codec.write_batch_of(group)
+        descriptor = flight.FlightDescriptor.for_command(
+            protocol.dumps({"action": protocol.BATCH_WRITE}))
+        what = f"BatchWrite of {len(group)} items"
+        reply = self.connection.upload(conn, descriptor, table.schema, [table], what,
+                                       self.connection.compression)
+        if len(reply.get("results", ())) != len(group):
+            raise InternalError(
+                f"{what}: the server answered for {len(reply.get('results', ()))} items")
+        return reply["results"]
+
+    def get_many(self, conn, keys: list[Key], max_inline_bytes: int | None) -> list[ItemResult]:
+        what = f"BatchRead of {len(keys)} items"
+        rows: list[ItemResult] = []
+        compression = self.connection.compression
+        try:
+            # batches compress with Arrow IPC's codecs (zstd, lz4); snappy frames single
+            # matrices only, so a snappy client's batches travel uncompressed
+            packed = compression if compression != "snappy" else None
+            ticket = protocol.batch_read_command(keys, max_inline_bytes, packed, pad=self._pad)
+            reader = conn.do_get(flight.Ticket(ticket), self.connection.options())
+            for chunk in codec.chunks(reader):
+                if chunk.app_metadata is not None and chunk.data.num_rows == 1:
+                    self._learn_pad(chunk.data, chunk.app_metadata.size - 1)
+                rows.extend(self._result_rows(chunk.data))
+        except TQError:
+            raise
+        except Exception as e:
+            raise protocol.from_flight_error(e, what) from None
+        if len(rows) != len(keys):
+            raise InternalError(f"{what}: the server answered for {len(rows)} items")
+        return rows
+
+    def read_here(self, keys: list[Key]) -> None:
+        return None  # every read is a call
+
+    def close(self) -> None:
+        pass  # the connections belong to the Connection
+
+    def stream_values(self, key: Key, dtype_name: str, shape) -> Iterator[memoryview]:
+        """The raw element bytes of a matrix (bool: one byte each), record batch by record
+        batch: nothing is assembled (what a streaming export writes).
+
+        Raises:
+            InternalError: the matrix is no longer of ``dtype_name`` and ``shape``.
+        """
+        what = f"export {key}"
+        # A connection of its own whose HTTP/2 window stays at 8 MiB: gRPC otherwise grows
+        # it with the bandwidth-delay product and buffers ahead of a consumer that writes
+        # to disk (~200 MiB for a 2 GiB export here), so memory would grow with the matrix.
+        conn = self.connection.open(**{"grpc.http2.bdp_probe": 0,
+                                       "grpc.http2.lookahead_bytes": _EXPORT_WINDOW})
+        with contextlib.closing(conn):
+            try:
+                ticket = flight.Ticket(protocol.read_command(key, None))
+                reader = conn.do_get(ticket, self.connection.options())
+                dtype, now = codec.parse_wire_schema(reader.schema)
+                if dtype.name != dtype_name or tuple(now) != tuple(shape):
+                    raise InternalError(f"{what}: the matrix changed during the export "
+                                        f"(now {dtype.name} {list(now)}); export again")
+                for chunk in codec.chunks(reader):
+                    yield codec.element_bytes(chunk.data.column(0))
+            except TQError:
+                raise
+            except Exception as e:
+                raise protocol.from_flight_error(e, what) from None
+
+    def _learn_pad(self, batch: pa.RecordBatch, pad: int) -> None:
+        """Where gRPC put a lone item's bytes, given the padding the server put before them,
+        tells the padding that puts them 8-byte aligned (constant for a process's gRPC)."""
+        data = batch.column("data")
+        if len(data) != 1 or data.buffers()[2] is None:
+            return
+        misaligned = data.buffers()[2].address % 8
+        self._pad = (pad - misaligned) % 8
+
+    def _result_rows(self, batch: pa.RecordBatch) -> Iterator[ItemResult]:
+        cols = {name: batch.column(name) for name in batch.schema.names}
+        data = cols["data"]
+        offsets = np.frombuffer(data.buffers()[1], dtype=np.int64, count=len(data) + 1,
+                                offset=data.offset * 8) if len(data) else None
+        buf = data.buffers()[2] if len(data) else None
+        for r in range(batch.num_rows):
+            ok = cols["success"][r].as_py()
+            index_id, mtype = cols["index_id"][r].as_py(), cols["matrix_type"][r].as_py()
+            code, message = cols["code"][r].as_py(), cols["message"][r].as_py()
+            tensor = None
+            if ok and cols["inline"][r].as_py():
+                dtype = codec.DTYPES[cols["dtype"][r].as_py()]
+                shape = tuple(cols["shape"][r].as_py())
+                start, end = int(offsets[r]), int(offsets[r + 1])
+                if end - start != codec.numel(shape) * dtype.itemsize:
+                    raise InternalError(f"BatchRead row for index_id={index_id} has the wrong size")
+                tensor = tensor_from(buf, start, dtype, shape)
+                self.connection.count_get(
+                    0 if tensor.untyped_storage().data_ptr() == buf.address + start
+                    else end - start)
+            yield ItemResult(index_id, mtype, ok, code, message, tensor)

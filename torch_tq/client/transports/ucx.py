@@ -1,0 +1,174 @@
+"""UCX: the server's workers send and receive a matrix's bytes straight into place (RDMA
+where the fabric has it); gRPC carries the control call that names the transfer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+from torch_tq.client.connection import Connection
+from torch_tq.client.devices import Want, pinned_out
+from torch_tq.client.transports.base import Capabilities, Decline, TransportFailed
+from torch_tq.client.transports.grpc import GrpcTransport
+from torch_tq.codec import tensors as codec
+from torch_tq.errors import ForkedProcessError, InternalError, TQError, Unavailable
+from torch_tq.model import Key
+from torch_tq.protocol import commands as protocol
+
+log = logging.getLogger(__name__)
+
+# Up to this size a UCX client's matrix travels with the gRPC call itself: a control round
+# trip plus a UCX transfer costs more than one gRPC round trip below ~1.5 MiB here
+# (torch_tq.tools.bench: a 1 MiB get 1.3 ms over gRPC, 2.0 ms over UCX; 2 MiB: 2.4 vs 1.7 ms).
+INLINE_BYTES = 1 << 20
+
+
+class UcxTransport:
+    """Large puts and gets over the server's UCX lanes; batches as gRPC BatchRead with the
+    bytes of what is not small over UCX, one transfer per matrix."""
+
+    name = "ucx"
+    can = Capabilities(device_memory=True)
+    refusal = "UCX cannot be used"
+
+    def __init__(self, connection: Connection, grpc: GrpcTransport, peers: list[bytes]) -> None:
+        self.connection = connection
+        self.grpc = grpc
+        self.peers = peers
+        # UCX receiving straight into CUDA memory (TORCH_TQ_UCX_CUDA=1): off by default until
+        # measured on a GPU (benchmarks/gpu_check.py); a GPU get otherwise lands in pinned
+        # host memory, then a non-blocking copy
+        self.cuda_direct = os.environ.get("TORCH_TQ_UCX_CUDA", "0") == "1"
+
+    @classmethod
+    def wanted(cls, ucx_locations: list[str]) -> bool:
+        """Whether ``transport="auto"`` tries this transport."""
+        return bool(ucx_locations)
+
+    @classmethod
+    def open(cls, connection: Connection, grpc: GrpcTransport) -> tuple[UcxTransport | None, str]:
+        from torch_tq.transport import ucx
+
+        try:
+            rt = ucx.runtime()
+            info = connection.action(protocol.UCX_INFO, {}, "ucx info")
+            # the server's lanes this process pairs with its own
+            peers = ucx.decode_addresses(info.get("addresses", info.get("address")))
+            peers = peers[: rt.lanes]
+            rt.connect(peers)
+        except ForkedProcessError:
+            raise  # not a UCX problem: no connection may be made here at all
+        except TQError as e:
+            return None, str(e)
+        log.info("torch_tq client %s: transport ucx (%d lanes)", connection.location, len(peers))
+        return cls(connection, grpc, peers), ""
+
+    def put(self, conn, key: Key, dtype: codec.DType, shape, flat, compression) -> None:
+        from torch_tq.transport import ucx
+
+        if flat.nbytes <= INLINE_BYTES:  # small: one gRPC upload beats two messages
+            raise Decline
+        rt = ucx.runtime()
+        raw = flat.view(np.uint8).reshape(-1) if flat.size else np.empty(0, np.uint8)
+        sizes = ucx.split(raw.nbytes, max(self.connection.chunk_bytes, ucx.PART_BYTES))
+        parts = ucx.views(raw, sizes)
+        tag = random.getrandbits(64)
+        sending = rt.start("send", self.peers, tag, parts)
+        body = {"index_id": key.index_id, "matrix_type": key.matrix_type, "shape": list(shape),
+                "dtype": dtype.name, "nbytes": raw.nbytes, "parts": sizes,
+                "addresses": rt.addresses_b64[: len(self.peers)], "tag": tag}
+        if self.connection.checksum:
+            body["xxh3"] = xxhash.xxh3_64_hexdigest(memoryview(raw))
+        try:
+            self.connection.action(protocol.UCX_PUT, body, f"put {key}")
+        except Unavailable as e:
+            sending.cancel()
+            if e.retry_after_ms is not None:
+                raise
+            raise TransportFailed(str(e)) from e
+        except BaseException:
+            sending.cancel()  # refused: the server received nothing
+            raise
+        try:
+            sending.result(ucx.DEFAULT_TIMEOUT_S)
+        except Exception as e:  # the server stored it, so the bytes did arrive
+            log.debug("UCX send of %s reported %s after the server's ack", key, e)
+
+    def get(self, conn, key: Key, want: Want):
+        direct = want.to_cuda and want.out is None and not want.shared and self.cuda_direct
+        try:
+            result = self._receive(key, want, want.device if direct else None)
+        except TransportFailed as e:
+            if not direct:
+                raise
+            # CUDA memory as the receive buffer failed: pinned host memory from now on
+            log.warning("torch_tq client %s: UCX into CUDA memory failed (%s); receiving "
+                        "into pinned host memory", self.connection.location, e)
+            self.cuda_direct = False
+            return self.get(conn, key, want)
+        return want.place(result)  # a no-op for what UCX wrote into the device itself
+
+    def _receive(self, key: Key, want: Want, cuda=None):
+        """A get over UCX, received straight into the result: a tensor on the CUDA device
+        ``cuda`` when given (UCX writes GPU memory), else a pooled pinned block when
+        ``want.pinned`` (the host side of a copy to a GPU), else host memory."""
+        from torch_tq.transport import ucx
+
+        rt = ucx.runtime()
+        tag = random.getrandbits(64)
+        body = {"index_id": key.index_id, "matrix_type": key.matrix_type,
+                "addresses": rt.addresses_b64[: len(self.peers)], "tag": tag,
+                "inline_max": INLINE_BYTES}
+        reply = self.connection.action(protocol.UCX_GET, body, f"get {key}", extra=1)
+        dtype, shape = codec.DTYPES[reply["dtype"]], tuple(reply["shape"])
+        out = pinned_out(dtype, shape) if want.pinned else want.out
+        assembler = codec.TensorAssembler(dtype, shape, out, want.shared)
+        if reply.get("inline"):  # small: the bytes came with the answer
+            (data,) = reply["_extra"] or [pa.py_buffer(b"")]
+            if data.size != codec.numel(shape) * dtype.itemsize:
+                raise InternalError(f"get {key}: the server sent {data.size} bytes")
+            if data.size:
+                assembler.add(codec.raw_values(data, dtype))
+            result = assembler.finish()
+            self.connection.count_get(assembler.copied_bytes)
+            return result
+        if cuda is not None:
+            import torch
+
+            result = torch.empty(shape, dtype=dtype.torch, device=cuda)
+            whole = result.reshape(-1).view(torch.uint8)  # views of it carry the CUDA
+            # array interface, which ucxx hands to UCX as GPU memory
+        else:
+            result = assembler.allocate()
+            whole = codec._byte_view(result) if result.numel() else np.empty(0, np.uint8)
+        nbytes = codec.numel(shape) * dtype.itemsize
+        if sum(reply["parts"]) != nbytes:
+            raise InternalError(f"get {key}: the server announced {sum(reply['parts'])} bytes "
+                                f"for {nbytes}")
+        views = ucx.views(whole, reply["parts"])
+        try:
+            rt.run("recv", self.peers, tag, views)
+        except Exception as e:
+            rt.forget(self.peers)
+            raise TransportFailed(str(e)) from e
+        self.connection.count_get(0)
+        return result
+
+    def put_many(self, conn, group: list) -> list[dict]:
+        raise Decline  # small items: one BatchWrite over gRPC
+
+    def get_many(self, conn, keys: list[Key], max_inline_bytes: int | None):
+        # the bytes of what is not small go over UCX (get), one transfer per matrix
+        return self.grpc.get_many(conn, keys, INLINE_BYTES if max_inline_bytes is None
+                                  else max_inline_bytes)
+
+    def read_here(self, keys: list[Key]) -> None:
+        return None
+
+    def close(self) -> None:
+        pass  # the UCX runtime is the process's, shared by its clients
