@@ -98,7 +98,7 @@ def benchmarks() -> nbformat.NotebookNode:
             "run; the next cell says which machine."),
         new_code_cell(
             "import os\n"
-            "from torch_tq import bench\n"
+            "from torch_tq.tools import bench\n"
             "from torch_tq._config import parse_size\n"
             "from torch_tq.tools.cli import environment\n\n"
             "sizes = [parse_size(s) for s in os.environ.get(\n"

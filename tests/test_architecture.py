@@ -25,11 +25,9 @@ MAX_MODULE_LINES = 550  # "about 500"
 MAX_CLASS_LINES = 300
 # What is still too big, at its size today: to be cut (issue 15), never to grow.
 OVERSIZE = {
-    "torch_tq/server/flight.py": 903,
-    "torch_tq/server/flight.py:TQFlightServer": 434,
     "torch_tq/integrations/data.py": 910,
     "torch_tq/integrations/data.py:TQDataset": 451,
-    "torch_tq/protocol/commands.py": 740,
+    "torch_tq/protocol/commands.py": 712,
     "torch_tq/store/engine.py": 735,
     "torch_tq/store/engine.py:Store": 356,
     "torch_tq/store/backends.py": 740,

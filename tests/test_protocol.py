@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import torch_tq
 from torch_tq.protocol import commands as protocol
 from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError, Unavailable
 from torch_tq.protocol.commands import Key
@@ -96,3 +98,40 @@ def test_errors_subclass_builtins():
     assert str(NotFound("x y")) == "x y"  # no KeyError quotes
     assert isinstance(protocol.from_flight_error(flight.FlightUnavailableError("down")), Unavailable)
     assert isinstance(protocol.from_flight_error(pa.ArrowKeyError("k")), NotFound)
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def test_the_registry_is_the_one_list_of_actions():
+    from torch_tq.protocol import actions
+    from torch_tq.server import actions as handlers
+
+    assert set(handlers.HANDLERS) == set(actions.ACTIONS)  # one handler per action, no more
+    assert not set(actions.ACTIONS) & set(actions.STREAMS)
+    for spec in (*actions.ACTIONS.values(), *actions.STREAMS.values()):
+        for spelling in (spec.name, spec.name.upper(), *spec.spellings):
+            assert actions.lookup(spelling) is spec, spelling
+        assert spec.description and spec.quota in ("tcp", "ucx")
+    assert {a.name for a in actions.ACTIONS.values() if a.quota == "ucx"} == {"UcxGet", "UcxPut"}
+    assert actions.lookup("delete_matrix").name == "DeleteMatrix"
+    assert actions.lookup("DropTable") is None and actions.lookup("x" * 100) is None
+
+
+def test_every_registered_command_is_documented():
+    from torch_tq.protocol import actions
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "protocol.md")) as f:
+        page = f.read()
+    for name in actions.ACTIONS:
+        assert f"`DoAction` `{name}`" in page or f"`{name}`" in page, name
+    for name in actions.STREAMS:
+        assert name in page, name
+
+
+def test_list_actions_answers_from_the_registry():
+    from torch_tq.protocol import actions
+
+    with torch_tq.start_server(storage="memory") as srv:
+        listed = {a.type: a.description for a in flight.FlightClient(srv.location).list_actions()}
+    assert listed == dict(actions.descriptions())

@@ -311,4 +311,4 @@ def test_start_server_keeps_its_info_logs_to_itself_unless_asked(tmp_path):
                                                          log_level="INFO"):
         pass
     assert "INFO" not in quiet.read_text()
-    assert "INFO torch_tq.server.flight" in chatty.read_text()
+    assert "INFO torch_tq.server.run" in chatty.read_text()  # "serving: ..."

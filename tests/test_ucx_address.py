@@ -41,7 +41,7 @@ def test_real_addresses_parse_to_their_end(addresses):
 
 
 def test_version_2_addresses_parse_too():
-    code = "from torch_tq import ucx; import sys; sys.stdout.write(ucx.runtime().addresses_b64[0])"
+    code = "from torch_tq.transport import ucx; import sys; sys.stdout.write(ucx.runtime().addresses_b64[0])"
     env = dict(os.environ, UCX_ADDRESS_VERSION="v2", TORCH_TQ_UCX_LANES="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          timeout=120, check=True).stdout

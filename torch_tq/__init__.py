@@ -18,7 +18,7 @@ from torch_tq.errors import (
 # Loaded on first use: a client process never imports the server, and TQDataset/TensorSink
 # need torch.utils.data, which a storage node never imports.
 _LAZY = {
-    "serve": "torch_tq.server.flight",
+    "serve": "torch_tq.server.run",
     "start_server": "torch_tq.server.launch",
     "ServerHandle": "torch_tq.server.launch",
     "Limits": "torch_tq.server.limits",

@@ -38,6 +38,7 @@ from torch_tq.model import (  # noqa: F401 - the protocol's names for the data m
     validate_matrix_type,
     validate_shape,
 )
+from torch_tq.store.rounds import parse_spec
 from torch_tq.errors import (
     ERROR_CLASSES,
     InternalError,
@@ -70,48 +71,16 @@ BATCH_WRITE = "BatchWrite"  # a DoPut whose stream is a table of items
 BATCH_READ = "BatchRead"  # a DoGet whose stream is a table of results
 COMPRESSIONS = ("zstd", "lz4", "snappy")
 
-ACTION_DESCRIPTIONS = {
-    DELETE_MATRIX: 'Delete one matrix, or every type of an index_id: {"index_id": N, "matrix_type": "prompt"|""}',
-    GET_METADATA: 'Types, dimensions, dtypes, sizes and timestamps of an index_id: {"index_id": N}',
-    HEALTH: "Server status: matrices and bytes stored, uptime",
-    STATS: "Health plus calls per method, errors per code, bytes in/out, active calls",
-    CONSUME: 'Lease up to max_items index_ids whose types are all present and not yet consumed by '
-             'the group, waiting up to timeout_ms: {"group": "g", "types": ["prompt", ...], '
-             '"max_items": N, "timeout_ms": T, "lease_ms": L, "ack": [ids], "delete": false, '
-             '"rounds"?: {"rank": R, "world_size": W, "dp_rank": D, "dp_size": S, "share": B, '
-             '"unit": "matrix"|"sample", "group_by": N, "balance_by": "type"}} (rounds: the next '
-             'share of a round dealt equally to every data-parallel rank)',
-    ACK: 'Consume leased index_ids for good: {"group": "g", "index_ids": [...], "delete": false, '
-         '"rank"?: R}',
-    RELEASE: 'Give leased index_ids back at once: {"group": "g", "index_ids": [...]}',
-    RENEW: 'Extend leases (a consumer heartbeat): {"group": "g", "index_ids": [...], "lease_ms": L, '
-           '"dp_rank"?: D}',
-    FINISH_STREAM: 'Mark matrix types finished (no more will be written): {"types": [...]}',
-    REOPEN_STREAM: 'Clear the finished mark of matrix types: {"types": [...]}',
-    GROUP_STATUS: 'Ready, leased and consumed counts of a consumer group: {"group": "g"}',
-    DELETE_GROUP: 'Forget a consumer group and what it consumed: {"group": "g"}',
-    UCX_INFO: "The server's UCX worker addresses (base64, one per lane), for the UCX data plane",
-    UCX_GET: 'Send a matrix over UCX: {"index_id": N, "matrix_type": "prompt", "address": '
-             '"<client worker address, base64>", "tag": T, "inline_max"?: B}; answers dtype, '
-             'shape, parts (a matrix of at most B bytes comes back as a second result instead)',
-    UCX_PUT: 'Receive a matrix over UCX and store it: {"index_id", "matrix_type", "shape", '
-             '"dtype", "nbytes", "parts": [bytes...], "address", "tag", "xxh3"?}',
-    LOCAL_INFO: 'Same-host access: the store directory, if the caller runs on this host: '
-                '{"host_id": "32 hex"}',
-    PUBLISH_LOCAL: 'Check and publish a matrix file a same-host client staged: '
-                   '{"index_id": N, "matrix_type": "prompt", "file": "<32 hex>.arrow"}',
-}
+def spellings(name: str) -> frozenset[str]:
+    """How a command or action may be spelt: ``DeleteMatrix``, ``deletematrix``,
+    ``delete_matrix`` (matched case-insensitively)."""
+    snake = "".join("_" + ch.lower() if ch.isupper() else ch for ch in name).lstrip("_")
+    return frozenset({name.lower(), snake})
 
-_ACTION_SPELLINGS = {
-    "writematrix": WRITE_MATRIX,
-    "write_matrix": WRITE_MATRIX,
-    "readmatrix": READ_MATRIX,
-    "read_matrix": READ_MATRIX,
-    "batchwrite": BATCH_WRITE,
-    "batch_write": BATCH_WRITE,
-    "batchread": BATCH_READ,
-    "batch_read": BATCH_READ,
-}
+
+# The spellings of the commands that name a stream (a DoPut descriptor, a DoGet ticket).
+_ACTION_SPELLINGS = {s: name for name in (WRITE_MATRIX, READ_MATRIX, BATCH_WRITE, BATCH_READ)
+                     for s in spellings(name)}
 
 MAX_COMMAND_BYTES = 64 * 1024
 CLIENT_ID_HEADER = "x-tq-client-id"  # who a call counts against, while authentication is off
@@ -536,8 +505,6 @@ def parse_queue_body(raw: bytes, action: str) -> dict[str, Any]:
     if "delete" in body:
         out["delete"] = _validate_bool(body["delete"], "delete")
     if "rounds" in body:
-        from torch_tq.store.rounds import parse_spec
-
         out["rounds"] = parse_spec(body["rounds"], MAX_ITEMS)
     if "rank" in body:
         out["rank"] = _validate_int(body["rank"], "rank", 0, 1 << 20)
@@ -615,6 +582,11 @@ def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:
 
 _HOST_ID_RE = re.compile(r"[0-9a-f]{32}", re.ASCII)
 _STAGED_RE = re.compile(r"[0-9a-f]{32}\.arrow", re.ASCII)
+
+
+def ok(**fields: Any) -> dict[str, Any]:
+    """A successful reply: the seed's ``success``/``message`` and ``fields``."""
+    return {"success": True, "message": "success", **fields}
 
 
 def parse_empty_body(raw: bytes, what: str) -> None:

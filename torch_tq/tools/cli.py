@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     import pyarrow as pa
 
     from torch_tq._config import resolve
-    from torch_tq.server.flight import serve
+    from torch_tq.server.run import serve
     from torch_tq.server.launch import ALLOCATOR_ENV, allocator_for
 
     wanted = allocator_for(resolve(args.storage, "STORAGE", "disk"))

@@ -1,0 +1,139 @@
+"""The one registry of what a client may ask: every DoAction and every stream command, with
+its spellings, the parser of its body, its description (``ListActions`` and
+docs/protocol.md) and the quota it draws on.
+
+The server dispatches ``DoAction`` through :func:`lookup` (one handler per action,
+:mod:`torch_tq.server.actions`), answers ``ListActions`` with :func:`descriptions`, and
+admits a call against :attr:`Action.quota`; ``tests/test_protocol.py`` checks that the
+handlers and docs/protocol.md cover exactly what is registered here.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch_tq.errors import InvalidArgument
+from torch_tq.protocol import commands as c
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing a client may ask, by its canonical name."""
+
+    name: str
+    description: str
+    parse: Callable[[bytes], Any]  # the body -> checked arguments (raises InvalidArgument)
+    quota: str = "tcp"  # the client quota it draws on: "tcp" or "ucx" (transfers)
+    method: str = "DoAction"  # or the Flight method that carries it ("DoPut", "DoGet")
+
+    @property
+    def spellings(self) -> frozenset[str]:
+        return c.spellings(self.name)
+
+
+def _empty(name: str) -> Callable[[bytes], None]:
+    return functools.partial(c.parse_empty_body, what=f"{name} body")
+
+
+def _queue(name: str) -> Callable[[bytes], dict]:
+    return functools.partial(c.parse_queue_body, action=name)
+
+
+def _ucx(name: str) -> Callable[[bytes], dict]:
+    return functools.partial(c.parse_ucx_body, action=name)
+
+
+_HOW = {
+    c.WRITE_MATRIX: 'send it as a DoPut with the descriptor {"action": "WriteMatrix", '
+                    '"index_id": N, "matrix_type": "prompt"} and the matrix as the stream',
+    c.READ_MATRIX: 'send it as a DoGet ticket {"action": "ReadMatrix", "index_id": N, '
+                   '"matrix_type": "prompt"}',
+    c.BATCH_WRITE: 'send BatchRead as a DoGet ticket {"action": "BatchRead", "items": [...]}, '
+                   'BatchWrite as a DoPut with the command {"action": "BatchWrite"} and a '
+                   'table of items',
+}
+_HOW[c.BATCH_READ] = _HOW[c.BATCH_WRITE]
+
+
+def _not_an_action(name: str) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        raise InvalidArgument(f"{name} carries matrices, so it is not an action: {_HOW[name]} "
+                              "(see docs/protocol.md)")
+    return parse
+
+
+_ROUNDS = ('"rounds"?: {"rank": R, "world_size": W, "dp_rank": D, "dp_size": S, "share": B, '
+           '"unit": "matrix"|"sample", "group_by": N, "balance_by": "type"}')
+
+ACTIONS: dict[str, Action] = {a.name: a for a in (
+    Action(c.DELETE_MATRIX, 'Delete one matrix, or every type of an index_id: {"index_id": N, '
+           '"matrix_type": "prompt"|""}', c.parse_delete_body),
+    Action(c.GET_METADATA, 'Types, dimensions, dtypes, sizes and timestamps of an index_id: '
+           '{"index_id": N}', c.parse_metadata_body),
+    Action(c.HEALTH, "Server status: matrices and bytes stored, uptime", _empty(c.HEALTH)),
+    Action(c.STATS, "Health plus calls per method, errors per code, bytes in/out, active calls",
+           _empty(c.STATS)),
+    Action(c.CONSUME, 'Lease up to max_items index_ids whose types are all present and not yet '
+           'consumed by the group, waiting up to timeout_ms: {"group": "g", "types": '
+           '["prompt", ...], "max_items": N, "timeout_ms": T, "lease_ms": L, "ack": [ids], '
+           f'"delete": false, {_ROUNDS}}} (rounds: the next share of a round dealt equally to '
+           'every data-parallel rank)', _queue(c.CONSUME)),
+    Action(c.ACK, 'Consume leased index_ids for good: {"group": "g", "index_ids": [...], '
+           '"delete": false, "rank"?: R}', _queue(c.ACK)),
+    Action(c.RELEASE, 'Give leased index_ids back at once: {"group": "g", "index_ids": [...]}',
+           _queue(c.RELEASE)),
+    Action(c.RENEW, 'Extend leases (a consumer heartbeat): {"group": "g", "index_ids": [...], '
+           '"lease_ms": L, "dp_rank"?: D}', _queue(c.RENEW)),
+    Action(c.FINISH_STREAM, 'Mark matrix types finished (no more will be written): '
+           '{"types": [...]}', _queue(c.FINISH_STREAM)),
+    Action(c.REOPEN_STREAM, 'Clear the finished mark of matrix types: {"types": [...]}',
+           _queue(c.REOPEN_STREAM)),
+    Action(c.GROUP_STATUS, 'Ready, leased and consumed counts of a consumer group: '
+           '{"group": "g"}', _queue(c.GROUP_STATUS)),
+    Action(c.DELETE_GROUP, 'Forget a consumer group and what it consumed: {"group": "g"}',
+           _queue(c.DELETE_GROUP)),
+    Action(c.UCX_INFO, "The server's UCX worker addresses (base64, one per lane), for the UCX "
+           "data plane", _empty(c.UCX_INFO)),
+    Action(c.UCX_GET, 'Send a matrix over UCX: {"index_id": N, "matrix_type": "prompt", '
+           '"address": "<client worker address, base64>", "tag": T, "inline_max"?: B}; answers '
+           'dtype, shape, parts (a matrix of at most B bytes comes back as a second result '
+           'instead)', _ucx(c.UCX_GET), quota="ucx"),
+    Action(c.UCX_PUT, 'Receive a matrix over UCX and store it: {"index_id", "matrix_type", '
+           '"shape", "dtype", "nbytes", "parts": [bytes...], "address", "tag", "xxh3"?}',
+           _ucx(c.UCX_PUT), quota="ucx"),
+    Action(c.LOCAL_INFO, 'Same-host access: the store directory, if the caller runs on this '
+           'host: {"host_id": "32 hex"}', c.parse_local_info_body),
+    Action(c.PUBLISH_LOCAL, 'Check and publish a matrix file a same-host client staged: '
+           '{"index_id": N, "matrix_type": "prompt", "file": "<32 hex>.arrow"}',
+           c.parse_publish_local_body),
+)}
+
+# The commands that carry matrices, and so travel as Flight streams rather than actions.
+STREAMS: dict[str, Action] = {a.name: a for a in (
+    Action(c.WRITE_MATRIX, "Store one matrix: a DoPut descriptor; the stream is its values",
+           _not_an_action(c.WRITE_MATRIX), method="DoPut"),
+    Action(c.READ_MATRIX, "Read one matrix: a DoGet ticket (or GetFlightInfo descriptor)",
+           _not_an_action(c.READ_MATRIX), method="DoGet"),
+    Action(c.BATCH_WRITE, "Store many matrices: a DoPut whose stream is a table of items",
+           _not_an_action(c.BATCH_WRITE), method="DoPut"),
+    Action(c.BATCH_READ, "Read many matrices: a DoGet ticket; the stream is a table of results",
+           _not_an_action(c.BATCH_READ), method="DoGet"),
+)}
+
+_BY_SPELLING = {s: a for a in (*ACTIONS.values(), *STREAMS.values()) for s in a.spellings}
+
+
+def lookup(action_type: str) -> Action | None:
+    """The registered action or stream command ``action_type`` spells (any registered
+    spelling, case-insensitive), or None."""
+    if not isinstance(action_type, str) or len(action_type) > 64:
+        return None
+    return _BY_SPELLING.get(action_type.lower())
+
+
+def descriptions() -> list[tuple[str, str]]:
+    """``(name, description)`` of every DoAction, for ``ListActions``."""
+    return [(a.name, a.description) for a in ACTIONS.values()]

@@ -1,0 +1,163 @@
+"""The server's half of the UCX data plane: its workers' addresses, sending a stored matrix
+to a client's lanes (UcxGet) and receiving one into the store (UcxPut)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from torch_tq.codec import tensors as codec
+from torch_tq.errors import InvalidArgument, TQError, Unavailable
+from torch_tq.protocol import commands as protocol
+from torch_tq.server.stats import ServerStats
+from torch_tq.server.ucx_probe import AddressProbe
+from torch_tq.store.engine import Store
+from torch_tq.transport import ucx
+
+log = logging.getLogger(__name__)
+
+
+class UcxService:
+    """UCX for one server; its runtime starts with the first UCX client."""
+
+    def __init__(self, store: Store, stats: ServerStats, enabled: bool) -> None:
+        self.store = store
+        self.stats = stats
+        self.enabled = enabled
+        self.probe = AddressProbe()  # its process starts with the first UCX client
+
+    def info(self) -> dict:
+        addresses = self.runtime().addresses_b64
+        return protocol.ok(address=addresses[0], addresses=addresses)
+
+    def close(self) -> None:
+        self.probe.close()
+
+    def runtime(self):
+        if not self.enabled:
+            raise Unavailable("UCX is switched off on this server (--no-ucx)")
+        return ucx.runtime()  # started on the first UCX client
+
+    def peers(self, rt, req: dict) -> list[bytes]:
+        """The client's lanes a request names (no more than this server runs), with an
+        endpoint to each. An address met for the first time is checked against UCX's
+        layout, then tried in a probe process (:mod:`torch_tq.server.ucx_probe`) before this
+        process lets UCX near it.
+
+        Raises:
+            InvalidArgument: a malformed address, or one UCX cannot make an endpoint to.
+        """
+        peers = ucx.decode_addresses(req["addresses"])
+        if len(peers) > rt.lanes:
+            raise InvalidArgument(f"{len(peers)} UCX lanes named; this server runs {rt.lanes}")
+        unknown = rt.unknown(peers)
+        if unknown:
+            for address in unknown:
+                self.probe.check(address)
+            try:
+                rt.connect(peers)
+            except Unavailable as e:
+                raise InvalidArgument(f"the client's UCX lanes cannot be reached: {e.message}") \
+                    from None
+        return peers
+
+    def get(self, req: dict) -> tuple[dict, pa.Buffer | None]:
+        rt = self.runtime()
+        peers = self.peers(rt, req)
+        key = req["key"]
+        matrix = self.store.open(key)
+        entry = matrix.entry
+        # Runs of the stored bytes: consecutive batches that are slices of one buffer (a
+        # matrix that came in one piece) make one run, so that a transfer has few parts.
+        runs: list = []  # [buffer, start, end] or a finished memoryview
+        for batch in matrix.batches():  # verified before anything is sent
+            column = batch.column(0)
+            if column.type == pa.bool_():
+                runs.append(memoryview(codec.element_bytes(column)))
+            elif len(column):
+                width = column.type.byte_width
+                buf = column.buffers()[1]
+                start, end = column.offset * width, (column.offset + len(column)) * width
+                last = runs[-1] if runs else None
+                if isinstance(last, list) and last[0].address == buf.address and last[2] == start:
+                    last[2] = end
+                else:
+                    runs.append([buf, start, end])
+        parts = []
+        step = max(self.store.chunk_bytes, ucx.PART_BYTES)
+        for run in runs:
+            raw = memoryview(run[0])[run[1]:run[2]] if isinstance(run, list) else run
+            whole = np.frombuffer(raw, dtype=np.uint8)
+            # pieces of a bounded size: the lanes share even a one-batch matrix
+            parts.extend(ucx.views(whole, ucx.split(whole.nbytes, step)))
+        self.stats.add_bytes(sent=entry.nbytes)
+        reply = protocol.ok(index_id=key.index_id, matrix_type=key.matrix_type,
+                            **entry.describe())
+        if entry.nbytes <= req["inline_max"]:
+            # one round trip instead of a control call and a UCX transfer
+            data = np.concatenate(parts) if parts else np.empty(0, np.uint8)
+            return {**reply, "parts": [], "inline": True}, pa.py_buffer(data)
+        future = rt.start("send", peers, req["tag"], parts)
+        future.add_done_callback(lambda f: _log_failure(f, rt, peers, f"UcxGet {key}"))
+        return {**reply, "parts": [p.nbytes for p in parts]}, None
+
+    def _drain(self, rt, peers: list[bytes], req: dict) -> None:
+        """A refused UcxPut: the client started sending before it called, so its messages
+        wait at this server. A 1-byte receive per part takes each one without its bytes
+        (UCX truncates it) and completes the client's send: nothing is left pending on
+        either side."""
+        scratch = np.empty(1, np.uint8)
+        rt.start("recv", peers, req["tag"], [scratch] * len(req["parts"]))
+
+    def drain_refused(self, body) -> None:
+        """:meth:`_drain` for a UcxPut refused before its handler ran (a limit), if its body
+        parses; best effort."""
+        try:
+            raw = body.to_pybytes() if body is not None else b""
+            req = protocol.parse_ucx_body(raw, protocol.UCX_PUT)
+            if self.enabled:
+                rt = ucx.runtime()
+                self._drain(rt, self.peers(rt, req), req)
+        except Exception as e:  # noqa: BLE001 - the refusal is what the client gets
+            log.debug("could not drain a refused UcxPut: %s", e)
+
+    def put(self, req: dict) -> dict:
+        rt = self.runtime()
+        peers = self.peers(rt, req)
+        key, dtype = req["key"], codec.DTYPES[req["dtype"]]
+        nbytes = req["nbytes"]
+        try:
+            if nbytes % dtype.itemsize or nbytes // dtype.itemsize != codec.numel(req["shape"]):
+                raise InvalidArgument(
+                    f"nbytes {nbytes} contradicts shape {list(req['shape'])} of {dtype.name}")
+            session = self.store.begin_put(key, dtype, nbytes // dtype.itemsize, req["xxh3"])
+        except TQError:
+            self._drain(rt, peers, req)
+            raise
+        try:
+            buf = pa.allocate_buffer(nbytes) if nbytes else pa.py_buffer(b"")
+            whole = np.frombuffer(buf, dtype=np.uint8) if nbytes else None
+            views = ucx.views(whole, req["parts"])
+            try:
+                rt.run("recv", peers, req["tag"], views)
+            except Unavailable:
+                rt.forget(peers)
+                raise
+            self.stats.add_bytes(received=nbytes)
+            session.append(codec.raw_values(buf, dtype))
+            entry = session.commit(req["shape"])
+        finally:
+            session.abort()  # no-op after a commit
+        return protocol.ok(index_id=key.index_id, matrix_type=key.matrix_type, **entry.describe())
+
+
+def _log_failure(future, rt, peers: list[bytes], what: str) -> None:
+    if future.cancelled():
+        return
+    error = future.exception()
+    if error is not None:
+        rt.forget(peers)
+        log.warning("%s: UCX send failed (%s); the client falls back to gRPC",
+                    what, type(error).__name__)
