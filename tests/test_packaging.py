@@ -94,8 +94,10 @@ def test_sdist_holds_the_sources_and_the_version(dist):
 def test_wheel_installs_and_works_in_a_fresh_venv(dist, tmp_path):
     (wheel,) = [p for p in os.listdir(dist) if p.endswith(".whl")]
     python = _venv(tmp_path / "venv")
+    # --ignore-installed: the venv sees this environment's torch_tq through the .pth, and pip
+    # would call it installed already
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                    os.path.join(dist, wheel)], check=True, timeout=300)
+                    "--ignore-installed", os.path.join(dist, wheel)], check=True, timeout=300)
     _smoke(python, tmp_path)
 
 
@@ -106,5 +108,6 @@ def test_sdist_builds_installs_and_works_in_a_fresh_venv(dist, tmp_path):
     subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=False,
                    timeout=120)
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--ignore-installed",
                     "--no-build-isolation", os.path.join(dist, sdist)], check=True, timeout=600)
     _smoke(python, tmp_path)
