@@ -22,10 +22,8 @@ def memory_server():
         yield srv
 
 
-# The tests that take the ``client`` fixture run on each transport: gRPC, same-host (the
-# client mapping and staging files itself) and UCX, when ucxx is here; all against the
-# session's memory store, except that a module with ``SAME_HOST_STORAGE = "disk"`` runs
-# its same-host case against a disk store.
+# The transports this machine has: gRPC, same-host (the client mapping and staging files
+# itself) and UCX, when ucxx is here. The conformance suite (tests/conformance) runs on each.
 try:
     import ucxx  # noqa: F401
 
@@ -48,19 +46,12 @@ def same_host_server(tmp_path_factory):
         yield srv
 
 
-@pytest.fixture(params=TRANSPORTS)
-def client(request, memory_server):
-    if request.param == "grpc":
-        c = torch_tq.Client(memory_server.location, transport="grpc", timeout=60)
-    elif request.param == "ucx":
-        c = torch_tq.Client(ucx_locations(memory_server.location), transport="ucx", timeout=60)
-    else:
-        server = (request.getfixturevalue("same_host_server")
-                  if getattr(request.module, "SAME_HOST_STORAGE", "memory") == "disk"
-                  else memory_server)
-        c = torch_tq.Client(server.location, transport="same-host", timeout=60)
-    assert c.transport == request.param
-    with c:
+@pytest.fixture
+def client(memory_server):
+    """A gRPC client of the session's memory store, for tests of what does not depend on
+    the transport (the server's behaviour, consumer groups); tests/conformance overrides it
+    with one per transport."""
+    with torch_tq.Client(memory_server.location, transport="grpc", timeout=60) as c:
         yield c
 
 

@@ -185,27 +185,6 @@ def test_assembler_makes_no_copy_of_a_single_aligned_buffer(dtype):
     assert torch.equal(out.reshape(-1), src)
 
 
-def test_pinned_memory_not_available_answers_cleanly(client, unique_id):
-    """On a machine without a usable CUDA device every pinned path says why, and the client
-    gives the same results through pageable memory."""
-    from torch_tq import pinned
-
-    ok, why = pinned.status()
-    if ok:
-        pytest.skip("this machine has CUDA: tests/test_gpu.py covers the pinned path")
-    assert isinstance(why, str) and why
-    assert pinned.default_pool() is None
-    with pytest.raises(OSError, match="not available"):
-        pinned.PinnedPool()
-    with pytest.raises((OSError, RuntimeError)):
-        _C.host_alloc(1 << 20)
-    t = torch.randn(8, 1000)
-    client.put(unique_id, "prompt", t)
-    for kwargs in ({"pin_memory": True}, {"device": "cpu"}, {"device": "cpu", "pin_memory": True}):
-        got = client.get(unique_id, "prompt", **kwargs)
-        assert got.device.type == "cpu" and torch.equal(got, t)
-
-
 def test_everything_works_without_the_extension(memory_server, unique_id):
     """A source checkout without the built extension: pure Python, same results."""
     code = textwrap.dedent(f"""

@@ -544,28 +544,6 @@ def test_a_memory_store_refuses_what_does_not_fit_before_taking_a_byte():
         assert _memory(client)["stored"] == (40 << 20) + (4 << 20)
 
 
-@pytest.mark.parametrize("transport", ["same-host", "ucx"])
-def test_the_capacity_holds_on_the_fast_paths(transport):
-    if transport == "ucx":
-        pytest.importorskip("ucxx")
-    from .conftest import ucx_locations
-
-    with torch_tq.start_server(storage="memory", max_memory="32MiB", qps=0) as srv:
-        where = ucx_locations(srv.location) if transport == "ucx" else srv.location
-        client = torch_tq.Client(where, transport=transport)
-        assert client.transport == transport
-        client.put(1, "a", torch.ones(5 << 20))  # 20 MiB
-        with pytest.raises(torch_tq.Unavailable, match="memory store full"):
-            client.put(2, "b", torch.ones(5 << 20))
-        with pytest.raises(torch_tq.NotFound):
-            client.get(2, "b")
-        assert torch.equal(client.get(1, "a"), torch.ones(5 << 20))
-        assert _memory(client)["in_flight"] == 0
-        if transport == "same-host":
-            staging = os.path.join(client._transport().store.root, "staging")
-            assert [n for n in os.listdir(staging) if n.endswith(".arrow")] == []
-
-
 def test_an_aborted_upload_gives_its_memory_back():
     with torch_tq.start_server(storage="memory", qps=0) as srv:
         client = torch_tq.Client(srv.location, transport="grpc")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torch_tq
-from torch_tq import InvalidArgument, NotFound
+from torch_tq import NotFound
 
 SEED_EXAMPLE = '''
 import pyarrow.flight as flight
@@ -261,22 +261,6 @@ def test_put_is_acknowledged_through_app_metadata(fc, unique_id):
     ack = json.loads(acks.read().to_pybytes())
     writer.close()
     assert ack["success"] is True and ack["shape"] == [4] and ack["nbytes"] == 16
-
-
-def test_client_put_get_seed_shape(client, unique_id):
-    t = torch.randn(32, 512, 4096)
-    client.put(unique_id, "prompt", t)
-    assert torch.equal(client.get(unique_id, "prompt"), t)
-    out = torch.empty_like(t)
-    assert client.get(unique_id, "prompt", out=out) is out
-    assert torch.equal(out, t)
-
-
-def test_invalid_argument_is_a_value_error(client):
-    with pytest.raises(InvalidArgument):
-        client.put(-1, "prompt", torch.zeros(1))
-    with pytest.raises(ValueError):
-        client.get(1, "../etc")
 
 
 def test_stats_count_calls_errors_and_bytes():
