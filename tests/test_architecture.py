@@ -28,11 +28,8 @@ OVERSIZE = {
     "torch_tq/integrations/data.py": 910,
     "torch_tq/integrations/data.py:TQDataset": 451,
     "torch_tq/protocol/commands.py": 712,
-    "torch_tq/store/engine.py": 735,
-    "torch_tq/store/engine.py:Store": 356,
-    "torch_tq/store/backends.py": 740,
-    "torch_tq/store/groups.py": 689,
-    "torch_tq/store/groups.py:Queue": 578,
+    "torch_tq/store/engine.py:Store": 354,
+    "torch_tq/store/groups.py:Queue": 338,
 }
 
 

@@ -28,7 +28,7 @@ from torch_tq.protocol import commands as protocol
 from torch_tq.server.flight import TQFlightServer
 from torch_tq.server.launch import ALLOCATOR_ENV, allocator_for
 from torch_tq.server.limits import Limits, limits_from
-from torch_tq.store.backends import first_line
+from torch_tq.store.errors import first_line
 from torch_tq.store.engine import Store
 
 log = logging.getLogger(__name__)

@@ -35,25 +35,19 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from torch_tq.codec import tensors as codec
-from torch_tq.store.backends import (
-    FREE_PREFIX,
-    RECYCLE_MIN_BYTES,
-    STAGING,
-    IpcFile,
-    _FileSource,
-    first_line,
-    io_error,
-    parse_free_name,
-    unshared,
-)
+from torch_tq.store.files import IpcFile, _FileSource
+from torch_tq.store.memory import FREE_PREFIX, RECYCLE_MIN_BYTES, STAGING, parse_free_name, unshared
 from torch_tq.errors import InternalError, TQError
+from torch_tq.store.errors import first_line, io_error
 from torch_tq.model import Key, not_found
-from torch_tq.store.engine import (
+from torch_tq.store.engine import check_size, check_space
+from torch_tq.store.format import (
+    OBJECTS,
     MatrixReader,
     MatrixWriter,
-    check_size,
-    check_space,
+    file_schema,
     now_ms,
+    object_path,
     read_trailer,
 )
 
@@ -87,12 +81,12 @@ class LocalStore:
         self.digests = not partial
         self.max_matrix_bytes = max_matrix_bytes  # checked here first, again by the server
         self.compression = compression  # the store's at-rest codec, for staged files
-        self.objects = os.path.join(root, "objects")
+        self.objects = os.path.join(root, OBJECTS)
         self.staging = os.path.join(root, STAGING)
         self.chunk_bytes = chunk_bytes
 
     def path_of(self, key: Key) -> str:
-        return os.path.join(self.objects, str(key.index_id), key.matrix_type + ".arrow")
+        return object_path(self.root, key)
 
     def read(self, key: Key, out=None, shared: bool = False, alloc=None):
         """The matrix as a tensor, read from the mapped file (see the module docstring);
@@ -138,7 +132,7 @@ class LocalStore:
         check_space(key, nbytes, st.f_bavail * st.f_frsize)
         name = uuid.uuid4().hex + ".arrow"
         path = os.path.join(self.staging, name)
-        schema = pa.schema([pa.field("data", dtype.arrow, nullable=False)])
+        schema = file_schema(dtype)
         # One batch per file, up to Arrow's 2**31 - 1 elements: its values then lie in
         # one piece, so a same-host get is a tensor over the mapping (no copy).
         big = STAGED_BATCH_ELEMENTS * dtype.itemsize
@@ -177,7 +171,7 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 def claim(staging: str, need: int, dest: str) -> bool:
     """Takes a recycled file from the memory store's pool (see
-    :class:`torch_tq.store.backends.RecyclePool`) by renaming it to ``dest``: the smallest that
+    :class:`torch_tq.store.memory.RecyclePool`) by renaming it to ``dest``: the smallest that
     holds ``need`` bytes, else the largest there is. False when there is none."""
     try:
         names = os.listdir(staging)
@@ -204,7 +198,7 @@ class MappedIpcFile:
     """An Arrow IPC file written through a shared mapping of a recycled file, whose pages
     already exist: a copy at memcpy speed (on several threads) instead of the fresh-page
     cost of ``write()``. ``capacity`` bounds the file; :meth:`finish` cuts it to what was
-    written. The same interface as :class:`torch_tq.store.backends.IpcFile`."""
+    written. The same interface as :class:`torch_tq.store.files.IpcFile`."""
 
     def __init__(self, path: str, capacity: int, schema: pa.Schema) -> None:
         self.path = path
