@@ -477,7 +477,7 @@ def _warnings_while_waiting(caplog, location, group, types, seconds=2.5):
     import logging
 
     ds = TQDataset(location, types, group=group, poll=0.3, warn_after=1, idle_timeout=seconds)
-    with caplog.at_level(logging.WARNING, logger="torch_tq.integrations.data"):
+    with caplog.at_level(logging.WARNING, logger="torch_tq.integrations"):
         got = [int(item["index_id"]) for item in ds]
     return got, [r.getMessage() for r in caplog.records if "nothing to read" in r.getMessage()]
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import torch_tq
 from torch_tq.protocol import commands as protocol
+from torch_tq.protocol import errors as wire_errors
 from torch_tq.errors import InternalError, InvalidArgument, NotFound, TQError, Unavailable
 from torch_tq.protocol.commands import Key
 
@@ -84,10 +85,10 @@ def test_delete_and_metadata_bodies():
 
 @pytest.mark.parametrize("cls", [NotFound, InvalidArgument, Unavailable, InternalError])
 def test_wire_errors_map_back_to_the_same_class(cls):
-    wire = protocol.to_wire_error(cls("matrix not found: index_id=1, type=prompt"))
+    wire = wire_errors.to_wire_error(cls("matrix not found: index_id=1, type=prompt"))
     # what a client receives: the message plus Arrow's detail suffix
     received = type(wire)(str(wire) + ". Detail: Python exception: x")
-    back = protocol.from_flight_error(received)
+    back = wire_errors.from_flight_error(received)
     assert type(back) is cls and back.message == "matrix not found: index_id=1, type=prompt"
 
 
@@ -96,8 +97,8 @@ def test_errors_subclass_builtins():
     assert issubclass(Unavailable, ConnectionError) and issubclass(InternalError, RuntimeError)
     assert all(issubclass(c, TQError) for c in (NotFound, InvalidArgument, Unavailable, InternalError))
     assert str(NotFound("x y")) == "x y"  # no KeyError quotes
-    assert isinstance(protocol.from_flight_error(flight.FlightUnavailableError("down")), Unavailable)
-    assert isinstance(protocol.from_flight_error(pa.ArrowKeyError("k")), NotFound)
+    assert isinstance(wire_errors.from_flight_error(flight.FlightUnavailableError("down")), Unavailable)
+    assert isinstance(wire_errors.from_flight_error(pa.ArrowKeyError("k")), NotFound)
 
 
 # --------------------------------------------------------------------------- the registry

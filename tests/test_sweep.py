@@ -18,6 +18,7 @@ import torch_tq
 from torch_tq.server import batch as batch_ops
 from torch_tq.protocol import actions
 from torch_tq.protocol import commands as protocol
+from torch_tq.protocol import errors as wire_errors
 
 KEEP = 555_000  # stored before the sweep; every mutation aims elsewhere
 AIM = 556_000
@@ -92,7 +93,7 @@ class Sweep:
             code = text.split(":", 1)[0]
             assert code in ALLOWED, f"{what}: {text[:400]}"
             for leak in LEAKS:
-                assert leak not in protocol._strip_detail(text), f"{what}: {leak!r} in {text[:400]}"
+                assert leak not in wire_errors._strip_detail(text), f"{what}: {leak!r} in {text[:400]}"
             self.refused[code] = self.refused.get(code, 0) + 1
             return None
         return result

@@ -22,8 +22,8 @@ _LAZY = {
     "start_server": "torch_tq.server.launch",
     "ServerHandle": "torch_tq.server.launch",
     "Limits": "torch_tq.server.limits",
-    "TQDataset": "torch_tq.integrations.data",
-    "TensorSink": "torch_tq.integrations.data",
+    "TQDataset": "torch_tq.integrations.dataset",
+    "TensorSink": "torch_tq.integrations.sink",
 }
 
 

@@ -9,6 +9,7 @@ from torch_tq.client.connection import Connection, retrying
 from torch_tq.client.results import MatrixInfo
 from torch_tq.codec import tensors as codec
 from torch_tq.protocol import commands as protocol
+from torch_tq.protocol.errors import from_flight_error
 
 
 class CatalogCalls:
@@ -52,7 +53,7 @@ class CatalogCalls:
             conn = self.connection
             infos = list(conn.flight.list_flights(criteria, conn.options()))
         except Exception as e:
-            raise protocol.from_flight_error(e, "list") from None
+            raise from_flight_error(e, "list") from None
         out = []
         for info in infos:
             key = protocol.parse_ticket(info.endpoints[0].ticket.ticket)

@@ -28,6 +28,7 @@ from torch_tq._malloc import tune_malloc
 from torch_tq.codec import tensors as codec
 from torch_tq.errors import InternalError, InvalidArgument, Unavailable
 from torch_tq.protocol import commands as protocol
+from torch_tq.protocol.errors import from_flight_error
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class Connection:
             results = list(self.flight.do_action(flight.Action(name, protocol.dumps(body)),
                                                  options))
         except Exception as e:
-            raise protocol.from_flight_error(e, what) from None
+            raise from_flight_error(e, what) from None
         if not 1 <= len(results) <= 1 + extra:
             raise InternalError(f"{what}: expected one result, got {len(results)}")
         reply = json.loads(results[0].body.to_pybytes())
@@ -215,7 +216,7 @@ class Connection:
                 # close() reports the server's status when the call failed.
                 writer.close()
         except Exception as e:
-            raise protocol.from_flight_error(e, what) from None
+            raise from_flight_error(e, what) from None
         if ack is None:
             raise InternalError(f"{what}: the server closed the upload without acknowledging it")
         return json.loads(ack.to_pybytes())

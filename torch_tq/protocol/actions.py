@@ -17,6 +17,7 @@ from typing import Any
 
 from torch_tq.errors import InvalidArgument
 from torch_tq.protocol import commands as c
+from torch_tq.protocol import groups, transfers
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,11 @@ def _empty(name: str) -> Callable[[bytes], None]:
 
 
 def _queue(name: str) -> Callable[[bytes], dict]:
-    return functools.partial(c.parse_queue_body, action=name)
+    return functools.partial(groups.parse_queue_body, action=name)
 
 
 def _ucx(name: str) -> Callable[[bytes], dict]:
-    return functools.partial(c.parse_ucx_body, action=name)
+    return functools.partial(transfers.parse_ucx_body, action=name)
 
 
 _HOW = {
@@ -105,10 +106,10 @@ ACTIONS: dict[str, Action] = {a.name: a for a in (
            '"shape", "dtype", "nbytes", "parts": [bytes...], "address", "tag", "xxh3"?}',
            _ucx(c.UCX_PUT), quota="ucx"),
     Action(c.LOCAL_INFO, 'Same-host access: the store directory, if the caller runs on this '
-           'host: {"host_id": "32 hex"}', c.parse_local_info_body),
+           'host: {"host_id": "32 hex"}', transfers.parse_local_info_body),
     Action(c.PUBLISH_LOCAL, 'Check and publish a matrix file a same-host client staged: '
            '{"index_id": N, "matrix_type": "prompt", "file": "<32 hex>.arrow"}',
-           c.parse_publish_local_body),
+           transfers.parse_publish_local_body),
 )}
 
 # The commands that carry matrices, and so travel as Flight streams rather than actions.

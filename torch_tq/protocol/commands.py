@@ -19,12 +19,10 @@ gRPC status (NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE, INTERNAL).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import pyarrow as pa
 import pyarrow.flight as flight
 
 from torch_tq.model import (  # noqa: F401 - the protocol's names for the data model
@@ -38,15 +36,16 @@ from torch_tq.model import (  # noqa: F401 - the protocol's names for the data m
     validate_matrix_type,
     validate_shape,
 )
-from torch_tq.store.rounds import parse_spec
-from torch_tq.errors import (
-    ERROR_CLASSES,
-    InternalError,
-    InvalidArgument,
-    NotFound,
-    TQError,
-    Unavailable,
+from torch_tq.protocol.bodies import (  # noqa: F401 - the protocol's names
+    MAX_COMMAND_BYTES,
+    check_keys,
+    dumps,
+    ok,
+    parse_empty_body,
+    parse_json_object,
+    validate_int,
 )
+from torch_tq.errors import InvalidArgument, TQError
 
 WRITE_MATRIX = "WriteMatrix"
 READ_MATRIX = "ReadMatrix"
@@ -82,7 +81,6 @@ def spellings(name: str) -> frozenset[str]:
 _ACTION_SPELLINGS = {s: name for name in (WRITE_MATRIX, READ_MATRIX, BATCH_WRITE, BATCH_READ)
                      for s in spellings(name)}
 
-MAX_COMMAND_BYTES = 64 * 1024
 CLIENT_ID_HEADER = "x-tq-client-id"  # who a call counts against, while authentication is off
 _DECIMAL_RE = re.compile(r"0|[1-9][0-9]{0,19}", re.ASCII)
 _HEX64_RE = re.compile(r"[0-9a-f]{16}", re.ASCII)
@@ -102,72 +100,6 @@ class PutCommand:
 # --------------------------------------------------------------------------- parsing
 
 
-def _reject_constant(name: str) -> Any:
-    raise InvalidArgument(f"JSON constant {name} is not allowed")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise InvalidArgument(f"duplicate key {k!r:.80} in JSON object")
-        out[k] = v
-    return out
-
-
-def parse_json_object(raw: bytes | str, what: str, limit: int = MAX_COMMAND_BYTES) -> dict[str, Any]:
-    """Parses ``raw`` as one strict JSON object.
-
-    Raises:
-        InvalidArgument: not UTF-8, not JSON, not an object, too long, duplicate keys, NaN.
-    """
-    if len(raw) > limit:
-        raise InvalidArgument(f"{what} is {len(raw)} bytes; the limit is {limit}")
-    if isinstance(raw, (bytes, bytearray, memoryview)):
-        try:
-            text = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidArgument(f"{what} is not valid UTF-8") from None
-    else:
-        text = raw
-    try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-        )
-    except InvalidArgument:
-        raise
-    except (ValueError, RecursionError) as e:
-        raise InvalidArgument(f"{what} is not valid JSON: {_short(e)}") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _short(e: BaseException) -> str:
-    text = str(e)
-    return text if len(text) <= 200 else text[:200] + "..."
-
-
-def _check_keys(body: dict[str, Any], allowed: set[str], required: set[str], what: str) -> None:
-    """Every field known, every required one there, and none null: a field is given with a
-    value of its type or left out (``null`` is not taken for "absent")."""
-    nulls = sorted(k for k, v in body.items() if v is None)
-    if nulls:
-        raise InvalidArgument(
-            f"field(s) {nulls} in {what} are null: give a value or leave the field out"
-        )
-    unknown = set(body) - allowed
-    if unknown:
-        raise InvalidArgument(
-            f"unknown field(s) {sorted(unknown)} in {what}; allowed: {sorted(allowed)}"
-        )
-    missing = required - set(body)
-    if missing:
-        raise InvalidArgument(f"missing field(s) {sorted(missing)} in {what}")
-
-
 def _unwrap_envelope(body: dict[str, Any], what: str) -> tuple[dict[str, Any], str | None]:
     """Handles the seed's ``{"command": ..., "body": ...}`` envelope.
 
@@ -176,7 +108,7 @@ def _unwrap_envelope(body: dict[str, Any], what: str) -> tuple[dict[str, Any], s
     if "command" not in body:
         action = body.get("action")
         return body, action
-    _check_keys(body, {"command", "body"}, {"command", "body"}, what)
+    check_keys(body, {"command", "body"}, {"command", "body"}, what)
     inner = body["body"]
     if isinstance(inner, str):
         inner = parse_json_object(inner, f"{what} body")
@@ -228,7 +160,7 @@ def parse_put_descriptor(descriptor: flight.FlightDescriptor) -> PutCommand:
         raise InvalidArgument(f"{what}: unsupported descriptor type")
     body, action = _unwrap_envelope(parse_json_object(descriptor.command, what), what)
     _check_action(action, WRITE_MATRIX, what)
-    _check_keys(body, _PUT_FIELDS, {"index_id", "matrix_type"}, what)
+    check_keys(body, _PUT_FIELDS, {"index_id", "matrix_type"}, what)
     key = Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"]))
     shape = validate_shape(body["shape"]) if "shape" in body else None
     dtype = body.get("dtype")
@@ -248,7 +180,7 @@ def parse_put_descriptor(descriptor: flight.FlightDescriptor) -> PutCommand:
 def parse_read_body(raw: bytes, what: str) -> Key:
     body, action = _unwrap_envelope(parse_json_object(raw, what), what)
     _check_action(action, READ_MATRIX, what)
-    _check_keys(body, _READ_FIELDS, {"index_id", "matrix_type"}, what)
+    check_keys(body, _READ_FIELDS, {"index_id", "matrix_type"}, what)
     return Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"]))
 
 
@@ -317,7 +249,7 @@ def _batch_item(item: Any, pos: int) -> Key | BadItem:
     index_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) and 0 <= raw_id <= MAX_INDEX_ID else None
     mtype = raw_type if isinstance(raw_type, str) and len(raw_type) <= 64 else None
     try:
-        _check_keys(item, {"index_id", "matrix_type", "type"}, {"index_id"}, f"item {pos}")
+        check_keys(item, {"index_id", "matrix_type", "type"}, {"index_id"}, f"item {pos}")
         if "matrix_type" in item and "type" in item:
             raise InvalidArgument(f"item {pos} names both 'matrix_type' and 'type'")
         if raw_type is None:
@@ -339,7 +271,7 @@ def parse_get_ticket(raw: bytes, max_items: int = 0) -> ReadRequest | BatchReadC
     body, action = _unwrap_envelope(parse_json_object(raw, what, MAX_BATCH_TICKET_BYTES), what)
     if _spelling(action) == BATCH_READ:
         what = "BatchRead ticket"
-        _check_keys(body, {"action", "items", "max_inline_bytes", "compression", "pad"}, {"items"},
+        check_keys(body, {"action", "items", "max_inline_bytes", "compression", "pad"}, {"items"},
                     what)
         items = body["items"]
         if not isinstance(items, list):
@@ -348,15 +280,15 @@ def parse_get_ticket(raw: bytes, max_items: int = 0) -> ReadRequest | BatchReadC
             raise InvalidArgument(
                 f"{what}: {len(items)} items; the limit is {max_items} per call (split the batch)"
             )
-        inline = _validate_int(body.get("max_inline_bytes", DEFAULT_MAX_INLINE_BYTES),
+        inline = validate_int(body.get("max_inline_bytes", DEFAULT_MAX_INLINE_BYTES),
                                "max_inline_bytes", 0, MAX_INLINE_BYTES)
         return BatchReadCommand(tuple(_batch_item(it, i) for i, it in enumerate(items)), inline,
                                 validate_compression(body.get("compression")),
-                                _validate_int(body.get("pad", 0), "pad", 0, 63))
+                                validate_int(body.get("pad", 0), "pad", 0, 63))
     if len(raw) > MAX_COMMAND_BYTES:
         raise InvalidArgument(f"{what} is {len(raw)} bytes; the limit is {MAX_COMMAND_BYTES}")
     _check_action(action, READ_MATRIX, what)
-    _check_keys(body, _READ_FIELDS | {"compression"}, {"index_id", "matrix_type"}, what)
+    check_keys(body, _READ_FIELDS | {"compression"}, {"index_id", "matrix_type"}, what)
     key = Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"]))
     return ReadRequest(key, validate_compression(body.get("compression")))
 
@@ -370,7 +302,7 @@ def parse_put_request(descriptor: flight.FlightDescriptor) -> PutCommand | Batch
         except InvalidArgument:
             body, action = {}, None  # parse_put_descriptor reports it as a WriteMatrix
         if _spelling(action) == BATCH_WRITE:
-            _check_keys(body, {"action"}, set(), what)
+            check_keys(body, {"action"}, set(), what)
             return BatchWriteCommand()
     return parse_put_descriptor(descriptor)
 
@@ -396,7 +328,7 @@ def parse_delete_body(raw: bytes) -> tuple[int, str | None]:
     """Returns ``(index_id, matrix_type or None for every type)``."""
     what = "DeleteMatrix body"
     body = parse_json_object(raw, what)
-    _check_keys(body, {"index_id", "matrix_type"}, {"index_id"}, what)
+    check_keys(body, {"index_id", "matrix_type"}, {"index_id"}, what)
     index_id = validate_index_id(body["index_id"])
     mtype = body.get("matrix_type", "")
     if mtype == "":
@@ -407,7 +339,7 @@ def parse_delete_body(raw: bytes) -> tuple[int, str | None]:
 def parse_metadata_body(raw: bytes) -> int:
     what = "GetMetadata body"
     body = parse_json_object(raw, what)
-    _check_keys(body, {"index_id"}, {"index_id"}, what)
+    check_keys(body, {"index_id"}, {"index_id"}, what)
     return validate_index_id(body["index_id"])
 
 
@@ -417,188 +349,13 @@ def parse_list_criteria(raw: bytes) -> int | None:
         return None
     what = "ListFlights criteria"
     body = parse_json_object(raw, what)
-    _check_keys(body, {"index_id"}, set(), what)
+    check_keys(body, {"index_id"}, set(), what)
     if "index_id" not in body:
         return None
     return validate_index_id(body["index_id"])
 
 
-MAX_IDS_PER_CALL = 10_000
-MAX_ITEMS = 10_000
-MAX_WAIT_S = 60.0
-MAX_LEASE_S = 24 * 3600.0
-
-
-def validate_group(value: Any) -> str:
-    """Returns the canonical (lower-case) consumer group name: 1-64 of ``[a-z0-9_.-]``,
-    starting with a letter or digit (it names a directory of the store)."""
-    if not isinstance(value, str):
-        raise InvalidArgument(f"group must be a string, got {type(value).__name__}")
-    if not value.isascii() or not GROUP_RE.fullmatch(value.lower()):
-        raise InvalidArgument(
-            f"invalid group {value[:80]!r}: use 1-64 ASCII letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
-    return value.lower()
-
-
-def _validate_int(value: Any, name: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidArgument(f"{name} must be an integer in [{lo}, {hi}], got {value!r:.80}")
-    return value
-
-
-def _validate_ids(value: Any, name: str) -> list[int]:
-    if not isinstance(value, list):
-        raise InvalidArgument(f"{name} must be a list of index_ids, got {type(value).__name__}")
-    if len(value) > MAX_IDS_PER_CALL:
-        raise InvalidArgument(f"{name} has {len(value)} entries; the limit is {MAX_IDS_PER_CALL}")
-    return [validate_index_id(v) for v in value]
-
-
-def _validate_types(value: Any) -> frozenset[str]:
-    if not isinstance(value, list) or not value:
-        raise InvalidArgument("types must be a non-empty list of matrix types")
-    if len(value) > 64:
-        raise InvalidArgument(f"types has {len(value)} entries; the limit is 64")
-    return frozenset(validate_matrix_type(t) for t in value)
-
-
-def _validate_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidArgument(f"{name} must be true or false, got {value!r:.80}")
-    return value
-
-
-_QUEUE_FIELDS = {
-    CONSUME: ({"group", "types", "max_items", "timeout_ms", "lease_ms", "ack", "delete",
-               "rounds"}, {"group"}),
-    ACK: ({"group", "index_ids", "delete", "rank"}, {"group", "index_ids"}),
-    RELEASE: ({"group", "index_ids"}, {"group", "index_ids"}),
-    RENEW: ({"group", "index_ids", "lease_ms", "dp_rank"}, {"group", "index_ids", "lease_ms"}),
-    FINISH_STREAM: ({"types"}, {"types"}),
-    REOPEN_STREAM: ({"types"}, {"types"}),
-    GROUP_STATUS: ({"group"}, {"group"}),
-    DELETE_GROUP: ({"group"}, {"group"}),
-}
-
-
-def parse_queue_body(raw: bytes, action: str) -> dict[str, Any]:
-    """Parses the body of a consumer-group action into checked Python values.
-
-    ``group`` is returned as given (the queue checks and canonicalizes names); ``types`` as
-    a frozenset of canonical names; times in seconds.
-    """
-    what = f"{action} body"
-    body = parse_json_object(raw, what)
-    allowed, required = _QUEUE_FIELDS[action]
-    _check_keys(body, allowed, required, what)
-    out: dict[str, Any] = {}
-    if "group" in body:
-        out["group"] = validate_group(body["group"])
-    if "types" in body:
-        out["types"] = _validate_types(body["types"])
-    if "index_ids" in body:
-        out["index_ids"] = _validate_ids(body["index_ids"], "index_ids")
-    if "ack" in body:
-        out["ack"] = _validate_ids(body["ack"], "ack")
-    if "delete" in body:
-        out["delete"] = _validate_bool(body["delete"], "delete")
-    if "rounds" in body:
-        out["rounds"] = parse_spec(body["rounds"], MAX_ITEMS)
-    if "rank" in body:
-        out["rank"] = _validate_int(body["rank"], "rank", 0, 1 << 20)
-    if "dp_rank" in body:
-        out["dp_rank"] = _validate_int(body["dp_rank"], "dp_rank", 0, 1 << 20)
-    if action == CONSUME:
-        out["max_items"] = _validate_int(body.get("max_items", 1), "max_items", 1, MAX_ITEMS)
-        out["wait_s"] = _validate_int(
-            body.get("timeout_ms", 0), "timeout_ms", 0, int(MAX_WAIT_S * 1000)) / 1000
-    if action in (CONSUME, RENEW):
-        out["lease_s"] = _validate_int(
-            body.get("lease_ms", 60_000), "lease_ms", 50, int(MAX_LEASE_S * 1000)) / 1000
-    return out
-
-
-def parse_local_info_body(raw: bytes) -> str:
-    what = "LocalInfo body"
-    body = parse_json_object(raw, what)
-    _check_keys(body, {"host_id"}, {"host_id"}, what)
-    if not isinstance(body["host_id"], str) or not _HOST_ID_RE.fullmatch(body["host_id"]):
-        raise InvalidArgument("host_id must be 32 lower-case hex digits")
-    return body["host_id"]
-
-
-def parse_publish_local_body(raw: bytes) -> tuple[Key, str]:
-    what = "PublishLocal body"
-    body = parse_json_object(raw, what)
-    _check_keys(body, {"index_id", "matrix_type", "file"}, {"index_id", "matrix_type", "file"},
-                what)
-    key = Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"]))
-    if not isinstance(body["file"], str) or not _STAGED_RE.fullmatch(body["file"]):
-        raise InvalidArgument("file must be a staged file name: 32 hex digits + '.arrow'")
-    return key, body["file"]
-
-
-def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:
-    """Parses a UcxGet/UcxPut body; ``addresses`` (the client's lanes; ``address``, one
-    lane, is accepted too) stay base64 text (the ucx module decodes)."""
-    what = f"{action} body"
-    body = parse_json_object(raw, what)
-    if "address" in body and "addresses" not in body:
-        body["addresses"] = body.pop("address")
-    common = {"index_id", "matrix_type", "addresses", "tag"}
-    if action == UCX_GET:
-        _check_keys(body, common | {"inline_max"}, common, what)
-    else:
-        required = common | {"shape", "dtype", "nbytes", "parts"}
-        _check_keys(body, required | {"xxh3"}, required, what)
-    out: dict[str, Any] = {
-        "key": Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"])),
-        "addresses": body["addresses"],
-        "tag": _validate_int(body["tag"], "tag", 0, 2**64 - 1),
-    }
-    if action == UCX_GET:
-        out["inline_max"] = _validate_int(body.get("inline_max", 0), "inline_max", 0, 1 << 20)
-    if action == UCX_PUT:
-
-        out["shape"] = validate_shape(body["shape"])
-        if not isinstance(body["dtype"], str) or body["dtype"] not in DTYPES:
-            raise InvalidArgument(f"unsupported dtype {body['dtype']!r:.40}")
-        out["dtype"] = body["dtype"]
-        out["nbytes"] = _validate_int(body["nbytes"], "nbytes", 0, 2**62)
-        parts = body["parts"]
-        if not isinstance(parts, list) or len(parts) > 1 << 20:
-            raise InvalidArgument("parts must be a list of byte sizes")
-        out["parts"] = [_validate_int(p, "part size", 1, 2**62) for p in parts]
-        if sum(out["parts"]) != out["nbytes"]:
-            raise InvalidArgument("parts must add up to nbytes")
-        digest = body.get("xxh3")
-        if digest is not None and (not isinstance(digest, str) or not _HEX64_RE.fullmatch(digest)):
-            raise InvalidArgument("xxh3 must be 16 lower-case hex digits")
-        out["xxh3"] = digest
-    return out
-
-
-_HOST_ID_RE = re.compile(r"[0-9a-f]{32}", re.ASCII)
-_STAGED_RE = re.compile(r"[0-9a-f]{32}\.arrow", re.ASCII)
-
-
-def ok(**fields: Any) -> dict[str, Any]:
-    """A successful reply: the seed's ``success``/``message`` and ``fields``."""
-    return {"success": True, "message": "success", **fields}
-
-
-def parse_empty_body(raw: bytes, what: str) -> None:
-    if raw and parse_json_object(raw, what):
-        raise InvalidArgument(f"{what} takes no fields")
-
-
 # --------------------------------------------------------------------------- building
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def read_command(key: Key, compression: str | None = None) -> bytes:
@@ -630,83 +387,3 @@ def write_command(
     return dumps(body)
 
 
-# --------------------------------------------------------------------------- errors on the wire
-
-
-class _WireNotFound(pa.ArrowKeyError):
-    """Travels as gRPC NOT_FOUND (Arrow's KeyError status)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class _WireInvalid(pa.ArrowInvalid):
-    """Travels as gRPC INVALID_ARGUMENT (Arrow's Invalid status)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class _WireUnimplemented(pa.ArrowNotImplementedError):
-    """Travels as gRPC UNIMPLEMENTED."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-WIRE_ERRORS = (_WireNotFound, _WireInvalid, _WireUnimplemented)
-
-
-def to_wire_error(err: TQError) -> Exception:
-    """The exception a Flight handler raises for ``err``.
-
-    The server process sets ``sys.tracebacklimit = 0`` (see ``server``), so the Arrow
-    status built from these carries no traceback, only the class name and message.
-    """
-    text = f"{err.code}: {err.message}"
-    extra = dumps({"code": err.code, "message": err.message})
-    if isinstance(err, NotFound):
-        return _WireNotFound(text)
-    if isinstance(err, InvalidArgument):
-        return _WireInvalid(text)
-    if isinstance(err, Unavailable):
-        return flight.FlightUnavailableError(text, extra_info=extra)
-    return flight.FlightInternalError(text, extra_info=extra)
-
-
-def unimplemented(what: str) -> Exception:
-    return _WireUnimplemented(f"INVALID_ARGUMENT: {what} is not supported by torch_tq")
-
-
-_CODE_RE = re.compile(r"(NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR): (.*)", re.DOTALL)
-
-
-def _strip_detail(text: str) -> str:
-    # Arrow appends ". Detail: ..." and gRPC adds a debug context; neither is ours.
-    for marker in (". Detail: ", ". gRPC client debug context: "):
-        cut = text.find(marker)
-        if cut >= 0:
-            text = text[:cut]
-    return text
-
-
-def from_flight_error(exc: BaseException, what: str = "") -> TQError:
-    """Maps an exception raised by a pyarrow Flight call to a typed torch_tq error."""
-    if isinstance(exc, TQError):
-        return exc
-    text = _strip_detail(str(exc))
-    match = _CODE_RE.search(text)
-    if match:
-        return ERROR_CLASSES[match.group(1)](match.group(2))
-    prefix = f"{what}: " if what else ""
-    if isinstance(exc, flight.FlightTimedOutError):
-        return Unavailable(f"{prefix}call timed out ({text}); retry or raise the timeout")
-    if isinstance(exc, (flight.FlightUnavailableError, flight.FlightCancelledError, ConnectionError)):
-        return Unavailable(f"{prefix}server unavailable ({text}); check that it runs and retry")
-    if isinstance(exc, pa.ArrowKeyError):
-        return NotFound(prefix + text)
-    if isinstance(exc, pa.ArrowInvalid):
-        return InvalidArgument(prefix + text)
-    if isinstance(exc, OSError) and "connect" in text.lower():
-        return Unavailable(f"{prefix}{text}")
-    return InternalError(prefix + text)

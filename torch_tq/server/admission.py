@@ -12,6 +12,7 @@ import pyarrow.flight as flight
 from torch_tq.errors import TQError, Unavailable
 from torch_tq.protocol import actions
 from torch_tq.protocol import commands as protocol
+from torch_tq.protocol.errors import WIRE_ERRORS, to_wire_error
 from torch_tq.server.errors import internal_error
 from torch_tq.server.limits import Limiter, client_identity, peer_host
 from torch_tq.server.stats import ServerStats
@@ -103,8 +104,8 @@ def guard_iter(it: Iterator, where: str, stats: ServerStats | None = None) -> It
 
 def wire(e: BaseException, where: str) -> Exception:
     if isinstance(e, TQError):
-        return protocol.to_wire_error(e)
-    if isinstance(e, (flight.FlightError, *protocol.WIRE_ERRORS)):
+        return to_wire_error(e)
+    if isinstance(e, (flight.FlightError, *WIRE_ERRORS)):
         # pyarrow's own Flight errors (e.g. a cancelled call) carry no traceback.
         return e
-    return protocol.to_wire_error(internal_error(e, where, log))
+    return to_wire_error(internal_error(e, where, log))

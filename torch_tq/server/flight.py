@@ -31,6 +31,7 @@ from torch_tq.codec import tensors as codec
 from torch_tq.errors import InvalidArgument, Unavailable
 from torch_tq.protocol import actions as registry
 from torch_tq.protocol import commands as protocol
+from torch_tq.protocol.errors import unimplemented
 from torch_tq.server import actions
 from torch_tq.server import batch as batch_ops
 from torch_tq.server.admission import MIDDLEWARE, CallMiddlewareFactory, caller, guard, guard_iter
@@ -295,4 +296,4 @@ class TQFlightServer(flight.FlightServerBase):
 
     @guard
     def do_exchange(self, context, descriptor, reader, writer):
-        raise protocol.unimplemented("DoExchange")
+        raise unimplemented("DoExchange")

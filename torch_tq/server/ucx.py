@@ -11,6 +11,7 @@ import pyarrow as pa
 from torch_tq.codec import tensors as codec
 from torch_tq.errors import InvalidArgument, TQError, Unavailable
 from torch_tq.protocol import commands as protocol
+from torch_tq.protocol import transfers
 from torch_tq.server.stats import ServerStats
 from torch_tq.server.ucx_probe import AddressProbe
 from torch_tq.store.engine import Store
@@ -116,7 +117,7 @@ class UcxService:
         parses; best effort."""
         try:
             raw = body.to_pybytes() if body is not None else b""
-            req = protocol.parse_ucx_body(raw, protocol.UCX_PUT)
+            req = transfers.parse_ucx_body(raw, protocol.UCX_PUT)
             if self.enabled:
                 rt = ucx.runtime()
                 self._drain(rt, self.peers(rt, req), req)

@@ -67,6 +67,41 @@ class Group:
     def holds(self, index_id: int) -> bool:
         return index_id in self.consumed or index_id in self.leased or index_id in self.ready
 
+    def fill(self, catalog: dict[int, frozenset[str]]) -> None:
+        """Makes ready every index_id of ``catalog`` that has the group's types."""
+        for index_id in sorted(catalog):
+            if self.types <= catalog[index_id] and not self.holds(index_id):
+                self.ready[index_id] = None
+
+    def counts(self) -> dict[str, Any]:
+        return {"group": self.name, "types": sorted(self.types), "ready": len(self.ready),
+                "leased": len(self.leased), "consumed": len(self.consumed),
+                "delivered": self.delivered, "redelivered": self.redelivered,
+                "requests": self.requests}
+
+    def leases_fresh(self, now: float) -> bool:
+        """Every lease is granted or renewed within half its term: its holder is alive, as
+        far as anyone can tell. A stale lease may be a dead consumer's, whose index_ids come
+        back when it runs out, so a group with one is not drained yet."""
+        return all(now - renewed < term / 2 for _, _, renewed, term in self.leased.values())
+
+    def lease(self, now: float, max_items: int, lease_s: float) -> dict[str, Any] | None:
+        """Leases up to ``max_items`` of the oldest ready index_ids (``None``: none ready)."""
+        if not self.ready:
+            return None
+        lease = secrets.token_hex(8)
+        expires = now + lease_s
+        items = []
+        while self.ready and len(items) < max_items:
+            index_id, _ = self.ready.popitem(last=False)
+            self.leased[index_id] = (lease, expires, now, lease_s)
+            heapq.heappush(self.expiries, (expires, index_id, lease))
+            items.append(index_id)
+        self.delivered += len(items)
+        return {"items": items, "lease": lease,
+                "lease_expires_at": now_ms() + int(lease_s * 1000),
+                "finished": False, "drained": False}
+
 
 class Queue:
     """The consumer groups of one store.
@@ -94,7 +129,7 @@ class Queue:
         catalog = self.store.index_types()
         for name, types, consumed, journal in saved:
             group = Group(name, types, consumed=consumed, journal=journal)
-            self._fill(group, catalog)
+            group.fill(catalog)
             self._groups[name] = group
         if self._groups:
             log.info("consumer groups: %s", ", ".join(
@@ -102,11 +137,6 @@ class Queue:
                 for g in self._groups.values()))
 
     # ------------------------------------------------------------------ readiness
-
-    def _fill(self, group: Group, catalog: dict[int, frozenset[str]]) -> None:
-        for index_id in sorted(catalog):
-            if group.types <= catalog[index_id] and not group.holds(index_id):
-                group.ready[index_id] = None
 
     def _on_change(self, index_id: int, present: frozenset[str]) -> None:
         with self._cv:
@@ -145,14 +175,7 @@ class Queue:
         """Nothing ready, nothing more coming, and every lease still held is *fresh*."""
         if not group.types <= self._finished or group.ready:
             return False
-        return self._leases_fresh(group, now)
-
-    @staticmethod
-    def _leases_fresh(group: Group, now: float) -> bool:
-        """Every lease is granted or renewed within half its term: its holder is alive, as
-        far as anyone can tell. A stale lease may be a dead consumer's, whose index_ids come
-        back when it runs out, so a group with one is not drained yet."""
-        return all(now - renewed < term / 2 for _, _, renewed, term in group.leased.values())
+        return group.leases_fresh(now)
 
     def _is_finished(self, group: Group) -> bool:
         return group.types <= self._finished and not group.ready and not group.leased
@@ -171,7 +194,7 @@ class Queue:
         group = Group(name, types)
         if self._journal is not None:
             group.journal = self._journal.create(name, types)
-        self._fill(group, self.store.index_types())
+        group.fill(self.store.index_types())
         self._groups[name] = group
         return group
 
@@ -211,9 +234,9 @@ class Queue:
                 if rounds is not None:
                     reply = dealing.next_share(self.store, group, rounds, now, lease_s)
                     drained = reply is None and (group.types <= self._finished
-                                                 and self._leases_fresh(group, now))
+                                                 and group.leases_fresh(now))
                 else:
-                    reply = self._lease_ready(group, now, max_items, lease_s)
+                    reply = group.lease(now, max_items, lease_s)
                     drained = reply is None and self._is_drained(group, now)
                 if reply is not None:
                     break
@@ -235,25 +258,6 @@ class Queue:
         if acked is not None:
             reply["acked"] = acked
         return reply
-
-    @staticmethod
-    def _lease_ready(group: Group, now: float, max_items: int,
-                     lease_s: float) -> dict[str, Any] | None:
-        """Leases up to ``max_items`` of the oldest ready index_ids (``None``: none ready)."""
-        if not group.ready:
-            return None
-        lease = secrets.token_hex(8)
-        expires = now + lease_s
-        items = []
-        while group.ready and len(items) < max_items:
-            index_id, _ = group.ready.popitem(last=False)
-            group.leased[index_id] = (lease, expires, now, lease_s)
-            heapq.heappush(group.expiries, (expires, index_id, lease))
-            items.append(index_id)
-        group.delivered += len(items)
-        return {"items": items, "lease": lease,
-                "lease_expires_at": now_ms() + int(lease_s * 1000),
-                "finished": False, "drained": False}
 
     def ack(self, name: str, ids: list[int], delete: bool = False,
             rank: int | None = None) -> dict[str, Any]:
@@ -365,21 +369,10 @@ class Queue:
                 1 for i, t in self.store.index_types().items()
                 if t & group.types and not group.types <= t and i not in group.consumed
             )
-            return {
-                "group": group.name,
-                "types": sorted(group.types),
-                "ready": len(group.ready),
-                "leased": len(group.leased),
-                "consumed": len(group.consumed),
-                "incomplete": incomplete,
-                "delivered": group.delivered,
-                "redelivered": group.redelivered,
-                "requests": group.requests,
-                "finished": self._is_finished(group),
-                "drained": self._is_drained(group, time.monotonic()),
-                "finished_types": sorted(self._finished),
-                **dealing.status(group),
-            }
+            return {**group.counts(), "incomplete": incomplete,
+                    "finished": self._is_finished(group),
+                    "drained": self._is_drained(group, time.monotonic()),
+                    "finished_types": sorted(self._finished), **dealing.status(group)}
 
     def groups(self) -> list[str]:
         with self._cv:

@@ -20,6 +20,7 @@ from torch_tq.codec import tensors as codec
 from torch_tq.errors import InternalError, TQError
 from torch_tq.model import Key
 from torch_tq.protocol import commands as protocol
+from torch_tq.protocol.errors import from_flight_error
 
 _EXPORT_WINDOW = 8 << 20  # bytes gRPC may buffer ahead of an export's writes
 
@@ -70,7 +71,7 @@ class GrpcTransport:
         except TQError:
             raise
         except Exception as e:
-            raise protocol.from_flight_error(e, what) from None
+            raise from_flight_error(e, what) from None
 
     def put_many(self, conn, group: list) -> list[dict]:
         table = batch_codec.write_batch_of(group)
@@ -101,7 +102,7 @@ class GrpcTransport:
         except TQError:
             raise
         except Exception as e:
-            raise protocol.from_flight_error(e, what) from None
+            raise from_flight_error(e, what) from None
         if len(rows) != len(keys):
             raise InternalError(f"{what}: the server answered for {len(rows)} items")
         return rows
@@ -138,7 +139,7 @@ class GrpcTransport:
             except TQError:
                 raise
             except Exception as e:
-                raise protocol.from_flight_error(e, what) from None
+                raise from_flight_error(e, what) from None
 
     def _learn_pad(self, batch: pa.RecordBatch, pad: int) -> None:
         """Where gRPC put a lone item's bytes, given the padding the server put before them,

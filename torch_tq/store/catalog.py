@@ -1,0 +1,103 @@
+"""The catalog: what is stored, by index_id and matrix type, with its size and times; and who
+hears of every change (consumer groups)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from torch_tq.errors import NotFound
+from torch_tq.model import Key, not_found
+from torch_tq.store.format import Entry
+
+
+class Catalog:
+    """The entries of the published matrices (a :class:`~torch_tq.store.engine.Store` is
+    one). Its lock is a leaf: nothing is called while it is held."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[int, dict[str, Entry]] = {}
+        self._bytes = 0
+        self.freed_bytes = 0  # bytes of matrices replaced or deleted, ever
+        self._listeners: list[Callable[[int, frozenset[str]], None]] = []
+
+    def add_listener(self, fn) -> None:
+        """Calls ``fn(index_id, types)`` after every publish and delete, with the types of
+        ``index_id`` then present (a frozenset), while writes to ``index_id`` are held."""
+        self._listeners.append(fn)
+
+    def _notify(self, index_id: int) -> None:
+        if not self._listeners:
+            return
+        with self._lock:
+            present = frozenset(self._entries.get(index_id, ()))
+        for fn in self._listeners:
+            fn(index_id, present)
+
+    def index_types(self) -> dict[int, frozenset[str]]:
+        """Every stored index_id with the set of its matrix types."""
+        with self._lock:
+            return {i: frozenset(types) for i, types in self._entries.items()}
+
+    def types_of(self, index_id: int) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._entries.get(index_id, ()))
+
+
+    def get(self, key: Key) -> Entry:
+        with self._lock:
+            entry = self._entries.get(key.index_id, {}).get(key.matrix_type)
+        if entry is None:
+            raise not_found(key)
+        return entry
+
+    def entries(self, index_id: int | None = None) -> list[Entry]:
+        with self._lock:
+            if index_id is not None:
+                return list(self._entries.get(index_id, {}).values())
+            return [e for types in self._entries.values() for e in types.values()]
+
+    def metadata(self, index_id: int) -> dict:
+        """The seed's GetMetadata response for ``index_id``."""
+        entries = sorted(self.entries(index_id), key=lambda e: e.key.matrix_type)
+        if not entries:
+            raise NotFound(f"index_id not found: index_id={index_id}")
+        return {
+            "success": True,  # the seed's reply, whatever asks
+            "message": "success",
+            "index_id": index_id,
+            "types": [e.key.matrix_type for e in entries],
+            "dimensions": {e.key.matrix_type: list(e.shape) for e in entries},
+            "dtypes": {e.key.matrix_type: e.dtype for e in entries},
+            "nbytes": {e.key.matrix_type: e.nbytes for e in entries},
+            "matrices": {e.key.matrix_type: e.describe() for e in entries},
+            "created_at": min(e.created_at for e in entries),
+            "updated_at": max(e.updated_at for e in entries),
+        }
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(t) for t in self._entries.values())
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def _set(self, entry: Entry) -> None:
+        with self._lock:
+            types = self._entries.setdefault(entry.key.index_id, {})
+            old = types.get(entry.key.matrix_type)
+            self._bytes += entry.nbytes - (old.nbytes if old else 0)
+            self.freed_bytes += old.nbytes if old else 0
+            types[entry.key.matrix_type] = entry
+
+    def _drop(self, key: Key) -> None:
+        with self._lock:
+            types = self._entries.get(key.index_id, {})
+            old = types.pop(key.matrix_type, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+                self.freed_bytes += old.nbytes
+            if not types:
+                self._entries.pop(key.index_id, None)
