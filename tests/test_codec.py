@@ -12,6 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torch_tq.codec import tensors as codec
+
+from torch_tq.codec import assemble
+
+from torch_tq.codec import upload
 from torch_tq.errors import InternalError, InvalidArgument
 
 
@@ -43,7 +47,7 @@ def test_tensor_arrow_roundtrip_is_bit_exact(dtype, shape, seed, chunk):
     arrays = list(codec.values_to_arrays(d, flat, chunk))
     assert all(a.type == d.arrow for a in arrays)
     assert sum(len(a) for a in arrays) == math.prod(shape)
-    asm = codec.TensorAssembler(d, shape)
+    asm = assemble.TensorAssembler(d, shape)
     for a in arrays:
         asm.add(a)
     back = asm.finish()
@@ -84,7 +88,7 @@ def test_bfloat16_travels_as_uint16():
 
 def test_single_buffer_receive_is_zero_copy():
     arr = pa.array(np.arange(1000, dtype=np.int64))
-    asm = codec.TensorAssembler(codec.DTYPES["int64"], (10, 100))
+    asm = assemble.TensorAssembler(codec.DTYPES["int64"], (10, 100))
     asm.add(arr)
     t = asm.finish()
     assert t.data_ptr() == arr.buffers()[1].address
@@ -94,18 +98,18 @@ def test_single_buffer_receive_is_zero_copy():
 def test_assembler_into_out_and_checks():
     d = codec.DTYPES["float32"]
     out = torch.empty(2, 3)
-    asm = codec.TensorAssembler(d, (2, 3), out)
+    asm = assemble.TensorAssembler(d, (2, 3), out)
     asm.add(pa.array(np.arange(4, dtype=np.float32)))
     asm.add(pa.array(np.arange(4, 6, dtype=np.float32)))
     assert asm.finish() is out and out.reshape(-1).tolist() == [0, 1, 2, 3, 4, 5]
     with pytest.raises(InvalidArgument, match="out is"):
-        codec.TensorAssembler(d, (2, 3), torch.empty(3, 2))
+        assemble.TensorAssembler(d, (2, 3), torch.empty(3, 2))
     with pytest.raises(InvalidArgument, match="contiguous"):
-        codec.TensorAssembler(d, (2, 3), torch.empty(3, 2).t())
-    asm = codec.TensorAssembler(d, (2,))
+        assemble.TensorAssembler(d, (2, 3), torch.empty(3, 2).t())
+    asm = assemble.TensorAssembler(d, (2,))
     with pytest.raises(InternalError, match="more than"):
         asm.add(pa.array(np.arange(3, dtype=np.float32)))
-    asm = codec.TensorAssembler(d, (2,))
+    asm = assemble.TensorAssembler(d, (2,))
     asm.add(pa.array(np.arange(1, dtype=np.float32)))
     with pytest.raises(InternalError, match="ended after 1 of 2"):
         asm.finish()
@@ -113,21 +117,21 @@ def test_assembler_into_out_and_checks():
 
 def test_upload_decoder_forms():
     values = pa.array(np.arange(12, dtype=np.float32))
-    flat = codec.UploadDecoder(pa.schema([("data", pa.float32())]))
+    flat = upload.UploadDecoder(pa.schema([("data", pa.float32())]))
     assert flat.dtype.name == "float32" and flat.shape_for(12) == (12,)
-    lists = codec.UploadDecoder(pa.schema([("data", pa.list_(pa.float32()))]))
+    lists = upload.UploadDecoder(pa.schema([("data", pa.list_(pa.float32()))]))
     out = lists.flatten(pa.ListArray.from_arrays([0, 4, 8, 12], values))
     assert len(out) == 12 and lists.shape_for(12) == (3, 4)
     tensor_type = pa.fixed_shape_tensor(pa.float32(), [2, 3])
-    tensors = codec.UploadDecoder(pa.schema([("data", tensor_type)]))
+    tensors = upload.UploadDecoder(pa.schema([("data", tensor_type)]))
     arr = pa.FixedShapeTensorArray.from_numpy_ndarray(np.zeros((2, 2, 3), np.float32))
     assert len(tensors.flatten(arr)) == 12 and tensors.shape_for(12) == (2, 2, 3)
-    bf16 = codec.UploadDecoder(pa.schema([("data", pa.uint16())]), declared_dtype="bfloat16")
+    bf16 = upload.UploadDecoder(pa.schema([("data", pa.uint16())]), declared_dtype="bfloat16")
     assert bf16.dtype.name == "bfloat16"
     with pytest.raises(InvalidArgument, match="contradicts"):
-        codec.UploadDecoder(
+        upload.UploadDecoder(
             pa.schema([("data", pa.float32())], metadata={b"shape": b"[3]"}), declared_shape=(4,))
-    sliced = codec.UploadDecoder(pa.schema([("data", pa.list_(pa.float32()))]))
+    sliced = upload.UploadDecoder(pa.schema([("data", pa.list_(pa.float32()))]))
     part = pa.ListArray.from_arrays([0, 4, 8, 12], values).slice(1, 1)
     assert sliced.flatten(part).to_pylist() == [4, 5, 6, 7]
 

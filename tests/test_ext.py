@@ -104,10 +104,11 @@ def test_misaligned_address_is_refused_and_the_codec_copies_once():
     with pytest.raises(BufferError, match="not aligned"):
         native.tensor_over(raw, torch.float32, (8,), offset=1)
     # the receive path: a misaligned single-buffer array is copied into an aligned tensor
+    from torch_tq.codec import assemble
     from torch_tq.codec import tensors as codec
 
     arr = pa.Array.from_buffers(pa.float32(), 8, [None, raw.slice(1)])
-    asm = codec.TensorAssembler(codec.DTYPES["float32"], (8,))
+    asm = assemble.TensorAssembler(codec.DTYPES["float32"], (8,))
     asm.add(arr)
     out = asm.finish()
     assert out.data_ptr() % 4 == 0 and out.tolist() == list(range(8))
@@ -172,13 +173,14 @@ def test_extension_survives_debug_malloc():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int64", "uint8"])
 def test_assembler_makes_no_copy_of_a_single_aligned_buffer(dtype):
+    from torch_tq.codec import assemble
     from torch_tq.codec import tensors as codec
 
     dt = codec.DTYPES[dtype]
     src = _source(dt.torch, 96)
     arrays = list(codec.values_to_arrays(dt, codec.tensor_values(src)[2], 1 << 20))
     assert len(arrays) == 1
-    asm = codec.TensorAssembler(dt, (8, 12))
+    asm = assemble.TensorAssembler(dt, (8, 12))
     asm.add(arrays[0])
     out = asm.finish()
     assert out.data_ptr() == arrays[0].buffers()[1].address + arrays[0].offset * dt.itemsize

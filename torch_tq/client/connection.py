@@ -26,6 +26,7 @@ import pyarrow.flight as flight
 from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq._malloc import tune_malloc
 from torch_tq.codec import tensors as codec
+from torch_tq.codec import compression as packing
 from torch_tq.errors import InternalError, InvalidArgument, Unavailable
 from torch_tq.protocol import commands as protocol
 from torch_tq.protocol.errors import from_flight_error
@@ -203,7 +204,7 @@ class Connection:
     def upload(self, conn: flight.FlightClient, descriptor, schema, batches, what: str,
                compression: str | None = None) -> dict:
         """One DoPut: streams ``batches`` and returns the server's JSON acknowledgement."""
-        options = self.options(write_options=codec.ipc_options(compression))
+        options = self.options(write_options=packing.ipc_options(compression))
         ack = None
         try:
             writer, acks = conn.do_put(descriptor, schema, options)

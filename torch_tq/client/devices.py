@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from torch_tq import native
 from torch_tq.codec import tensors as codec
+from torch_tq.codec import assemble
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ def tensor_from(buf: pa.Buffer, start: int, dtype: codec.DType, shape: tuple[int
         return torch.empty(shape, dtype=dtype.torch)
     if (buf.address + start) % dtype.itemsize == 0:
         return native.tensor_over(buf, dtype.torch, shape, start)
-    out = codec.empty_tensor(dtype, shape)
-    codec._byte_view(out)[:] = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start)
+    out = assemble.empty_tensor(dtype, shape)
+    assemble._byte_view(out)[:] = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start)
     return out
 
 

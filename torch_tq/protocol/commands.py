@@ -45,6 +45,8 @@ from torch_tq.protocol.bodies import (  # noqa: F401 - the protocol's names
     parse_json_object,
     validate_int,
 )
+from torch_tq.codec.compression import COMPRESSIONS  # noqa: F401
+from torch_tq.codec.compression import validate as validate_compression
 from torch_tq.errors import InvalidArgument, TQError
 
 WRITE_MATRIX = "WriteMatrix"
@@ -68,7 +70,6 @@ LOCAL_INFO = "LocalInfo"
 PUBLISH_LOCAL = "PublishLocal"
 BATCH_WRITE = "BatchWrite"  # a DoPut whose stream is a table of items
 BATCH_READ = "BatchRead"  # a DoGet whose stream is a table of results
-COMPRESSIONS = ("zstd", "lz4", "snappy")
 
 def spellings(name: str) -> frozenset[str]:
     """How a command or action may be spelt: ``DeleteMatrix``, ``deletematrix``,
@@ -232,14 +233,6 @@ class BadItem(NamedTuple):
 MAX_BATCH_TICKET_BYTES = 1 << 20
 DEFAULT_MAX_INLINE_BYTES = 256 << 20
 MAX_INLINE_BYTES = 1 << 30  # one Arrow record batch stays well under 2 GiB
-
-
-def validate_compression(value: Any, wire_only_ok: bool = True) -> str | None:
-    if value is None or value == "" or value == "none":
-        return None
-    if not isinstance(value, str) or value.lower() not in COMPRESSIONS:
-        raise InvalidArgument(f"compression must be one of {list(COMPRESSIONS)} or none, got {value!r:.40}")
-    return value.lower()
 
 
 def _batch_item(item: Any, pos: int) -> Key | BadItem:

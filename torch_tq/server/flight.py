@@ -28,6 +28,8 @@ from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq._malloc import give_back_memory
 from torch_tq._version import __version__
 from torch_tq.codec import tensors as codec
+from torch_tq.codec import compression as packing
+from torch_tq.codec import upload
 from torch_tq.errors import InvalidArgument, Unavailable
 from torch_tq.protocol import actions as registry
 from torch_tq.protocol import commands as protocol
@@ -98,7 +100,7 @@ class TQFlightServer(flight.FlightServerBase):
         cmd = protocol.parse_put_request(descriptor)
         if isinstance(cmd, protocol.BatchWriteCommand):
             return self._batch_write(context, reader, writer)
-        decoder = codec.UploadDecoder(reader.schema, cmd.dtype, cmd.shape)
+        decoder = upload.UploadDecoder(reader.schema, cmd.dtype, cmd.shape)
         dtype = decoder.dtype
         shape = decoder.declared_shape
         expected = codec.numel(shape) if shape is not None else None
@@ -190,10 +192,10 @@ class TQFlightServer(flight.FlightServerBase):
                 batch_ops.RESULT_SCHEMA,
                 guard_iter(batch_ops.read_items(self.store, request, self.store.chunk_bytes),
                             "BatchRead", self.stats),
-                options=codec.ipc_options(request.compression),
+                options=packing.ipc_options(request.compression),
             )
         key = request.key
-        options = codec.ipc_options(request.compression)
+        options = packing.ipc_options(request.compression)
         matrix = self.store.open(key)
         if not matrix.verifies and request.compression != "snappy":
             # nothing to check batch by batch: let Arrow stream the table in C++
@@ -207,8 +209,9 @@ class TQFlightServer(flight.FlightServerBase):
             raise
         batches = _sliced(matrix.batches(), self.store.chunk_bytes)
         if request.compression == "snappy":
-            schema = codec.snappy_schema(matrix.dtype, matrix.entry.shape)
-            batches = (pa.RecordBatch.from_arrays([codec.snappy_pack(b.column(0))], schema=schema)
+            schema = packing.stream_schema(matrix.dtype, matrix.entry.shape, "snappy")
+            batches = (pa.RecordBatch.from_arrays([packing.pack(b.column(0), "snappy")],
+                                                  schema=schema)
                        for b in batches)
         return flight.GeneratorStream(schema, guard_iter(batches, "do_get", self.stats),
                                       options=options)

@@ -22,21 +22,19 @@ mount namespaces fail this check and stay on gRPC).
 from __future__ import annotations
 
 import hashlib
-import logging
 import mmap
 import os
-import shutil
 import socket
-import stat
-import time
 import uuid
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from torch_tq.codec import tensors as codec
+
+from torch_tq.codec import assemble
 from torch_tq.store.files import IpcFile, _FileSource
-from torch_tq.store.memory import FREE_PREFIX, RECYCLE_MIN_BYTES, STAGING, parse_free_name, unshared
+from torch_tq.store.memory import RECYCLE_MIN_BYTES, STAGING, parse_free_name
 from torch_tq.errors import InternalError, TQError
 from torch_tq.store.errors import first_line, io_error
 from torch_tq.model import Key, not_found
@@ -103,7 +101,7 @@ class LocalStore:
                               digests=self.digests)
         if out is None and alloc is not None:
             out = alloc(reader.dtype, reader.entry.shape)
-        assembler = codec.TensorAssembler(reader.dtype, reader.entry.shape, out, shared)
+        assembler = assemble.TensorAssembler(reader.dtype, reader.entry.shape, out, shared)
         for batch in reader.batches():  # verified, then the mapping is released
             assembler.add(batch.column(0))
         return assembler.finish(), assembler.copied_bytes
@@ -293,60 +291,3 @@ def attach(info: dict, chunk_bytes: int) -> LocalStore | None:
     return LocalStore(root, chunk_bytes, compression if compression in ("zstd", "lz4") else None,
                       limit if isinstance(limit, int) else None,
                       partial=info.get("storage") == "memory")
-
-
-def prepare_server_dir(root: str) -> str:
-    """Server side: (re)creates the staging directory (dropping files left by clients of an
-    earlier run) and writes a fresh probe token; returns the token."""
-    staging = os.path.join(root, STAGING)
-    os.makedirs(staging, exist_ok=True)
-    for name in os.listdir(staging):
-        try:
-            os.unlink(os.path.join(staging, name))
-        except OSError:
-            pass
-    token = uuid.uuid4().hex
-    tmp = os.path.join(root, f".{PROBE}.tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(token)
-    os.replace(tmp, os.path.join(root, PROBE))
-    return token
-
-
-
-log = logging.getLogger(__name__)
-
-
-def sweep_staging(root: str, max_age_s: float) -> int:
-    """Server side: removes what same-host clients left in the staging directory and
-    abandoned (a client killed mid-put leaves its file there): entries untouched for
-    ``max_age_s`` that no process holds open. The memory store's recycled files
-    (``free-*``, trimmed by their pool) and the server's own ``.retired-*`` names stay.
-    Returns how many entries went."""
-    staging = os.path.join(root, STAGING)
-    cutoff = time.time() - max_age_s
-    removed = 0
-    try:
-        names = os.listdir(staging)
-    except OSError:
-        return 0
-    for name in names:
-        if name.startswith((FREE_PREFIX, ".retired-")):
-            continue
-        path = os.path.join(staging, name)
-        try:
-            st = os.lstat(path)
-            if st.st_mtime > cutoff:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(path, ignore_errors=True)
-            elif stat.S_ISREG(st.st_mode) and not unshared(path):
-                continue  # a writer still holds it: not abandoned
-            else:
-                os.unlink(path)
-            removed += 1
-        except OSError:
-            continue  # published or removed meanwhile
-    if removed:
-        log.info("removed %d abandoned same-host staged file(s)", removed)
-    return removed

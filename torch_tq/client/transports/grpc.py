@@ -17,6 +17,8 @@ from torch_tq.client.results import ItemResult
 from torch_tq.client.transports.base import Capabilities
 from torch_tq.codec import batch as batch_codec
 from torch_tq.codec import tensors as codec
+from torch_tq.codec import assemble
+from torch_tq.codec import compression as packing
 from torch_tq.errors import InternalError, TQError
 from torch_tq.model import Key
 from torch_tq.protocol import commands as protocol
@@ -42,10 +44,9 @@ class GrpcTransport:
         if self.connection.checksum:
             digest = xxhash.xxh3_64_hexdigest(memoryview(flat.view("uint8")))
         command = protocol.write_command(key, shape, dtype.name, flat.nbytes, digest)
-        snappy = compression == "snappy"
-        schema = codec.snappy_schema(dtype, shape) if snappy else codec.wire_schema(dtype, shape)
+        schema = packing.stream_schema(dtype, shape, compression)
         batches = (
-            pa.RecordBatch.from_arrays([codec.snappy_pack(a) if snappy else a], schema=schema)
+            pa.RecordBatch.from_arrays([packing.pack(a, compression)], schema=schema)
             for a in codec.values_to_arrays(dtype, flat, self.connection.chunk_bytes)
         )
         reply = self.connection.upload(conn, flight.FlightDescriptor.for_command(command),
@@ -59,12 +60,11 @@ class GrpcTransport:
             ticket = flight.Ticket(protocol.read_command(key, want.compression))
             reader = conn.do_get(ticket, self.connection.options())
             dtype, shape = codec.parse_wire_schema(reader.schema)
-            snappy = codec.is_snappy(reader.schema)
             out = pinned_out(dtype, shape) if want.pinned else want.out
-            assembler = codec.TensorAssembler(dtype, shape, out, want.shared)
+            assembler = assemble.TensorAssembler(dtype, shape, out, want.shared)
             for chunk in codec.chunks(reader):
                 column = chunk.data.column(0)
-                assembler.add(codec.snappy_unpack(column, dtype) if snappy else column)
+                assembler.add(packing.unpack(column, dtype, reader.schema))
             result = assembler.finish()
             self.connection.count_get(assembler.copied_bytes)
             return want.place(result)
@@ -90,10 +90,8 @@ class GrpcTransport:
         rows: list[ItemResult] = []
         compression = self.connection.compression
         try:
-            # batches compress with Arrow IPC's codecs (zstd, lz4); snappy frames single
-            # matrices only, so a snappy client's batches travel uncompressed
-            packed = compression if compression != "snappy" else None
-            ticket = protocol.batch_read_command(keys, max_inline_bytes, packed, pad=self._pad)
+            ticket = protocol.batch_read_command(keys, max_inline_bytes,
+                                                 packing.for_batches(compression), pad=self._pad)
             reader = conn.do_get(flight.Ticket(ticket), self.connection.options())
             for chunk in codec.chunks(reader):
                 if chunk.app_metadata is not None and chunk.data.num_rows == 1:

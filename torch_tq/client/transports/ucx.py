@@ -16,6 +16,7 @@ from torch_tq.client.devices import Want, pinned_out
 from torch_tq.client.transports.base import Capabilities, Decline, TransportFailed
 from torch_tq.client.transports.grpc import GrpcTransport
 from torch_tq.codec import tensors as codec
+from torch_tq.codec import assemble
 from torch_tq.errors import ForkedProcessError, InternalError, TQError, Unavailable
 from torch_tq.model import Key
 from torch_tq.protocol import commands as protocol
@@ -127,7 +128,7 @@ class UcxTransport:
         reply = self.connection.action(protocol.UCX_GET, body, f"get {key}", extra=1)
         dtype, shape = codec.DTYPES[reply["dtype"]], tuple(reply["shape"])
         out = pinned_out(dtype, shape) if want.pinned else want.out
-        assembler = codec.TensorAssembler(dtype, shape, out, want.shared)
+        assembler = assemble.TensorAssembler(dtype, shape, out, want.shared)
         if reply.get("inline"):  # small: the bytes came with the answer
             (data,) = reply["_extra"] or [pa.py_buffer(b"")]
             if data.size != codec.numel(shape) * dtype.itemsize:
@@ -145,7 +146,7 @@ class UcxTransport:
             # array interface, which ucxx hands to UCX as GPU memory
         else:
             result = assembler.allocate()
-            whole = codec._byte_view(result) if result.numel() else np.empty(0, np.uint8)
+            whole = assemble._byte_view(result) if result.numel() else np.empty(0, np.uint8)
         nbytes = codec.numel(shape) * dtype.itemsize
         if sum(reply["parts"]) != nbytes:
             raise InternalError(f"get {key}: the server announced {sum(reply['parts'])} bytes "
