@@ -1,10 +1,24 @@
-"""The BatchWrite table a client sends: one row per item (index_id, matrix_type, dtype, shape,
-and the raw values as ``large_binary``), the form ``docs/protocol.md`` describes."""
+"""The tables of batch calls, the forms ``docs/protocol.md`` describes: the BatchWrite table
+a client sends (one row per item: index_id, matrix_type, dtype, shape, and the raw values
+as ``large_binary``) and the BatchRead table a server answers with (:data:`RESULT_SCHEMA`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+
+# One row per requested item, in request order; ``data`` holds an inline matrix's raw bytes.
+RESULT_SCHEMA = pa.schema([
+    pa.field("index_id", pa.uint64()),
+    pa.field("matrix_type", pa.string()),
+    pa.field("success", pa.bool_(), nullable=False),
+    pa.field("code", pa.string(), nullable=False),
+    pa.field("message", pa.string(), nullable=False),
+    pa.field("dtype", pa.string()),
+    pa.field("shape", pa.list_(pa.int64())),
+    pa.field("inline", pa.bool_(), nullable=False),
+    pa.field("data", pa.large_binary()),
+])
 
 
 def write_batch_of(group: list) -> pa.RecordBatch:

@@ -34,23 +34,13 @@ import pyarrow as pa
 from torch_tq.codec import tensors as codec
 
 from torch_tq.protocol import commands as protocol
+from torch_tq.codec.batch import RESULT_SCHEMA
 from torch_tq.server.errors import internal_error
 from torch_tq.errors import InternalError, InvalidArgument, TQError
 from torch_tq.protocol.commands import BadItem, Key
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA = pa.schema([
-    pa.field("index_id", pa.uint64()),
-    pa.field("matrix_type", pa.string()),
-    pa.field("success", pa.bool_(), nullable=False),
-    pa.field("code", pa.string(), nullable=False),
-    pa.field("message", pa.string(), nullable=False),
-    pa.field("dtype", pa.string()),
-    pa.field("shape", pa.list_(pa.int64())),
-    pa.field("inline", pa.bool_(), nullable=False),
-    pa.field("data", pa.large_binary()),
-])
 
 _WRITE_COLUMNS = {"index_id", "matrix_type", "type", "data", "dtype", "shape"}
 
