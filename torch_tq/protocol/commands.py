@@ -1,4 +1,5 @@
-"""The wire protocol: command and action bodies, their strict validation, and error codes.
+"""The wire protocol's commands: the names of every command and action, and the matrix and
+batch commands (DoPut descriptors, DoGet tickets) with their strict validation.
 
 Everything a client sends is parsed here before it reaches the store. Bodies are JSON
 objects; parsing rejects duplicate keys, NaN/Infinity, non-integer ids (``true``, ``1.0``,

@@ -1,4 +1,4 @@
-"""The storage engine: the catalog, atomic uploads, and verified reads.
+"""The storage engine: a backend, atomic uploads and verified reads, over the catalog.
 
 A matrix is stored as record batches of bounded size (in an Arrow IPC file, or in RAM; see
 :mod:`torch_tq.store.files`, :mod:`torch_tq.store.memory`). On disk every batch carries the XXH3-64 digest of its element

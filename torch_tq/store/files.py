@@ -1,5 +1,5 @@
-"""The ``disk`` backend: a matrix as an Arrow IPC file (:mod:`torch_tq.store.format`), and
-the ``memory`` backend's counterpart is :mod:`torch_tq.store.memory`.
+"""The ``disk`` backend: each matrix an Arrow IPC file in the stored format
+(:mod:`torch_tq.store.format`); the ``memory`` backend is :mod:`torch_tq.store.memory`.
 
 Both backends hold a matrix as a sequence of record batches with per-batch custom metadata
 (digests, and the trailer on the last batch), and both expose a stored matrix through the
