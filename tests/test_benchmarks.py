@@ -130,3 +130,29 @@ def test_rounds_benchmark_tiny():
     assert sum(figures["per_rank"]["streaming"]) == 64
     assert re.fullmatch(r"rounds vs streaming, cost per item: [0-9.]+x \([+-][0-9.]+ us/item\)",
                         lines[-1]), lines[-1]
+
+
+def test_compare_reads_json_lines_and_table_rows():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import compare
+    finally:
+        sys.path.pop(0)
+    out = ('{"small_put_items_per_s": 5000, "note": "x"}\n'
+           "256 bytes, medians of 5 runs (GB/s)\n"
+           "  grpc memory get                    2.15\n"
+           "  ucx get p50 / p99                   120 /     340\n"
+           "ratios:\n")
+    assert compare.figures(out) == {"small_put_items_per_s": 5000.0, "grpc memory get": 2.15,
+                                    "ucx get p50 / p99": 120.0}
+
+
+def test_compare_runs_a_benchmark_in_two_trees(tmp_path):
+    """Before = this tree's HEAD in a worktree of its own, after = this working tree."""
+    proc = _run("compare.py", "--before", "HEAD", "--rounds", "1", "--", "benchmarks/batch.py",
+                "--items", "4", "--item-bytes", "64KiB", "--small-items", "20", "--runs", "1",
+                "--json")
+    lines = proc.stdout.strip().splitlines()
+    rows = [line for line in lines if line.startswith("  ")]  # one per figure
+    assert any(line.split()[0] == "large_get_many_vs_seq" for line in rows), lines
+    assert all(re.search(r"[0-9.]+x$", line) for line in rows), rows
