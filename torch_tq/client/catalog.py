@@ -9,7 +9,7 @@ from torch_tq.client.connection import Connection, retrying
 from torch_tq.client.results import MatrixInfo
 from torch_tq.codec import tensors as codec
 from torch_tq.protocol import commands as protocol
-from torch_tq.protocol.errors import from_flight_error
+from torch_tq.protocol.errors import flight_errors
 
 
 class CatalogCalls:
@@ -49,11 +49,9 @@ class CatalogCalls:
         criteria = b""
         if index_id is not None:
             criteria = protocol.dumps({"index_id": protocol.validate_index_id(index_id)})
-        try:
+        with flight_errors("list"):
             conn = self.connection
             infos = list(conn.flight.list_flights(criteria, conn.options()))
-        except Exception as e:
-            raise from_flight_error(e, "list") from None
         out = []
         for info in infos:
             key = protocol.parse_ticket(info.endpoints[0].ticket.ticket)

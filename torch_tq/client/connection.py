@@ -5,7 +5,7 @@ identity header, retry policy, chunk size, checksums, compression), the process'
 Flight connection (rebuilt lazily after a ``fork()``: a Flight client must not cross one)
 and a pool of further connections for the parallel streams of batch calls. Every Flight
 error becomes a :class:`~torch_tq.errors.TQError` here, through
-:func:`torch_tq.protocol.commands.from_flight_error`.
+:func:`torch_tq.protocol.errors.flight_errors`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ import pyarrow.flight as flight
 
 from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq._malloc import tune_malloc
-from torch_tq.codec import tensors as codec
 from torch_tq.codec import compression as packing
 from torch_tq.errors import InternalError, InvalidArgument, Unavailable
 from torch_tq.protocol import commands as protocol
-from torch_tq.protocol.errors import from_flight_error
+from torch_tq.protocol.errors import flight_errors
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +188,9 @@ class Connection:
         """One DoAction; its JSON answer (with ``extra``: and up to that many more results,
         as buffers, under ``"_extra"``)."""
         options = self.options(wait)
-        try:
+        with flight_errors(what):
             results = list(self.flight.do_action(flight.Action(name, protocol.dumps(body)),
                                                  options))
-        except Exception as e:
-            raise from_flight_error(e, what) from None
         if not 1 <= len(results) <= 1 + extra:
             raise InternalError(f"{what}: expected one result, got {len(results)}")
         reply = json.loads(results[0].body.to_pybytes())
@@ -206,7 +203,7 @@ class Connection:
         """One DoPut: streams ``batches`` and returns the server's JSON acknowledgement."""
         options = self.options(write_options=packing.ipc_options(compression))
         ack = None
-        try:
+        with flight_errors(what):
             writer, acks = conn.do_put(descriptor, schema, options)
             try:
                 for batch in batches:
@@ -216,8 +213,6 @@ class Connection:
             finally:
                 # close() reports the server's status when the call failed.
                 writer.close()
-        except Exception as e:
-            raise from_flight_error(e, what) from None
         if ack is None:
             raise InternalError(f"{what}: the server closed the upload without acknowledging it")
         return json.loads(ack.to_pybytes())

@@ -4,7 +4,9 @@ back into the torch_tq error it carries."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -97,3 +99,15 @@ def from_flight_error(exc: BaseException, what: str = "") -> TQError:
     if isinstance(exc, OSError) and "connect" in text.lower():
         return Unavailable(f"{prefix}{text}")
     return InternalError(prefix + text)
+
+
+@contextlib.contextmanager
+def flight_errors(what: str = "") -> Iterator[None]:
+    """Around Flight calls: whatever they raise leaves as the torch_tq error it carries (a
+    torch_tq error raised inside passes as it is). The one place a client wraps them."""
+    try:
+        yield
+    except TQError:
+        raise
+    except Exception as exc:
+        raise from_flight_error(exc, what) from None

@@ -19,10 +19,10 @@ from torch_tq.codec import batch as batch_codec
 from torch_tq.codec import tensors as codec
 from torch_tq.codec import assemble
 from torch_tq.codec import compression as packing
-from torch_tq.errors import InternalError, TQError
+from torch_tq.errors import InternalError
 from torch_tq.model import Key
 from torch_tq.protocol import commands as protocol
-from torch_tq.protocol.errors import from_flight_error
+from torch_tq.protocol.errors import flight_errors
 
 _EXPORT_WINDOW = 8 << 20  # bytes gRPC may buffer ahead of an export's writes
 
@@ -56,7 +56,7 @@ class GrpcTransport:
 
     def get(self, conn, key: Key, want: Want):
         what = f"get {key}"
-        try:
+        with flight_errors(what):
             ticket = flight.Ticket(protocol.read_command(key, want.compression))
             reader = conn.do_get(ticket, self.connection.options())
             dtype, shape = codec.parse_wire_schema(reader.schema)
@@ -68,10 +68,6 @@ class GrpcTransport:
             result = assembler.finish()
             self.connection.count_get(assembler.copied_bytes)
             return want.place(result)
-        except TQError:
-            raise
-        except Exception as e:
-            raise from_flight_error(e, what) from None
 
     def put_many(self, conn, group: list) -> list[dict]:
         table = batch_codec.write_batch_of(group)
@@ -89,7 +85,7 @@ class GrpcTransport:
         what = f"BatchRead of {len(keys)} items"
         rows: list[ItemResult] = []
         compression = self.connection.compression
-        try:
+        with flight_errors(what):
             ticket = protocol.batch_read_command(keys, max_inline_bytes,
                                                  packing.for_batches(compression), pad=self._pad)
             reader = conn.do_get(flight.Ticket(ticket), self.connection.options())
@@ -97,10 +93,6 @@ class GrpcTransport:
                 if chunk.app_metadata is not None and chunk.data.num_rows == 1:
                     self._learn_pad(chunk.data, chunk.app_metadata.size - 1)
                 rows.extend(self._result_rows(chunk.data))
-        except TQError:
-            raise
-        except Exception as e:
-            raise from_flight_error(e, what) from None
         if len(rows) != len(keys):
             raise InternalError(f"{what}: the server answered for {len(rows)} items")
         return rows
@@ -125,7 +117,7 @@ class GrpcTransport:
         conn = self.connection.open(**{"grpc.http2.bdp_probe": 0,
                                        "grpc.http2.lookahead_bytes": _EXPORT_WINDOW})
         with contextlib.closing(conn):
-            try:
+            with flight_errors(what):
                 ticket = flight.Ticket(protocol.read_command(key, None))
                 reader = conn.do_get(ticket, self.connection.options())
                 dtype, now = codec.parse_wire_schema(reader.schema)
@@ -134,10 +126,6 @@ class GrpcTransport:
                                         f"(now {dtype.name} {list(now)}); export again")
                 for chunk in codec.chunks(reader):
                     yield codec.element_bytes(chunk.data.column(0))
-            except TQError:
-                raise
-            except Exception as e:
-                raise from_flight_error(e, what) from None
 
     def _learn_pad(self, batch: pa.RecordBatch, pad: int) -> None:
         """Where gRPC put a lone item's bytes, given the padding the server put before them,
