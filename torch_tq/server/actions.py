@@ -25,7 +25,7 @@ def _delete_matrix(server, args) -> dict:
 
 
 def _get_metadata(server, index_id) -> dict:
-    return server.store.metadata(index_id)
+    return protocol.ok(**server.store.metadata(index_id))
 
 
 def _health(server, _) -> dict:

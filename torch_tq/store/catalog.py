@@ -59,13 +59,11 @@ class Catalog:
             return [e for types in self._entries.values() for e in types.values()]
 
     def metadata(self, index_id: int) -> dict:
-        """The seed's GetMetadata response for ``index_id``."""
+        """What the seed's GetMetadata answers for ``index_id`` (less ``success``/``message``)."""
         entries = sorted(self.entries(index_id), key=lambda e: e.key.matrix_type)
         if not entries:
             raise NotFound(f"index_id not found: index_id={index_id}")
         return {
-            "success": True,  # the seed's reply, whatever asks
-            "message": "success",
             "index_id": index_id,
             "types": [e.key.matrix_type for e in entries],
             "dimensions": {e.key.matrix_type: list(e.shape) for e in entries},
