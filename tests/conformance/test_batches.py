@@ -8,16 +8,8 @@ import torch
 
 import torch_tq
 
-from ..test_batch import _DTYPES, _bits, _tensor
+from ..test_batch import _DTYPES, _bits, _tensor, small_server  # noqa: F401 - a fixture
 from .conftest import located
-
-
-@pytest.fixture(scope="module")
-def small_server():
-    """Matrices over 1 MiB are refused; matrices over 64 KiB travel as their own streams."""
-    with torch_tq.start_server(storage="memory", max_matrix_bytes="1MiB", qps=0,
-                               max_batch_items=50) as srv:
-        yield srv
 
 
 @pytest.fixture
