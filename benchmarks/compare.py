@@ -2,8 +2,9 @@
 change and of this working tree, measured in alternation (this machine's speed drifts, so
 separate runs would compare the drift).
 
-The benchmark runs ``--rounds`` times in each tree, alternating, each time with that tree's
-package first on the path. Its figures are read from its output: a JSON object line
+The benchmark runs ``--rounds`` times in each tree, alternating (before, after, after,
+before, ...: whichever runs second in a pair does not always belong to the same tree), each
+time with that tree's package first on the path. Its figures are read from its output: a JSON object line
 (``--json``), or table rows ``name   value`` (two or more spaces before the number). The
 last lines give, per figure, the medians before and after and their ratio (after/before).
 
@@ -29,10 +30,16 @@ _ROW = re.compile(r"^\s*(?P<name>[A-Za-z][^\n]*?)\s{2,}(?P<value>-?[0-9]+(?:\.[0
 
 
 def figures(output: str) -> dict[str, float]:
-    """The figures a benchmark printed: a JSON object line's numbers, else its table rows."""
+    """The figures a benchmark printed: a JSON object line's numbers, else its table rows.
+    A row is named after the unit its table's heading gives in parentheses (``(GB/s)``),
+    so that two tables with the same row names stay apart."""
     found: dict[str, float] = {}
+    unit = ""
     for line in output.splitlines():
         line_s = line.strip()
+        if line and not line[0].isspace():
+            heading = re.search(r"\(([^()]*)\)\s*$", line)
+            unit = f" [{heading.group(1)}]" if heading else ""
         if line_s.startswith("{") and line_s.endswith("}"):
             try:
                 obj = json.loads(line_s)
@@ -42,7 +49,7 @@ def figures(output: str) -> dict[str, float]:
             continue
         m = _ROW.match(line)
         if m:
-            found.setdefault(m.group("name").strip(), float(m.group("value")))
+            found.setdefault(m.group("name").strip() + unit, float(m.group("value")))
     return found
 
 
@@ -79,7 +86,8 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     try:
         for r in range(args.rounds):
-            for label, tree in (("before", before), ("after", ROOT)):
+            order = [("before", before), ("after", ROOT)]
+            for label, tree in order if r % 2 == 0 else order[::-1]:  # ABBA: no order bias
                 runs[label].append(run(tree, command))
                 print(f"round {r + 1}/{args.rounds} {label}: done", flush=True)
     finally:

@@ -143,8 +143,12 @@ def test_compare_reads_json_lines_and_table_rows():
            "  grpc memory get                    2.15\n"
            "  ucx get p50 / p99                   120 /     340\n"
            "ratios:\n")
-    assert compare.figures(out) == {"small_put_items_per_s": 5000.0, "grpc memory get": 2.15,
-                                    "ucx get p50 / p99": 120.0}
+    out += ("1024 bytes, 1000 calls (latency us, p50 / p99)\n"
+            "  grpc memory get                     310 /     900\n")
+    assert compare.figures(out) == {"small_put_items_per_s": 5000.0,
+                                    "grpc memory get [GB/s]": 2.15,
+                                    "ucx get p50 / p99 [GB/s]": 120.0,
+                                    "grpc memory get [latency us, p50 / p99]": 310.0}
 
 
 def test_compare_runs_a_benchmark_in_two_trees(tmp_path):
