@@ -160,3 +160,24 @@ def test_compare_runs_a_benchmark_in_two_trees(tmp_path):
     rows = [line for line in lines if line.startswith("  ")]  # one per figure
     assert any(line.split()[0] == "large_get_many_vs_seq" for line in rows), lines
     assert all(re.search(r"[0-9.]+x$", line) for line in rows), rows
+
+
+def test_pipeline_benchmark_tiny():
+    proc = _run("pipeline.py", "--items", "16", "--sizes", "4KiB", "--batch", "4", "--runs", "1",
+                "--transports", "grpc,same-host", "--json")
+    lines = proc.stdout.strip().splitlines()
+    assert sum("(byte-exact;" in line for line in lines) == 2, proc.stdout
+    figures = json.loads(lines[-3])
+    assert figures["4096:grpc_items_per_s"] > 0 and figures["4096:tcp_GBps"] > 0
+    for line, transport in zip(lines[-2:], ["grpc", "same-host"]):
+        assert re.fullmatch(rf"ratio 4 KiB {transport}: [0-9.]+x tcp, [0-9.]+x memcpy, "
+                            r"[0-9]+ items/s", line), line
+
+
+def test_pipeline_benchmark_through_the_dataloader():
+    proc = _run("pipeline.py", "--items", "12", "--sizes", "4KiB", "--batch", "4", "--runs", "1",
+                "--transports", "grpc", "--dataloader")
+    lines = proc.stdout.strip().splitlines()
+    assert "consumer DataLoader(TQDataset)" in lines[0] and "(byte-exact;" in lines[-2], lines
+    assert re.fullmatch(r"ratio 4 KiB grpc: [0-9.]+x tcp, [0-9.]+x memcpy, [0-9]+ items/s",
+                        lines[-1]), lines[-1]
