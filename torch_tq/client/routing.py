@@ -70,9 +70,9 @@ class Router:
                 return transport
             if self.mode == candidate.name:
                 raise Unavailable(f"transport={self.mode!r}, but {candidate.refusal}: {reason}")
-            if candidate is UcxTransport:
-                log.warning("torch_tq client %s: UCX unavailable (%s); using gRPC",
-                            self.connection.location, reason)
+            if candidate.warn_if_unavailable:
+                log.warning("torch_tq client %s: %s unavailable (%s); using gRPC",
+                            self.connection.location, candidate.name.upper(), reason)
         return self.grpc
 
     def _failed(self, transport: Transport, error: BaseException) -> None:

@@ -42,6 +42,8 @@ class Transport(Protocol):
 
     name: ClassVar[str]
     can: ClassVar[Capabilities]
+    refusal: ClassVar[str]  # why, when it was insisted on and cannot be had
+    warn_if_unavailable: ClassVar[bool]  # log it when "auto" cannot have it
 
     def put(self, conn: flight.FlightClient, key: Key, dtype: DType, shape: tuple[int, ...],
             flat: Any, compression: str | None) -> None:

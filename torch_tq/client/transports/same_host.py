@@ -30,6 +30,7 @@ class SameHostTransport:
     name = "same-host"
     can = Capabilities(zero_copy_reads=True, local_reads=True)
     refusal = "the server cannot be reached that way"
+    warn_if_unavailable = False  # a server on another host is the common case
 
     def __init__(self, connection: Connection, store: local.LocalStore) -> None:
         self.connection = connection

@@ -36,6 +36,7 @@ class UcxTransport:
     name = "ucx"
     can = Capabilities(device_memory=True)
     refusal = "UCX cannot be used"
+    warn_if_unavailable = True  # the caller named a ucx:// location: say why it is not used
 
     def __init__(self, connection: Connection, grpc: GrpcTransport, peers: list[bytes]) -> None:
         self.connection = connection
