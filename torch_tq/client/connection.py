@@ -42,6 +42,16 @@ def connect_failed(e: Unavailable) -> bool:
     return any(marker in text for marker in _CONNECT_FAILURES)
 
 
+_CONNECTION_LOST = ("socket closed", "stream removed", "connection reset", "broken pipe")
+
+
+def connection_lost(e: Unavailable) -> bool:
+    """Whether the call's connection broke under it (the server may or may not have done
+    it: only a call that changes nothing may simply be made again)."""
+    text = e.message.lower()
+    return any(marker in text for marker in _CONNECTION_LOST)
+
+
 def call_with_retries(conn: Connection, fn, *args, **kwargs):
     """Calls ``fn``, making it again while the server turns it away over a limit (an
     :class:`Unavailable` with a ``retry_after_ms`` hint: nothing was done), waiting the
