@@ -1,9 +1,10 @@
 """BatchWrite / BatchRead against real servers: per-item results in request order, partial
-failures, the generic Flight wire forms, the item cap and the QPS charge per item."""
+failures, the generic Flight wire forms, the item cap and a batch counted as one query."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -166,17 +167,28 @@ def test_malformed_batch_write_tables(small_server, table, match):
         _batch_write(fc, table)
 
 
-def test_batch_charges_one_token_per_item(unique_id):
-    with torch_tq.start_server(storage="memory", qps=20, qps_burst=20) as srv:
-        c = torch_tq.Client(srv.location, retry_deadline=0)
-        results = c.put_many({(i, "t"): torch.ones(1) for i in range(40)}, concurrency=1,
-                              batch_items=40)
-        assert all(r.success for r in results)  # one call, 40 items: 20 tokens of debt
-        with pytest.raises(torch_tq.Unavailable) as e:
-            c.health()
-        assert e.value.retry_after_ms >= 500  # ~20 tokens to earn back at 20/s
-        patient = torch_tq.Client(srv.location, client_id=c.client_id, retry_deadline=10)
+def test_a_batch_call_is_one_query_against_the_quota(unique_id, caplog):
+    with torch_tq.start_server(storage="memory", qps=0.5, qps_burst=3) as srv:
+        c = torch_tq.Client(srv.location, retry_deadline=0, transport="grpc")  # no probe calls
+        items = {(unique_id + i, "t"): torch.full((8,), float(i)) for i in range(200)}
+        # 200 items in one BatchWrite and one BatchRead: two tokens of three
+        assert all(r.success for r in c.put_many(items, concurrency=1, batch_items=200))
+        got = c.get_many(list(items), concurrency=1, batch_items=200)
+        assert all(torch.equal(r.tensor, t) for r, t in zip(got, items.values()))
+        assert c.stats["throttled"] == 0
+        c.health()  # the third token
+        with caplog.at_level(logging.WARNING, logger="torch_tq.client.connection"):
+            for _ in range(3):  # the bucket is empty: turned away, said once, counted
+                with pytest.raises(torch_tq.Unavailable, match="rate limit") as e:
+                    c.health()
+                assert e.value.retry_after_ms >= 1
+        said = [r for r in caplog.records if "turned a call away" in r.getMessage()]
+        assert len(said) == 1 and "rate limit" in said[0].getMessage()
+        assert c.stats["throttled"] == 3 and c.stats["retries"] == 0
+        patient = torch_tq.Client(srv.location, client_id=c.client_id, retry_deadline=10,
+                                  transport="grpc")
         assert patient.health()["status"] == "SERVING"
+        assert patient.stats["retries"] >= 1 and patient.stats["throttled"] >= 1
 
 
 def test_result_rows_alignment_learning_gives_zero_copy(unique_id):

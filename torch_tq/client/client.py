@@ -123,7 +123,8 @@ class Client(CatalogCalls, GroupCalls):
     retry_deadline = _setting("retry_deadline", "seconds to retry a call turned away")
     connect_timeout = _setting("connect_timeout", "seconds to wait for an unreachable server")
     compression = _setting("compression", "the wire compression of puts and gets")
-    stats = _setting("stats", "this client's gets, zero-copy gets, bytes copied, retries")
+    stats = _setting("stats", "this client's gets, zero-copy gets, bytes copied, retries, "
+                     "calls turned away over a limit")
 
     def __reduce__(self):
         locations = [*self.ucx_locations, self.location] if self.ucx_locations else self.location

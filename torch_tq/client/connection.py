@@ -81,7 +81,10 @@ def call_with_retries(conn: Connection, fn, *args, **kwargs):
                 backoff = min(2.0, backoff * 2)
                 continue
             hint = e.retry_after_ms
-            if hint is None or not conn.retry_deadline:
+            if hint is None:
+                raise
+            conn.throttled(e)
+            if not conn.retry_deadline:
                 raise
             now = time.monotonic()
             if deadline is None:
@@ -92,7 +95,8 @@ def call_with_retries(conn: Connection, fn, *args, **kwargs):
                     f"{e.message}; still turned away after {attempt + 1} attempt(s) "
                     f"within the client's retry_deadline of {conn.retry_deadline:g}s"
                 ) from None
-            conn.stats["retries"] += 1
+            with conn.lock:
+                conn.stats["retries"] += 1
             time.sleep(delay)
             attempt += 1
 
@@ -131,7 +135,10 @@ class Connection:
         self._pool_pid = -1
         # What gets cost, for tuning and tests: calls, those that made no copy, bytes copied
         # out of received buffers (one copy at most per byte; none for a one-buffer matrix).
-        self.stats = {"gets": 0, "zero_copy_gets": 0, "copied_bytes": 0, "retries": 0}
+        # throttled: calls the server turned away over a limit (each retry of one counts).
+        self.stats = {"gets": 0, "zero_copy_gets": 0, "copied_bytes": 0, "retries": 0,
+                      "throttled": 0}
+        self._said_throttled = False
 
     @property
     def flight(self) -> flight.FlightClient:
@@ -226,6 +233,17 @@ class Connection:
         if ack is None:
             raise InternalError(f"{what}: the server closed the upload without acknowledging it")
         return json.loads(ack.to_pybytes())
+
+    def throttled(self, e: Unavailable) -> None:
+        """Counts a call the server turned away over a limit; the first one is logged."""
+        with self.lock:
+            self.stats["throttled"] += 1
+            first, self._said_throttled = not self._said_throttled, True
+        if first:
+            log.warning("torch_tq client %s: the server turned a call away (%s); it is "
+                        "retried within retry_deadline=%gs. Said once per client; "
+                        "client.stats['throttled'] counts them all", self.location,
+                        e.message, self.retry_deadline)
 
     def count_get(self, copied: int) -> None:
         with self.lock:

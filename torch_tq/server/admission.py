@@ -65,11 +65,6 @@ def admit(server, context, method: str, args) -> None:
     mw.client, mw.host = client, host
 
 
-def caller(context) -> str | None:
-    mw = context.get_middleware(MIDDLEWARE)
-    return mw.client if mw is not None else None
-
-
 def guard(method):
     """Runs a handler so that only clean Flight errors reach the client; counts it and
     admits it against the limits first."""

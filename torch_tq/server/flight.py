@@ -36,7 +36,7 @@ from torch_tq.protocol import commands as protocol
 from torch_tq.protocol.errors import unimplemented
 from torch_tq.server import actions
 from torch_tq.server import batch as batch_ops
-from torch_tq.server.admission import MIDDLEWARE, CallMiddlewareFactory, caller, guard, guard_iter
+from torch_tq.server.admission import MIDDLEWARE, CallMiddlewareFactory, guard, guard_iter
 from torch_tq.server.limits import Limiter, Limits
 from torch_tq.server.same_host import SameHostService
 from torch_tq.server.stats import ServerStats
@@ -169,9 +169,6 @@ class TQFlightServer(flight.FlightServerBase):
             batches.append(chunk.data)
         if context.is_cancelled():
             raise Unavailable("BatchWrite was cancelled by the client: nothing was stored")
-        client = caller(context)
-        if client is not None:
-            self.limiter.charge(client, rows - 1)
         results = batch_ops.write_items(self.store, batches, reader.schema)
         reply = protocol.ok(results=results)
         writer.write(pa.py_buffer(protocol.dumps(reply)))
@@ -182,9 +179,6 @@ class TQFlightServer(flight.FlightServerBase):
     def do_get(self, context, ticket):
         request = protocol.parse_get_ticket(ticket.ticket, self.limits.max_batch_items)
         if isinstance(request, protocol.BatchReadCommand):
-            client = caller(context)
-            if client is not None:
-                self.limiter.charge(client, len(request.items) - 1)
             if request.compression == "snappy":
                 raise InvalidArgument("BatchRead supports zstd or lz4 compression (snappy is "
                                       "framed for ReadMatrix streams only)")

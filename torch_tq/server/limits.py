@@ -46,7 +46,8 @@ class Limits:
     """A server's limits (the seed's defaults); 0 switches a limit off.
 
     Attributes:
-        qps: calls per second per client over gRPC/TCP (a batch costs one per item).
+        qps: calls per second per client over gRPC/TCP (a batch call is one call, however
+            many items it carries: the quota counts queries, not rows).
         qps_ucx: the same over UCX (used by the UCX transport).
         qps_burst: how many calls a client may make at once after a quiet spell (the token
             bucket's size); default a tenth of a second's worth, at least 1.
@@ -389,17 +390,6 @@ class Limiter:
         raise Unavailable(
             f"server busy: no call slot freed up within {lim.slot_wait_s:g}s (the limit is "
             f"{lim.max_calls} calls per node) (retry_after_ms=50)")
-
-    def charge(self, client: str, n: int) -> None:
-        """Charges ``n`` more calls' worth (the items of a batch beyond its first) to an
-        admitted call. The bucket may go into debt: the client's next calls wait it off."""
-        if n <= 0 or not self.limits.qps:
-            return
-        with self._lock:
-            state = self._clients.get(client)
-            if state is not None:
-                self._refill(state, self._clock())
-                state.tokens -= n
 
     def release(self, client: str, host: str = "") -> None:
         with self._lock:
