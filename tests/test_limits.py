@@ -61,7 +61,7 @@ def _close_quietly(writers) -> None:
 # ------------------------------------------------------------------ unit: the limiter itself
 
 
-def test_token_bucket_rate_debt_and_hint():
+def test_token_bucket_rate_and_hint():
     now = [0.0]
     lim = Limiter(Limits(qps=10, qps_burst=2), clock=lambda: now[0])
     lim.admit("a"), lim.release("a")
@@ -71,13 +71,12 @@ def test_token_bucket_rate_debt_and_hint():
     assert e.value.retry_after_ms == 100
     lim.admit("b"), lim.release("b")  # another client is not affected
     now[0] += 0.1
-    lim.admit("a")
-    lim.charge("a", 5)  # a batch of 6 items: 5 more tokens, into debt
+    lim.admit("a")  # a token earned back in 0.1 s
     lim.release("a")
-    now[0] += 0.3
+    now[0] += 0.03
     with pytest.raises(torch_tq.Unavailable) as e:
         lim.admit("a")
-    assert e.value.retry_after_ms == 300  # 3 tokens of debt left to wait off, and one to spend
+    assert e.value.retry_after_ms == 70  # 0.3 of a token saved: 0.07 s to the next
     assert lim.snapshot()["rejected"] == {"qps": 2}
 
 
