@@ -641,3 +641,21 @@ def test_fixed_samples_read_from_a_server_are_equal_per_rank(memory_server, uniq
     every = {(i, r) for i, r, _ in got[0] + got[1]}
     assert every == {(i, r) for k, i in enumerate(ids) for r in range(1 + k % 3)}
     assert all(v == 10 * (i - unique_id) + r for i, r, v in got[0] + got[1])
+
+
+def test_streaming_reads_a_lease_with_batch_reads_not_a_call_per_matrix(unique_id):
+    with torch_tq.start_server(storage="memory", same_host=False) as srv:
+        c = torch_tq.Client(srv.location, transport="grpc")
+        items = {(unique_id + i, t): v for i in range(24)
+                 for t, v in expected(unique_id + i).items()}
+        assert all(r.success for r in c.put_many(items))
+        c.finish(TYPES)
+        before = c.server_stats()["calls"].get("do_get", 0)
+        ds = TQDataset(srv.location, TYPES, group=f"b{unique_id}", batch_items=8,
+                       idle_timeout=30, client_options={"transport": "grpc"})
+        got = sorted(check_item(item) for item in ds)
+        assert got == [unique_id + i for i in range(24)]
+        reads = c.server_stats()["calls"].get("do_get", 0) - before
+        # 3 leases of 8 index_ids, 16 matrices each: a BatchRead per stream of get_many
+        # (4 at most), against 48 DoGets read one matrix at a time
+        assert 3 <= reads <= 12, reads

@@ -476,3 +476,49 @@ def test_abandoned_staged_files_are_removed_while_the_server_runs(tmp_path, uniq
             assert time.monotonic() < deadline, "abandoned staged files were not removed"
             time.sleep(0.2)
         assert torch_tq.Client(srv.location).health()["status"] == "SERVING"
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_put_many_stages_files_and_publishes_them_in_one_call(storage, memory_server, disk,
+                                                              unique_id):
+    srv = memory_server if storage == "memory" else disk
+    c = torch_tq.Client(srv.location, transport="same-host")
+    items = {(unique_id + i, "pm"): torch.randn(64, 1024) + i for i in range(32)}  # 256 KiB
+    items[(unique_id + 99, "pm")] = torch.arange(5)  # a small one travels with them
+    calls = c.server_stats()["calls"]
+    results = c.put_many(items, batch_items=64)
+    assert all(r.success for r in results)
+    after = c.server_stats()["calls"]
+    assert after.get("action:PublishLocal", 0) - calls.get("action:PublishLocal", 0) == 1
+    assert after.get("do_put", 0) == calls.get("do_put", 0)  # no byte over gRPC
+    before = dict(c.stats)
+    got = c.get_many(list(items))
+    assert all(torch.equal(r.tensor, t) for r, t in zip(got, items.values()))
+    # read back from the published files: a tensor over each mapping, no call, no copy
+    assert c.stats["zero_copy_gets"] - before["zero_copy_gets"] == len(items)
+    assert c.stats["copied_bytes"] == before["copied_bytes"]
+    assert c.server_stats()["calls"].get("do_get", 0) == after.get("do_get", 0)
+    remote = torch_tq.Client(srv.location, transport="grpc")
+    assert torch.equal(remote.get(unique_id + 7, "pm"), items[(unique_id + 7, "pm")])
+
+
+def test_put_many_items_fail_alone_and_a_refused_batch_leaves_no_staged_file(disk, unique_id):
+    c = torch_tq.Client(disk.location, transport="same-host")
+    with torch_tq.start_server(data_dir=os.path.join(disk.data_dir, "..", f"b{unique_id}"),
+                               max_batch_items=4) as small:
+        c2 = torch_tq.Client(small.location, transport="same-host")
+        staging = os.path.join(small.data_dir, local.STAGING)
+        items = {(unique_id + i, "pm"): torch.ones(70_000) for i in range(6)}
+        results = c2.put_many(items, batch_items=6)  # over the server's 4 per call
+        assert not any(r.success for r in results)
+        assert all(r.code == "INVALID_ARGUMENT" and "max_batch_items" in r.message
+                   for r in results)
+        assert os.listdir(staging) == [] and c2.list(unique_id) == []
+    # a named file that is not there is that item's failure, not the call's
+    body = {"items": [{"index_id": unique_id, "matrix_type": "pm", "file": "0" * 32 + ".arrow"}]}
+    reply = c.connection.action("PublishLocal", body, "test")
+    assert reply["results"][0]["success"] is False
+    with pytest.raises(torch_tq.InvalidArgument, match="items must be a non-empty list"):
+        c.connection.action("PublishLocal", {"items": []}, "test")
+    with pytest.raises(torch_tq.InvalidArgument, match="item 1"):
+        c.connection.action("PublishLocal", {"items": [body["items"][0], {"file": 3}]}, "test")

@@ -127,7 +127,8 @@ class TQDataset(FixedSet, Items, torch.utils.data.IterableDataset):
         drop_last: fixed mode: drop the tail that would not give every rank the same
             count, instead of padding it with index_ids from the start of the epoch.
         unit: ``"matrix"`` (one item per index_id) or ``"sample"`` (one per row).
-        prefetch: items fetched ahead by a background thread (0: none).
+        prefetch: items fetched ahead by a background thread (0: none; streaming keeps at
+            least a lease of ``batch_items`` ahead, fetched with one ``get_many``).
         lease, batch_items, poll: streaming: lease seconds, index_ids leased per request
             (in rounds: one share per request), long-poll seconds per request.
         idle_timeout: streaming: stop after this many seconds without an item (``None``:
@@ -343,7 +344,9 @@ class TQDataset(FixedSet, Items, torch.utils.data.IterableDataset):
 
     def _iter_stream(self) -> Iterator[dict[str, Any]]:
         stream = Stream(self, self._get_client())
-        source = Prefetcher(stream.items, self.prefetch)
+        # a whole lease ahead: the next lease and its fetch overlap this one's items
+        source = Prefetcher(stream.items, max(self.prefetch, self.batch_items)
+                            if self.prefetch else 0)
         try:
             for item in source:
                 if self.unit == "matrix":

@@ -11,7 +11,7 @@ import torch
 import torch.utils.data
 
 from torch_tq.client.client import Client
-from torch_tq.errors import InvalidArgument
+from torch_tq.errors import ERROR_CLASSES, InvalidArgument, NotFound, TQError
 
 
 class Items:
@@ -28,6 +28,38 @@ class Items:
                                  device=self.device, pin_memory=self.pin_memory)
         item["index_id"] = index_id
         return item
+
+    def _fetch_many(self, client: Client, index_ids: list[int]) -> list[dict[str, Any] | None]:
+        """:meth:`_fetch` of many index_ids in as few calls as :meth:`Client.get_many`
+        makes (one per batch of items, in parallel streams); ``None`` for an index_id that
+        is gone (some type not found). Onto a device or into pinned memory, item by item:
+        :meth:`Client.get` receives straight into pooled page-locked blocks."""
+        if self.device is not None or self.pin_memory:
+            out: list[dict[str, Any] | None] = []
+            for index_id in index_ids:
+                try:
+                    out.append(self._fetch(client, index_id))
+                except NotFound:
+                    out.append(None)
+            return out
+        types = list(self.types)
+        results = client.get_many([(i, t) for i in index_ids for t in types],
+                                  batch_items=max(1, len(index_ids) * len(types)))
+        out = []
+        for n, index_id in enumerate(index_ids):
+            item: dict[str, Any] | None = {}
+            for t, r in zip(types, results[n * len(types):(n + 1) * len(types)]):
+                if r.success:
+                    item[t] = r.tensor
+                elif r.code == NotFound.code:
+                    item = None
+                    break
+                else:
+                    raise ERROR_CLASSES.get(r.code, TQError)(r.message)
+            if item is not None:
+                item["index_id"] = index_id
+            out.append(item)
+        return out
 
     def _rows(self, item: dict[str, Any], skip: int) -> Iterator[tuple[int, dict[str, Any]]]:
         lengths = {t: (item[t].shape[0] if item[t].dim() else None) for t in self.types}

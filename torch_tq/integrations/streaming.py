@@ -14,7 +14,7 @@ import torch
 import torch.utils.data
 
 from torch_tq.client.client import Client
-from torch_tq.errors import NotFound, TQError
+from torch_tq.errors import TQError
 
 if TYPE_CHECKING:
     from torch_tq.integrations.dataset import TQDataset
@@ -168,10 +168,11 @@ class Stream:
             with self._lock:
                 self._unhanded.update(dict.fromkeys(lease.index_ids))
             self._start_heart()
-            for index_id in lease.index_ids:
-                try:
-                    item = ds._fetch(self.client, index_id)
-                except NotFound:
+            # every leased index_id's types in one get_many (a BatchRead per batch of
+            # items), not a call per matrix
+            for index_id, item in zip(lease.index_ids, ds._fetch_many(self.client,
+                                                                      lease.index_ids)):
+                if item is None:
                     # deleted since it was leased: nothing to deliver
                     log.warning("index_id %d of group %s vanished after its lease", index_id, ds.group)
                     with self._lock:
