@@ -203,7 +203,7 @@ def test_resume_from_state_dict_equals_the_uninterrupted_tail(server, workers, u
 
     whole = [key(x) for x in loader()]
     assert len(whole) == (60 if unit == "sample" else 20)
-    for k in (0, 1, 7):
+    for k in ((0, 1, 7) if not workers else (1, 7)):  # workers: each loader costs ~3 s
         first = loader()
         it = iter(first)
         head = [key(next(it)) for _ in range(k)]

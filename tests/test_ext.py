@@ -138,7 +138,8 @@ def test_client_get_copies_only_what_the_transport_forces(memory_server, unique_
     c.put(unique_id, "big", big)
 
     got = c.get(unique_id, "small")
-    assert c.stats == {"gets": 1, "zero_copy_gets": 1, "copied_bytes": 0, "retries": 0}
+    assert c.stats == {"gets": 1, "zero_copy_gets": 1, "copied_bytes": 0, "retries": 0,
+                       "throttled": 0}
     assert torch.equal(got, small) and not got.untyped_storage().resizable()
 
     got = c.get(unique_id, "big")
@@ -148,7 +149,7 @@ def test_client_get_copies_only_what_the_transport_forces(memory_server, unique_
     got = c.get(unique_id, "big", out=out)
     assert got.data_ptr() == ptr and torch.equal(out, big)
     assert c.stats == {"gets": 3, "zero_copy_gets": 1, "copied_bytes": 2 * big.numel() * 4,
-                       "retries": 0}
+                       "retries": 0, "throttled": 0}
 
 
 def test_extension_survives_debug_malloc():

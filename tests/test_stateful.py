@@ -90,4 +90,4 @@ class StoreModel(RuleBasedStateMachine):
 
 
 TestStoreModel = StoreModel.TestCase
-TestStoreModel.settings = settings(max_examples=8, stateful_step_count=25, deadline=None)
+TestStoreModel.settings = settings(max_examples=5, stateful_step_count=25, deadline=None)
