@@ -23,6 +23,7 @@ from torch_tq.errors import InvalidArgument, TQError
 from torch_tq.model import Key, validate_index_id, validate_matrix_type
 
 BATCH_BYTES = 16 << 20  # bytes of small matrices per BatchWrite call
+_ITEMS_PER_STREAM = 32  # get_many: items per parallel BatchRead stream, at least
 
 
 def key_of(index_id, matrix_type) -> Key:
@@ -84,7 +85,10 @@ def get_many(connection: Connection, router: Router, items: Iterable, concurrenc
         valid = remote
     if valid:
         check_concurrency(concurrency)
-        groups = max(math.ceil(len(valid) / batch_items), min(concurrency, len(valid)))
+        # parallel streams pay for many items, not for a few: 32 items of 256 KiB read in
+        # 13.7 ms on one stream and 20.8 ms on four (2 cores; every stream's rows are Python)
+        groups = max(math.ceil(len(valid) / batch_items),
+                     min(concurrency, max(1, len(valid) // _ITEMS_PER_STREAM)))
         size = math.ceil(len(valid) / groups)
         tasks = [
             functools.partial(_read_group, connection, router, results, valid[g : g + size],

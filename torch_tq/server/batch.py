@@ -107,10 +107,48 @@ class _WriteTable:
         self.names = names
 
 
+class _BinaryColumn:
+    """A binary ``data`` column's rows as slices of its one values buffer (a scalar per row
+    cost ~8 us each time it was touched)."""
+
+    def __init__(self, data: pa.Array) -> None:
+        width = 8 if pa.types.is_large_binary(data.type) else 4
+        _, offsets, values = data.buffers()
+        n = len(data)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64 if width == 8 else np.int32,
+                                     count=data.offset + n + 1)[data.offset:].tolist()
+        if values is not None and values.address % 8:
+            # gRPC puts a message's body where it likes: one aligned copy of the whole
+            # column here costs less than a copy of every item in it (2 ms of 5.5 ms for
+            # 32 x 256 KiB)
+            aligned = pa.allocate_buffer(values.size)
+            np.frombuffer(aligned, dtype=np.uint8)[:] = np.frombuffer(values, dtype=np.uint8)
+            values = aligned
+        self.values = values
+        self.valid = data.is_valid().to_pylist() if data.null_count else None
+
+    def row(self, row: int) -> pa.Buffer | None:
+        if self.valid is not None and not self.valid[row]:
+            return None
+        start, end = self.offsets[row], self.offsets[row + 1]
+        if self.values is None:
+            return pa.py_buffer(b"")
+        try:
+            return self.values.slice(start, end - start)
+        except (IndexError, pa.ArrowException):
+            raise InvalidArgument("item's data offsets lie outside the column's values") \
+                from None
+
+
 def _item_values(table: _WriteTable, batch: pa.RecordBatch, row: int,
-                 dtype_name: str | None) -> tuple[codec.DType, pa.Array]:
+                 dtype_name: str | None, binary: _BinaryColumn | None = None,
+                 ) -> tuple[codec.DType, pa.Array]:
     data = batch.column("data")
-    if not data[row].is_valid:
+    if binary is not None:
+        buf = binary.row(row)
+        if buf is None:
+            raise InvalidArgument("item has no data (null)")
+    elif not data[row].is_valid:
         raise InvalidArgument("item has no data (null)")
     if table.binary:
         if dtype_name is None or dtype_name not in codec.DTYPES:
@@ -118,7 +156,8 @@ def _item_values(table: _WriteTable, batch: pa.RecordBatch, row: int,
                 f"unsupported dtype {dtype_name!r:.80}; supported: {', '.join(codec.DTYPES)}"
             )
         dtype = codec.DTYPES[dtype_name]
-        buf = data[row].as_buffer()
+        if binary is None:
+            buf = data[row].as_buffer()
         if buf.address % dtype.itemsize:
             buf = pa.py_buffer(buf.to_pybytes())  # misaligned in the upload: one copy
         return dtype, codec.raw_values(buf, dtype)
@@ -146,13 +185,16 @@ def write_items(store, batches: list[pa.RecordBatch], schema: pa.Schema) -> list
     table = _WriteTable(schema)
     results: list[dict] = []
     for batch in batches:
-        ids = batch.column("index_id")
-        types = batch.column(table.type_col)
-        dtypes = batch.column("dtype") if "dtype" in table.names else None
+        # each column to Python once, not a scalar per row and column
+        ids = batch.column("index_id").to_pylist()
+        types = batch.column(table.type_col).to_pylist()
+        dtypes = batch.column("dtype").to_pylist() if "dtype" in table.names else None
         shapes = batch.column("shape") if "shape" in table.names else None
+        shape_rows = shapes.to_pylist() if shapes is not None else None
+        binary = _BinaryColumn(batch.column("data")) if table.binary else None
         for row in range(batch.num_rows):
-            raw_id = ids[row].as_py()
-            raw_type = types[row].as_py()
+            raw_id = ids[row]
+            raw_type = types[row]
             index_id = raw_id if raw_id is not None and 0 <= raw_id <= protocol.MAX_INDEX_ID else None
             mtype = raw_type if isinstance(raw_type, str) and len(raw_type) <= 64 else None
             try:
@@ -161,11 +203,11 @@ def write_items(store, batches: list[pa.RecordBatch], schema: pa.Schema) -> list
                 key = Key(protocol.validate_index_id(raw_id), protocol.validate_matrix_type(raw_type))
                 mtype = key.matrix_type
                 dtype, values = _item_values(
-                    table, batch, row, dtypes[row].as_py() if dtypes is not None else None
+                    table, batch, row, dtypes[row] if dtypes is not None else None, binary
                 )
                 shape = (len(values),)
-                if shapes is not None and shapes[row].is_valid:
-                    shape = protocol.validate_shape(shapes[row].as_py())
+                if shape_rows is not None and shape_rows[row] is not None:
+                    shape = protocol.validate_shape(shape_rows[row])
                     if codec.numel(shape) != len(values):
                         raise InvalidArgument(
                             f"shape {list(shape)} holds {codec.numel(shape)} elements, data has "
@@ -200,13 +242,14 @@ def _row_batch(rows: list[dict], pieces: list) -> pa.RecordBatch:
     if len(pieces) == 1 and pieces[0] is not None and len(pieces[0]) == 1:
         data_buf = pieces[0][0]  # one contiguous value: no copy
     else:
-        out = bytearray(int(offsets[-1]))
+        # Arrow's pool, not a zeroed bytearray: 2.3x quicker for 32 x 256 KiB here
+        data_buf = pa.allocate_buffer(int(offsets[-1]))
+        out = np.frombuffer(data_buf, dtype=np.uint8)
         pos = 0
         for row in pieces:
             for p in row or ():
-                out[pos : pos + p.size] = memoryview(p)
+                out[pos : pos + p.size] = np.frombuffer(p, dtype=np.uint8)
                 pos += p.size
-        data_buf = pa.py_buffer(out)
     data = pa.Array.from_buffers(
         pa.large_binary(), n, [pa.array(validity).buffers()[1], pa.py_buffer(offsets), data_buf]
     )
@@ -249,7 +292,9 @@ def _read_one(store, key: Key, max_inline: int) -> tuple[dict, list | None]:
 
 def read_items(store, cmd: protocol.BatchReadCommand, chunk_bytes: int) -> Iterator[pa.RecordBatch]:
     """Yields result rows in request order, cut into record batches of about
-    ``chunk_bytes``; an item of that size or more goes alone (and without a copy)."""
+    ``chunk_bytes``; an item of that size or more goes alone (and without a copy). Smaller
+    items are packed with one copy: alone, 32 items of 256 KiB took 2.4x as long to read
+    (a gRPC message each), even though the client then made each a tensor without a copy."""
     rows: list[dict] = []
     pieces: list = []
     held = 0

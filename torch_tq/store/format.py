@@ -16,6 +16,7 @@ compact JSON ``{"format": 1, "shape", "dtype", "numel", "nbytes", "batches", "cr
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -48,8 +49,9 @@ def object_path(root: str, key: Key) -> str:
     return os.path.join(object_dir(root, key.index_id), key.matrix_type + SUFFIX)
 
 
+@functools.lru_cache(maxsize=None)
 def file_schema(dtype: codec.DType) -> pa.Schema:
-    """The schema a matrix of ``dtype`` is stored with."""
+    """The schema a matrix of ``dtype`` is stored with (made once per dtype)."""
     return pa.schema([pa.field("data", dtype.arrow, nullable=False)])
 
 
