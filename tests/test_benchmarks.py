@@ -87,7 +87,21 @@ def test_batch_benchmark_tiny():
     lines = proc.stdout.strip().splitlines()
     figures = json.loads(lines[0])
     assert figures["large_get_many_vs_seq"] > 0 and figures["small_put_many_vs_seq"] > 0
+    assert figures["group_put_vs_one"] > 0 and figures["group_get_vs_one"] > 0
     assert re.fullmatch(r"get_many vs sequential get, 8 x 262144 B: [0-9.]+x \(target >= 1.5\)",
+                        lines[-1]), lines[-1]
+    for line, op in zip(lines[-3:-1], ["put", "get"]):
+        assert re.fullmatch(rf"{op}_many vs one {op} of its bytes: [0-9.]+x \(target >= 0.9\)",
+                            line), line
+
+
+def test_memory_benchmark_tiny():
+    proc = _run("memory.py", "--total", "64MiB", "--matrix-bytes", "16MiB", "--runs", "1",
+                "--settle", "1.5")
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("memory store, matrices (grpc), 64 MiB held"), lines
+    assert re.fullmatch(r"held RSS vs bytes held: -?[0-9.]+x \(target <= 1.15\)", lines[-2])
+    assert re.fullmatch(r"left after deleting everything: -?[0-9]+ MiB \(target <= 64\)",
                         lines[-1]), lines[-1]
 
 
