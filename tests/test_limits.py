@@ -543,6 +543,30 @@ def test_a_memory_store_refuses_what_does_not_fit_before_taking_a_byte():
         assert _memory(client)["stored"] == (40 << 20) + (4 << 20)
 
 
+def test_a_memory_store_emptied_of_batch_items_gives_their_memory_back(unique_id):
+    with torch_tq.start_server(storage="memory", qps=0) as srv:
+        client = torch_tq.Client(srv.location, transport="grpc")
+        client.health()
+        time.sleep(0.3)
+        rss0 = _rss_kib(srv.pid)
+        item = torch.randn(64 << 10)  # 256 KiB
+        for rnd in range(2):  # 256 MiB of items, put and overwritten, in BatchWrites of 32
+            for start in range(0, 1024, 32):
+                batch = {(unique_id + i, "it"): item for i in range(start, start + 32)}
+                assert all(r.success for r in client.put_many(batch, batch_items=32))
+        deadline = time.monotonic() + 10
+        while (held := _rss_kib(srv.pid) - rss0) >= 1.25 * (256 << 10) and \
+                time.monotonic() < deadline:
+            time.sleep(0.5)  # received buffers not kept are given back once it is quiet
+        assert held < 1.25 * (256 << 10), f"{held // 1024} MiB held for 256 MiB"
+        for i in range(1024):
+            client.delete(unique_id + i)
+        deadline = time.monotonic() + 10
+        while (grown := _rss_kib(srv.pid) - rss0) >= 96 << 10 and time.monotonic() < deadline:
+            time.sleep(0.5)  # the housekeeping gives it back once the node is quiet
+        assert grown < 96 << 10, f"{grown // 1024} MiB kept after the store was emptied"
+
+
 def test_an_aborted_upload_gives_its_memory_back():
     with torch_tq.start_server(storage="memory", qps=0) as srv:
         client = torch_tq.Client(srv.location, transport="grpc")
