@@ -108,8 +108,7 @@ ACTIONS: dict[str, Action] = {a.name: a for a in (
     Action(c.LOCAL_INFO, 'Same-host access: the store directory, if the caller runs on this '
            'host: {"host_id": "32 hex"}', transfers.parse_local_info_body),
     Action(c.PUBLISH_LOCAL, 'Check and publish a matrix file a same-host client staged: '
-           '{"index_id": N, "matrix_type": "prompt", "file": "<32 hex>.arrow"}, or many: '
-           '{"items": [those...]} (answers a result per item, as BatchWrite)',
+           '{"index_id": N, "matrix_type": "prompt", "file": "<32 hex>.arrow"}',
            transfers.parse_publish_local_body),
 )}
 

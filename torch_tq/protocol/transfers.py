@@ -25,33 +25,15 @@ def parse_local_info_body(raw: bytes) -> str:
     return body["host_id"]
 
 
-def _staged(body: dict, what: str) -> tuple[Key, str]:
+def parse_publish_local_body(raw: bytes) -> tuple[Key, str]:
+    what = "PublishLocal body"
+    body = parse_json_object(raw, what)
     check_keys(body, {"index_id", "matrix_type", "file"}, {"index_id", "matrix_type", "file"},
-               what)
+                what)
     key = Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"]))
     if not isinstance(body["file"], str) or not _STAGED_RE.fullmatch(body["file"]):
         raise InvalidArgument("file must be a staged file name: 32 hex digits + '.arrow'")
     return key, body["file"]
-
-
-def parse_publish_local_body(raw: bytes) -> tuple[Key, str] | list[tuple[Key, str]]:
-    """One staged file (``{"index_id", "matrix_type", "file"}``) or, the batch form, many
-    (``{"items": [...]}`` of those): a list of ``(key, file)``. A malformed item fails the
-    whole call (nothing is published)."""
-    what = "PublishLocal body"
-    body = parse_json_object(raw, what)
-    if "items" not in body:
-        return _staged(body, what)
-    check_keys(body, {"items"}, {"items"}, what)
-    items = body["items"]
-    if not isinstance(items, list) or not items:
-        raise InvalidArgument("PublishLocal items must be a non-empty list")
-    out = []
-    for n, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise InvalidArgument(f"PublishLocal item {n} must be an object")
-        out.append(_staged(item, f"PublishLocal item {n}"))
-    return out
 
 
 def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:

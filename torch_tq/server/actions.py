@@ -77,9 +77,7 @@ HANDLERS: dict[str, Handler] = {
     protocol.UCX_GET: _ucx_get,
     protocol.UCX_PUT: lambda server, req: server.ucx.put(req),
     protocol.LOCAL_INFO: lambda server, host: server.same_host.info(host),
-    protocol.PUBLISH_LOCAL: lambda server, args: (
-        server.same_host.publish_many(args, server.limits.max_batch_items)
-        if isinstance(args, list) else server.same_host.publish(*args)),
+    protocol.PUBLISH_LOCAL: lambda server, args: server.same_host.publish(*args),
 }
 
 

@@ -10,7 +10,7 @@ import stat
 import time
 import uuid
 
-from torch_tq.errors import InvalidArgument, TQError
+from torch_tq.errors import InvalidArgument
 from torch_tq.model import Key
 from torch_tq.protocol import commands as protocol
 from torch_tq.store.engine import Store
@@ -55,31 +55,6 @@ class SameHostService:
             local.discard(path)  # refused: a staged file is garbage once answered
             raise
         return protocol.ok(index_id=key.index_id, matrix_type=key.matrix_type, **entry.describe())
-
-    def publish_many(self, items: list[tuple[Key, str]], max_items: int) -> dict:
-        """The batch form of :meth:`publish`: each staged file is checked and published on
-        its own (one refused does not stop the others); a result per item, in order, as
-        BatchWrite answers. Over ``max_items`` (the server's ``max_batch_items``) the call is
-        refused whole, and every file it names is discarded."""
-        if self.probe is None:
-            raise InvalidArgument("this server takes no same-host uploads")
-        if max_items and len(items) > max_items:
-            for _, staged in items:
-                local.discard(os.path.join(self.root, local.STAGING, staged))
-            raise InvalidArgument(
-                f"PublishLocal of {len(items)} files; the limit is {max_items} per call "
-                "(max_batch_items): nothing was published")
-        results = []
-        for key, staged in items:
-            try:
-                self.publish(key, staged)
-            except TQError as e:
-                results.append({"index_id": key.index_id, "matrix_type": key.matrix_type,
-                                "success": False, "code": e.code, "message": e.message})
-            else:
-                results.append({"index_id": key.index_id, "matrix_type": key.matrix_type,
-                                "success": True, "code": "OK", "message": "success"})
-        return protocol.ok(results=results)
 
     def sweep(self, max_age_s: float) -> None:
         """Removes staged files older than ``max_age_s`` (their clients are gone)."""

@@ -17,8 +17,7 @@ from torch_tq.transport import same_host as local
 
 log = logging.getLogger(__name__)
 
-# Up to this size a put into a disk store on this host goes over gRPC, not through a file;
-# so does a batch whose items are this small on average, into either store.
+# Up to this size a put into a disk store on this host goes over gRPC, not through a file.
 SMALL_BYTES = 64 << 10
 
 
@@ -108,35 +107,11 @@ class SameHostTransport:
         return rows
 
     def put_many(self, conn, group: list) -> list[dict]:
-        """Every item staged as a file here, then one ``PublishLocal`` call publishes them
-        all: no byte crosses a socket. Into a full /dev/shm (a memory store) the batch
-        goes over gRPC instead."""
-        store = self.store
-        if sum(flat.nbytes for *_, flat in group) <= SMALL_BYTES * len(group):
-            # small items: a file each costs more than their bytes over gRPC (4 KiB items
-            # moved at 1,000 items/s staged, 2,400 in one BatchWrite)
-            raise Decline
-        staged: list[str] = []
-        try:
-            try:
-                for _, key, dtype, shape, flat in group:
-                    staged.append(store.stage(key, dtype, shape, flat))
-            except OSError as e:
-                if store.partial:
-                    log.debug("same-host put_many: /dev/shm is full (%s); using gRPC", e)
-                    raise Decline from None
-                raise Unavailable(f"put_many: could not stage a file ({e})") from None
-            except TQError:
-                raise Decline from None  # an item's own error: BatchWrite reports it per item
-            body = {"items": [{"index_id": key.index_id, "matrix_type": key.matrix_type,
-                               "file": name} for (_, key, *_), name in zip(group, staged)]}
-            reply = self.connection.action(protocol.PUBLISH_LOCAL, body,
-                                           f"put_many of {len(group)} items")
-        except BaseException:
-            for name in staged:  # refused or not reached: leave nothing behind
-                store.discard(name)
-            raise
-        return reply["results"]
+        # One BatchWrite over gRPC. Staging a file per item and publishing them in one call
+        # was measured slower here: 32 x 256 KiB took 53 ms against 17 ms over gRPC, and
+        # 16 x 1 MiB 37 ms against 31 ms (each file costs ~1.5 ms of system calls and
+        # checks on the two sides, more than its bytes over the socket).
+        raise Decline
 
     def get_many(self, conn, keys: list[Key], max_inline_bytes: int | None):
         raise Decline  # what read_here left: a memory store's items from the network
