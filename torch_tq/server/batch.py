@@ -112,18 +112,16 @@ class _BinaryColumn:
     cost ~8 us each time it was touched)."""
 
     def __init__(self, data: pa.Array) -> None:
-        width = 8 if pa.types.is_large_binary(data.type) else 4
         _, offsets, values = data.buffers()
-        n = len(data)
-        self.offsets = np.frombuffer(offsets, dtype=np.int64 if width == 8 else np.int32,
-                                     count=data.offset + n + 1)[data.offset:].tolist()
+        wide = pa.types.is_large_binary(data.type)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64 if wide else np.int32,
+                                     count=data.offset + len(data) + 1)[data.offset:].tolist()
         if values is not None and values.address % 8:
             # gRPC puts a message's body where it likes: one aligned copy of the whole
-            # column here costs less than a copy of every item in it (2 ms of 5.5 ms for
-            # 32 x 256 KiB)
-            # (numpy's, i.e. glibc's, memory: the store keeps these, and what glibc frees
-            # the housekeeping gives back; Arrow's mimalloc pool kept 1.2 GiB after a
-            # memory store holding 1 GiB of such items was emptied)
+            # column costs less than a copy of every item in it (2 ms of 5.5 ms for
+            # 32 x 256 KiB). It is numpy's (glibc's) memory, which the housekeeping gives
+            # back once freed; Arrow's mimalloc pool kept 1.2 GiB after a memory store
+            # holding 1 GiB of such items was emptied.
             values = pa.py_buffer(np.frombuffer(values, dtype=np.uint8).copy())
         self.values = values
         self.valid = data.is_valid().to_pylist() if data.null_count else None
@@ -141,28 +139,26 @@ class _BinaryColumn:
                 from None
 
 
-def _item_values(table: _WriteTable, batch: pa.RecordBatch, row: int,
-                 dtype_name: str | None, binary: _BinaryColumn | None = None,
-                 ) -> tuple[codec.DType, pa.Array]:
-    data = batch.column("data")
+def _item_values(batch: pa.RecordBatch, row: int, dtype_name: str | None,
+                 binary: _BinaryColumn | None) -> tuple[codec.DType, pa.Array]:
+    """One row's values: from ``binary`` (the raw-bytes form of the table), else from the
+    ``data`` column's list of values."""
     if binary is not None:
         buf = binary.row(row)
         if buf is None:
             raise InvalidArgument("item has no data (null)")
-    elif not data[row].is_valid:
-        raise InvalidArgument("item has no data (null)")
-    if table.binary:
         if dtype_name is None or dtype_name not in codec.DTYPES:
             raise InvalidArgument(
                 f"unsupported dtype {dtype_name!r:.80}; supported: {', '.join(codec.DTYPES)}"
             )
         dtype = codec.DTYPES[dtype_name]
-        if binary is None:
-            buf = data[row].as_buffer()
         if buf.address % dtype.itemsize:
-            buf = pa.py_buffer(buf.to_pybytes())  # misaligned in the upload: one copy
+            buf = pa.py_buffer(buf.to_pybytes())  # misaligned within the column: one copy
         return dtype, codec.raw_values(buf, dtype)
-    values = data[row].values
+    scalar = batch.column("data")[row]
+    if not scalar.is_valid:
+        raise InvalidArgument("item has no data (null)")
+    values = scalar.values
     if values is None:
         raise InvalidArgument("item has no data (null)")
     if values.null_count:
@@ -204,7 +200,7 @@ def write_items(store, batches: list[pa.RecordBatch], schema: pa.Schema) -> list
                 key = Key(protocol.validate_index_id(raw_id), protocol.validate_matrix_type(raw_type))
                 mtype = key.matrix_type
                 dtype, values = _item_values(
-                    table, batch, row, dtypes[row] if dtypes is not None else None, binary
+                    batch, row, dtypes[row] if dtypes is not None else None, binary
                 )
                 shape = (len(values),)
                 if shape_rows is not None and shape_rows[row] is not None:

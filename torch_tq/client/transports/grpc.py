@@ -160,4 +160,3 @@ class GrpcTransport:
                     0 if tensor.untyped_storage().data_ptr() == buf.address + start
                     else end - start)
             yield ItemResult(index_id, mtype, ok, code, message, tensor)
-
