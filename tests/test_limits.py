@@ -554,11 +554,14 @@ def test_a_memory_store_emptied_of_batch_items_gives_their_memory_back(unique_id
             for start in range(0, 1024, 32):
                 batch = {(unique_id + i, "it"): item for i in range(start, start + 32)}
                 assert all(r.success for r in client.put_many(batch, batch_items=32))
+        # Holding costs the bytes held plus a fixed part (the free fragments of the arenas
+        # of gRPC's threads), measured 35-67 MiB whatever is held; the bound, 1 GiB
+        # held in <= 1.15 GiB, allows 154 MiB of it, this test 96 MiB.
+        bound = (256 + 96) << 10
         deadline = time.monotonic() + 10
-        while (held := _rss_kib(srv.pid) - rss0) >= 1.25 * (256 << 10) and \
-                time.monotonic() < deadline:
+        while (held := _rss_kib(srv.pid) - rss0) >= bound and time.monotonic() < deadline:
             time.sleep(0.5)  # received buffers not kept are given back once it is quiet
-        assert held < 1.25 * (256 << 10), f"{held // 1024} MiB held for 256 MiB"
+        assert held < bound, f"{held // 1024} MiB held for 256 MiB"
         for i in range(1024):
             client.delete(unique_id + i)
         deadline = time.monotonic() + 10
