@@ -13,6 +13,11 @@ import pytest
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 import torch_tq  # noqa: E402
+from torch_tq._fork import preload_in_forkserver  # noqa: E402
+
+# The tests' own forkserver processes (ranks, DataLoader workers) start with torch loaded,
+# as loader()'s do: a worker that imports torch itself takes ~3 s here.
+preload_in_forkserver()
 
 
 @pytest.fixture(scope="session")

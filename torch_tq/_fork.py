@@ -37,3 +37,25 @@ def check_fork_safe() -> None:
             "processes: start them with 'spawn' or 'forkserver', or fork before the first "
             "torch_tq call"
         )
+
+
+# What a DataLoader worker imports anyway: a forkserver that holds them already hands each
+# worker a process with them loaded (importing torch takes seconds, in every worker of every
+# epoch otherwise). Importing opens no connection, so the forkserver stays free of gRPC.
+_WORKER_MODULES = ("torch", "torch.utils.data", "torch_tq.integrations.dataset")
+
+
+def preload_in_forkserver() -> None:
+    """Adds the modules a DataLoader worker needs to what the forkserver imports when it
+    starts (the modules it was told to preload are kept). Has no effect once this
+    process's forkserver runs."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is not None:
+        return
+    current = list(getattr(server, "_preload_modules", None) or ["__main__"])
+    missing = [m for m in _WORKER_MODULES if m not in current]
+    if missing:
+        multiprocessing.set_forkserver_preload(current + missing)

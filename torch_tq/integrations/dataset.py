@@ -25,6 +25,7 @@ import torch.utils.data
 from torch_tq.protocol import commands as protocol
 from torch_tq.protocol.groups import validate_group
 from torch_tq.client.client import Client
+from torch_tq._fork import preload_in_forkserver
 from torch_tq.errors import InvalidArgument
 from torch_tq.integrations.fixed import FixedSet
 from torch_tq.integrations.items import Items
@@ -311,6 +312,8 @@ class TQDataset(FixedSet, Items, torch.utils.data.IterableDataset):
             dataset.batch_size = int(batch_size)
         if num_workers:
             kwargs.setdefault("multiprocessing_context", "forkserver")
+            if kwargs["multiprocessing_context"] == "forkserver":
+                preload_in_forkserver()
             if self.group is not None:
                 kwargs.setdefault("in_order", False)
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size,
