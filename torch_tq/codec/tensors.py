@@ -12,6 +12,7 @@ This module knows nothing of the network or of files.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -66,6 +67,17 @@ def chunk_elements(dtype: DType, chunk_bytes: int) -> int:
 
 
 def wire_schema(dtype: DType, shape: tuple[int, ...], extra: dict[str, str] | None = None) -> pa.Schema:
+    if not extra:
+        return _plain_wire_schema(dtype, tuple(shape))
+    return _wire_schema(dtype, shape, extra)
+
+
+@functools.lru_cache(maxsize=1024)  # a pipeline sends a few shapes over and over
+def _plain_wire_schema(dtype: DType, shape: tuple[int, ...]) -> pa.Schema:
+    return _wire_schema(dtype, shape, None)
+
+
+def _wire_schema(dtype: DType, shape: tuple[int, ...], extra: dict[str, str] | None) -> pa.Schema:
     metadata = {SHAPE_KEY: json.dumps(list(shape)).encode(), DTYPE_KEY: dtype.name.encode()}
     for k, v in (extra or {}).items():
         metadata[k.encode()] = v.encode()

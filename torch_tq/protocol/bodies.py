@@ -118,5 +118,8 @@ def parse_empty_body(raw: bytes, what: str) -> None:
         raise InvalidArgument(f"{what} takes no fields")
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per call
+
+
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return _COMPACT.encode(obj).encode()

@@ -161,6 +161,10 @@ def parse_put_descriptor(descriptor: flight.FlightDescriptor) -> PutCommand:
     if descriptor.descriptor_type != flight.DescriptorType.CMD:
         raise InvalidArgument(f"{what}: unsupported descriptor type")
     body, action = _unwrap_envelope(parse_json_object(descriptor.command, what), what)
+    return _put_command(body, action, what)
+
+
+def _put_command(body: dict[str, Any], action: str | None, what: str) -> PutCommand:
     _check_action(action, WRITE_MATRIX, what)
     check_keys(body, _PUT_FIELDS, {"index_id", "matrix_type"}, what)
     key = Key(validate_index_id(body["index_id"]), validate_matrix_type(body["matrix_type"]))
@@ -289,15 +293,13 @@ def parse_get_ticket(raw: bytes, max_items: int = 0) -> ReadRequest | BatchReadC
 
 def parse_put_request(descriptor: flight.FlightDescriptor) -> PutCommand | BatchWriteCommand:
     """Parses any DoPut descriptor: a WriteMatrix or a BatchWrite ``{"action": "BatchWrite"}``."""
-    if descriptor.descriptor_type == flight.DescriptorType.CMD:
-        what = "BatchWrite command"
-        try:
-            body, action = _unwrap_envelope(parse_json_object(descriptor.command, what), what)
-        except InvalidArgument:
-            body, action = {}, None  # parse_put_descriptor reports it as a WriteMatrix
+    if descriptor.descriptor_type == flight.DescriptorType.CMD:  # parsed once, either way
+        what = "WriteMatrix command"  # what a command that does not parse was meant to be
+        body, action = _unwrap_envelope(parse_json_object(descriptor.command, what), what)
         if _spelling(action) == BATCH_WRITE:
-            check_keys(body, {"action"}, set(), what)
+            check_keys(body, {"action"}, set(), "BatchWrite command")
             return BatchWriteCommand()
+        return _put_command(body, action, what)
     return parse_put_descriptor(descriptor)
 
 

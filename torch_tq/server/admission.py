@@ -50,9 +50,9 @@ def admit(server, context, method: str, args) -> None:
     mw = context.get_middleware(MIDDLEWARE)
     if mw is None:  # no middleware: nothing could release the call, so nothing is admitted
         return
-    peer = context.peer()
+    peer = context.peer() or ""
+    host = peer_host(peer)
     client = client_identity(mw.headers, peer)
-    host = peer_host(peer or "")
     # a transfer over UCX draws on the client's UCX quota (the seed's 10,000/s)
     action = actions.lookup(args[0].type) if method == "do_action" and args else None
     ucx_call = action is not None and action.quota == "ucx"

@@ -424,6 +424,13 @@ class Limiter:
             }
 
 
+# Every call names its client and peer again: what they came to is kept (bounded), so a
+# call does not check the same id or split the same address anew.
+_KNOWN_IDS: dict = {}
+_KNOWN_PEERS: dict[str, str] = {}
+_KNOWN_MAX = 4096
+
+
 def client_identity(headers: dict, peer: str | None) -> str:
     """The quota key of a call: its ``x-tq-client-id`` header, else its peer's IP address.
 
@@ -433,17 +440,32 @@ def client_identity(headers: dict, peer: str | None) -> str:
     values = headers.get(CLIENT_ID_HEADER) or []
     if values:
         raw = values[0]
+        known = _KNOWN_IDS.get(raw)
+        if known is not None:
+            return known
         text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
         if not _CLIENT_ID_RE.fullmatch(text):
             raise InvalidArgument(
                 f"{CLIENT_ID_HEADER} must be 1-128 ASCII letters, digits or _.:@/+=-"
             )
-        return "id:" + text
+        if len(_KNOWN_IDS) >= _KNOWN_MAX:
+            _KNOWN_IDS.clear()
+        _KNOWN_IDS[raw] = known = "id:" + text
+        return known
     return "ip:" + peer_host(peer or "")
 
 
 def peer_host(peer: str) -> str:
     """``ipv4:127.0.0.1:5000`` -> ``127.0.0.1``; ``ipv6:[::1]:5000`` -> ``::1``."""
+    host = _KNOWN_PEERS.get(peer)
+    if host is None:
+        if len(_KNOWN_PEERS) >= _KNOWN_MAX:
+            _KNOWN_PEERS.clear()
+        host = _KNOWN_PEERS[peer] = _peer_host(peer)
+    return host
+
+
+def _peer_host(peer: str) -> str:
     rest = peer.split(":", 1)[1] if peer.startswith(("ipv4:", "ipv6:")) else peer
     if rest.startswith("["):
         return rest[1:].split("]", 1)[0]

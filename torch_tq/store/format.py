@@ -84,6 +84,9 @@ class Entry:
         }
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 class MatrixWriter:
     """Writes one matrix in the stored format to a sink: record batches of at most
     ``chunk_bytes``, each with the XXH3-64 digest of its values (when ``digests``), the last
@@ -148,7 +151,7 @@ class MatrixWriter:
         if piece is None:
             piece = pa.array([], type=self.dtype.arrow)
         nbytes = self.count * self.dtype.itemsize
-        trailer = json.dumps(
+        trailer = _COMPACT.encode(
             {
                 "format": 1,
                 "shape": list(shape),
@@ -159,7 +162,6 @@ class MatrixWriter:
                 "created_at": created,
                 "updated_at": stamp,
             },
-            separators=(",", ":"),
         ).encode()
         self._write(piece, trailer)  # also feeds the last piece to the hasher
         self._pending = None
