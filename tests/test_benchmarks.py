@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -195,3 +197,15 @@ def test_pipeline_benchmark_through_the_dataloader():
     assert "consumer DataLoader(TQDataset)" in lines[0] and "(byte-exact;" in lines[-2], lines
     assert re.fullmatch(r"ratio 4 KiB grpc: [0-9.]+x tcp, [0-9.]+x memcpy, [0-9]+ items/s",
                         lines[-1]), lines[-1]
+
+
+def test_call_floor_benchmark_tiny():
+    proc = _run("call_floor.py", "--calls", "20", "--runs", "1", "--warmup", "2", "--json")
+    figures = json.loads(proc.stdout.splitlines()[0])
+    for op in ("put", "get"):
+        for side in ("plain", "floor", "torch_tq"):
+            assert figures[f"{side}_{op}_ms"] > 0
+        assert figures[f"torch_tq_{op}_vs_plain"] == pytest.approx(
+            figures[f"torch_tq_{op}_ms"] / figures[f"plain_{op}_ms"], rel=1e-2)
+    assert re.search(r"^get: floor [0-9.]+x plain Flight, torch_tq [0-9.]+x plain Flight "
+                     r"\(target <= 1.2x\)$", proc.stdout, re.M), proc.stdout

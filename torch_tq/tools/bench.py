@@ -18,6 +18,7 @@ single calls are too short to time alone). ``benchmarks/roundtrip.py`` and
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import socket
@@ -102,23 +103,51 @@ class TcpBaseline:
 # ---------------------------------------------------------------------- plain Flight baseline
 
 
+class _KeepHeaders(flight.ServerMiddleware):
+    def __init__(self, headers: dict) -> None:
+        self.headers = headers
+
+    def call_completed(self, exception) -> None:
+        self.headers = None
+
+
+class _KeepHeadersFactory(flight.ServerMiddlewareFactory):
+    def start_call(self, info, headers):
+        return _KeepHeaders(headers)
+
+
 class _PlainServer(flight.FlightServerBase):
-    def __init__(self, location: str) -> None:
-        super().__init__(location)
+    """``floor``: the least any Python Flight server that knows its callers and
+    acknowledges what it stored can do: a middleware per call (the only way a handler sees
+    the call's headers) and, for a put, a JSON answer parsed from the command."""
+
+    def __init__(self, location: str, floor: bool = False) -> None:
+        kwargs = {"middleware": {"m": _KeepHeadersFactory()}} if floor else {}
+        super().__init__(location, **kwargs)
+        self.floor = floor
         self.tables: dict[bytes, pa.Table] = {}
 
     def do_put(self, context, descriptor, reader, writer):
-        self.tables[descriptor.command] = reader.read_all()
+        key = descriptor.command
+        if self.floor:
+            context.get_middleware("m")
+            key = json.dumps(json.loads(key), sort_keys=True).encode()
+        self.tables[key] = reader.read_all()
+        if self.floor:
+            writer.write(pa.py_buffer(json.dumps({"success": True, "message": "success"}).encode()))
 
     def do_get(self, context, ticket):
-        name, batch_bytes = ticket.ticket.split(b"|")
+        name, batch_bytes = ticket.ticket.rsplit(b"|", 1)
+        if self.floor:
+            context.get_middleware("m")
+            name = json.dumps(json.loads(name), sort_keys=True).encode()
         table = self.tables[name]
         rows = max(1, int(batch_bytes) // 4)
         return flight.RecordBatchStream(pa.Table.from_batches(table.to_batches(max_chunksize=rows)))
 
 
-def _plain_server(port_q) -> None:
-    server = _PlainServer("grpc://127.0.0.1:0")
+def _plain_server(port_q, floor: bool = False) -> None:
+    server = _PlainServer("grpc://127.0.0.1:0", floor)
     port_q.put(server.port)
     server.serve()
 
@@ -126,23 +155,28 @@ def _plain_server(port_q) -> None:
 class FlightBaseline:
     """A plain pyarrow.flight server in its own process that keeps what it is sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, floor: bool = False) -> None:
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        self.proc = ctx.Process(target=_plain_server, args=(q,), daemon=True)
+        self.proc = ctx.Process(target=_plain_server, args=(q, floor), daemon=True)
         self.proc.start()
         self.client = flight.FlightClient(f"grpc://127.0.0.1:{q.get(timeout=60)}")
+        self.floor = floor
+        self._name = b'{"m": 1}' if floor else b"m"
 
     def put(self, table: pa.Table, batch_bytes: int = BATCH_BYTES) -> None:
-        desc = flight.FlightDescriptor.for_command(b"m")
-        writer, _ = self.client.do_put(desc, table.schema)
+        desc = flight.FlightDescriptor.for_command(self._name)
+        writer, acks = self.client.do_put(desc, table.schema)
         writer.write_table(table, max_chunksize=max(1, batch_bytes // 4))
+        if self.floor:
+            writer.done_writing()
+            json.loads(acks.read().to_pybytes())
         writer.close()
 
     def get_read_all(self, batch_bytes: int = BATCH_BYTES):
         import torch
 
-        table = self.client.do_get(flight.Ticket(b"m|%d" % batch_bytes)).read_all()
+        table = self.client.do_get(flight.Ticket(self._name + b"|%d" % batch_bytes)).read_all()
         column = table.column(0)
         values = column.chunk(0).to_numpy() if column.num_chunks == 1 else column.to_numpy()
         return torch.from_numpy(values)
@@ -152,7 +186,7 @@ class FlightBaseline:
 
         dst = out.reshape(-1).view(torch.uint8).numpy()
         offset = 0
-        for chunk in self.client.do_get(flight.Ticket(b"m|%d" % batch_bytes)):
+        for chunk in self.client.do_get(flight.Ticket(self._name + b"|%d" % batch_bytes)):
             arr = chunk.data.column(0)
             src = np.frombuffer(arr.buffers()[1], np.uint8, len(arr) * 4, arr.offset * 4)
             dst[offset : offset + len(src)] = src
