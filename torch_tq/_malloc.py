@@ -47,6 +47,46 @@ def tune_malloc() -> bool:
     return _tuned
 
 
+# A server's arenas: what a memory store holds are gRPC's receive buffers, spread over
+# glibc's arenas. Once they are freed, malloc_trim gives back the free pages of every arena
+# except the top of each thread arena, which glibc shrinks only once it reaches the trim
+# threshold, 64 MiB above, and a thread arena is 64 MiB at most: so each kept up to 64 MiB
+# for good (memory.py: 114-196 MiB left above the baseline after deleting 1 GiB of
+# matrices). With two arenas 37-46 MiB were left (one arena: 8-9 MiB); the server's
+# Python runs under the GIL, and its gRPC threads allocate a buffer per message, so two
+# arenas are not contended.
+SERVER_ARENAS = 2
+
+
+ARENAS_ENV = "MALLOC_ARENA_MAX"
+
+
+def server_arenas_env() -> str | None:
+    """What a server process's environment should set ``MALLOC_ARENA_MAX`` to (glibc
+    reads it at start, before threads made arenas of their own); None where the user
+    set it, or ``TORCH_TQ_TUNE_MALLOC=0``."""
+    if os.environ.get("TORCH_TQ_TUNE_MALLOC", "1") == "0" or ARENAS_ENV in os.environ:
+        return None
+    return str(SERVER_ARENAS)
+
+
+def cap_arenas(arenas: int = SERVER_ARENAS) -> bool:
+    """Caps this server process at ``arenas`` glibc arenas from now on (the arenas its
+    threads made already stay; ``start_server`` and ``torch-tq serve`` set
+    ``MALLOC_ARENA_MAX`` in the server's environment instead). Skipped where the user set
+    ``MALLOC_ARENA_MAX``, where ``TORCH_TQ_TUNE_MALLOC=0``, and off glibc; never in a
+    client (a trainer's threads would contend for them). Returns whether it applied."""
+    if server_arenas_env() is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    m_arena_max = -8
+    return mallopt(m_arena_max, arenas) == 1
+
+
 def give_back_memory() -> None:
     """Returns freed memory to the system now: Arrow's pool's unused memory, then glibc's
     free pages in every arena (gRPC's receive buffers come from glibc, on many threads'

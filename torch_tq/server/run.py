@@ -21,7 +21,7 @@ from torch_tq._config import (
     parse_size,
     resolve,
 )
-from torch_tq._malloc import tune_malloc
+from torch_tq._malloc import cap_arenas, tune_malloc
 from torch_tq._version import __version__
 from torch_tq.errors import InvalidArgument, TQError, Unavailable
 from torch_tq.protocol import commands as protocol
@@ -70,6 +70,7 @@ def make_server(
     elif limit_options:
         raise InvalidArgument("pass either limits= or individual limit options, not both")
     tune_malloc()
+    cap_arenas()
     compression = protocol.validate_compression(resolve(compression, "COMPRESSION", None))
     same_host = resolve(same_host, "SAME_HOST", True, parse_bool)
     memory_cap = resolve(max_memory, "MAX_MEMORY", None, parse_size)

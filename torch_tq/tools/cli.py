@@ -29,13 +29,22 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
 
     from torch_tq._config import resolve
     from torch_tq.server.run import serve
+    from torch_tq._malloc import ARENAS_ENV, server_arenas_env
     from torch_tq.server.launch import ALLOCATOR_ENV, allocator_for
 
     wanted = allocator_for(resolve(args.storage, "STORAGE", "disk"))
+    again = False
     if ALLOCATOR_ENV not in os.environ and pa.default_memory_pool().backend_name != wanted:
         # pyarrow fixed its allocator when it loaded: start again (same process id) with the
         # one that suits this store (see server.allocator_for).
         os.environ[ALLOCATOR_ENV] = wanted
+        again = True
+    arenas = server_arenas_env()
+    if arenas and ARENAS_ENV not in os.environ:
+        # glibc reads it when the process starts, before any thread has made an arena
+        os.environ[ARENAS_ENV] = arenas
+        again = True
+    if again:
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "torch_tq", *argv])
 
