@@ -203,3 +203,27 @@ def test_result_rows_alignment_learning_gives_zero_copy(unique_id):
         assert c.stats["zero_copy_gets"] - before["zero_copy_gets"] == len(items)
         assert c.stats["copied_bytes"] == before["copied_bytes"]
 
+
+
+def test_batch_write_data_lands_aligned_once_the_client_knows_the_pad(bc, unique_id):
+    """The server tells the client how much app_metadata puts a BatchWrite's data 8-byte
+    aligned in its receive buffer; from the second call on, it keeps the items without
+    copying them (Stats: realigned_bytes)."""
+    items = {(unique_id + i, "aligned"): _tensor("float32", (128, 128), i) for i in range(8)}
+    copied = []
+    for _ in range(3):
+        before = bc.server_stats()["realigned_bytes"]
+        assert all(r.success for r in bc.put_many(items, batch_items=8))
+        copied.append(bc.server_stats()["realigned_bytes"] - before)
+    assert copied[1:] == [0, 0], copied
+    for (key, want), got in zip(items.items(), bc.get_many(list(items))):
+        assert torch.equal(got.tensor, want), key
+    # a client that sends no such metadata is stored as well (and copied when misaligned)
+    fc = flight.FlightClient(bc.location)
+    table = pa.table({"index_id": pa.array([unique_id + 100], pa.uint64()),
+                      "matrix_type": ["plain"], "dtype": ["float32"],
+                      "data": pa.array([_bits(torch.arange(1000.0)).numpy().tobytes()],
+                                       pa.binary())})
+    reply = _batch_write(fc, table)
+    assert reply["results"][0]["success"] and "pad" not in reply
+    assert torch.equal(bc.get(unique_id + 100, "plain"), torch.arange(1000.0))

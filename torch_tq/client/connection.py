@@ -217,14 +217,18 @@ class Connection:
 
     def upload(self, conn: flight.FlightClient, descriptor, schema, batches, what: str,
                compression: str | None = None) -> dict:
-        """One DoPut: streams ``batches`` and returns the server's JSON acknowledgement."""
+        """One DoPut: streams ``batches`` (record batches, or ``(batch, app_metadata)``
+        pairs) and returns the server's JSON acknowledgement."""
         options = self.options(write_options=packing.ipc_options(compression))
         ack = None
         with flight_errors(what):
             writer, acks = conn.do_put(descriptor, schema, options)
             try:
                 for batch in batches:
-                    writer.write_batch(batch)
+                    if isinstance(batch, tuple):
+                        writer.write_with_metadata(*batch)
+                    else:
+                        writer.write_batch(batch)
                 writer.done_writing()
                 ack = acks.read()
             finally:

@@ -149,6 +149,7 @@ class TQFlightServer(flight.FlightServerBase):
         lim = self.limits
         batches = []
         rows = held = 0
+        pad = None
         for chunk in codec.chunks(reader):
             rows += chunk.data.num_rows
             held += chunk.data.nbytes
@@ -167,10 +168,14 @@ class TQFlightServer(flight.FlightServerBase):
                     "nothing was stored"
                 )
             batches.append(chunk.data)
+            if pad is None:
+                pad = batch_ops.aligning_pad(chunk)
         if context.is_cancelled():
             raise Unavailable("BatchWrite was cancelled by the client: nothing was stored")
-        results = batch_ops.write_items(self.store, batches, reader.schema)
+        results = batch_ops.write_items(self.store, batches, reader.schema, self.stats)
         reply = protocol.ok(results=results)
+        if pad is not None:
+            reply["pad"] = pad
         writer.write(pa.py_buffer(protocol.dumps(reply)))
 
     # ------------------------------------------------------------------ reads

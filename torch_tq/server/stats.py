@@ -21,6 +21,7 @@ class ServerStats:
         self.errors: dict[str, int] = {}
         self.bytes_in = 0
         self.bytes_out = 0
+        self.realigned_bytes = 0  # BatchWrite data copied because it arrived misaligned
         self.active = 0
         self.peak_active = 0
 
@@ -46,6 +47,10 @@ class ServerStats:
             self.bytes_in += received
             self.bytes_out += sent
 
+    def add_realigned(self, nbytes: int) -> None:
+        with self._lock:
+            self.realigned_bytes += nbytes
+
     def count(self, name: str) -> None:
         with self._lock:
             self.calls[name] = self.calls.get(name, 0) + 1
@@ -57,6 +62,7 @@ class ServerStats:
                 "errors": dict(sorted(self.errors.items())),
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out,
+                "realigned_bytes": self.realigned_bytes,
                 "active_calls": self.active,
                 "peak_active_calls": self.peak_active,
             }

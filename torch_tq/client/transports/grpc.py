@@ -37,6 +37,7 @@ class GrpcTransport:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self._pad = 0  # learnt: app_metadata padding that aligns BatchRead items
+        self._write_pad: dict[int, int] = {}  # and BatchWrite's, per size class of a batch
 
     def put(self, conn, key: Key, dtype: codec.DType, shape: tuple[int, ...], flat,
             compression: str | None = None) -> None:
@@ -74,8 +75,17 @@ class GrpcTransport:
         descriptor = flight.FlightDescriptor.for_command(
             protocol.dumps({"action": protocol.BATCH_WRITE}))
         what = f"BatchWrite of {len(group)} items"
-        reply = self.connection.upload(conn, descriptor, table.schema, [table], what,
-                                       self.connection.compression)
+        # pad + 1 bytes of app_metadata before the batch, the pad the server last said puts
+        # its data 8-byte aligned there (it then keeps the items without copying them); it
+        # depends on how many bytes the length of the message's body takes
+        size_class = (table.nbytes.bit_length() + 6) // 7
+        pad = self._write_pad.get(size_class, 0)
+        reply = self.connection.upload(conn, descriptor, table.schema,
+                                       [(table, pa.py_buffer(b"\0" * (pad + 1)))],
+                                       what, self.connection.compression)
+        hint = reply.get("pad")
+        if isinstance(hint, int) and 0 <= hint < 8:
+            self._write_pad[size_class] = hint
         if len(reply.get("results", ())) != len(group):
             raise InternalError(
                 f"{what}: the server answered for {len(reply.get('results', ()))} items")
