@@ -27,9 +27,9 @@ def write_batch_of(group: list) -> pa.RecordBatch:
     n = len(group)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum([flat.nbytes for *_, flat in group], out=offsets[1:])
-    data = np.empty(int(offsets[-1]), dtype=np.uint8)
-    for (_, _, _, _, flat), start, end in zip(group, offsets[:-1], offsets[1:]):
-        data[start:end] = flat.view(np.uint8).reshape(-1)
+    # one C loop over the items (a slice assignment each cost ~0.5 ms more per 8 MiB)
+    data = np.concatenate([flat.view(np.uint8).reshape(-1) for *_, flat in group]) if n else \
+        np.empty(0, dtype=np.uint8)
     return pa.RecordBatch.from_arrays(
         [
             pa.array([key.index_id for _, key, *_ in group], pa.uint64()),
