@@ -11,6 +11,16 @@ _tuned: bool | None = None  # once per process
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
+def _mallopt():
+    """glibc's ``mallopt``, or None off glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return mallopt
+
+
 def tune_malloc() -> bool:
     """Keeps glibc from handing gRPC's receive buffers back to the kernel after every message.
 
@@ -30,11 +40,9 @@ def tune_malloc() -> bool:
     _tuned = False
     if os.environ.get("TORCH_TQ_TUNE_MALLOC", "1") == "0" or any(k in os.environ for k in _MALLOC_ENV):
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
     _tuned = all(
         mallopt(param, value) == 1
@@ -78,11 +86,9 @@ def cap_arenas(arenas: int = SERVER_ARENAS) -> bool:
     client (a trainer's threads would contend for them). Returns whether it applied."""
     if server_arenas_env() is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     m_arena_max = -8
     return mallopt(m_arena_max, arenas) == 1
 
