@@ -69,11 +69,12 @@ SERVER_ARENAS = 2
 ARENAS_ENV = "MALLOC_ARENA_MAX"
 
 
-def server_arenas_env() -> str | None:
-    """What a server process's environment should set ``MALLOC_ARENA_MAX`` to (glibc
-    reads it at start, before threads made arenas of their own); None where the user
-    set it, or ``TORCH_TQ_TUNE_MALLOC=0``."""
-    if os.environ.get("TORCH_TQ_TUNE_MALLOC", "1") == "0" or ARENAS_ENV in os.environ:
+def server_arenas_env(env=None) -> str | None:
+    """What a server process's environment ``env`` (default this process's) should set
+    ``MALLOC_ARENA_MAX`` to (glibc reads it at start, before threads made arenas of their
+    own); None where it sets it already, or ``TORCH_TQ_TUNE_MALLOC=0``."""
+    env = os.environ if env is None else env
+    if env.get("TORCH_TQ_TUNE_MALLOC", "1") == "0" or ARENAS_ENV in env:
         return None
     return str(SERVER_ARENAS)
 

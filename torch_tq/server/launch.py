@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from torch_tq._malloc import ARENAS_ENV, SERVER_ARENAS
+from torch_tq._malloc import ARENAS_ENV, server_arenas_env
 from torch_tq.errors import ERROR_CLASSES, Unavailable
 
 _LISTENING = re.compile(r"listening on (grpc://\S+)")
@@ -157,8 +157,9 @@ def start_server(
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     child_env.setdefault(ALLOCATOR_ENV, allocator_for(storage))
-    if child_env.get("TORCH_TQ_TUNE_MALLOC", "1") != "0":  # see torch_tq._malloc
-        child_env.setdefault(ARENAS_ENV, str(SERVER_ARENAS))
+    arenas = server_arenas_env(child_env)
+    if arenas:
+        child_env[ARENAS_ENV] = arenas
     proc = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=child_env,
         start_new_session=True,

@@ -40,7 +40,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         os.environ[ALLOCATOR_ENV] = wanted
         again = True
     arenas = server_arenas_env()
-    if arenas and ARENAS_ENV not in os.environ:
+    if arenas:
         # glibc reads it when the process starts, before any thread has made an arena
         os.environ[ARENAS_ENV] = arenas
         again = True
