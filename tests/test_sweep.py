@@ -63,6 +63,9 @@ def _action_bases() -> dict[str, dict]:
                    "dtype": "float32", "nbytes": 0, "parts": []},
         "LocalInfo": {"host_id": "0" * 32},
         "PublishLocal": {**ids, "file": "0" * 32 + ".arrow"},
+        "PublishLocalBatch": {"file": "0" * 32 + ".pack", "items": [
+            {**ids, "dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}]},
+        "LocateLocal": {"items": [ids]},
     }
 
 

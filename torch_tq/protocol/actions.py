@@ -110,6 +110,14 @@ ACTIONS: dict[str, Action] = {a.name: a for a in (
     Action(c.PUBLISH_LOCAL, 'Check and publish a matrix file a same-host client staged: '
            '{"index_id": N, "matrix_type": "prompt", "file": "<32 hex>.arrow"}',
            transfers.parse_publish_local_body),
+    Action(c.PUBLISH_LOCAL_BATCH, 'Check and publish many matrices a same-host client staged '
+           'in one shared-memory file (memory store): {"file": "<32 hex>.pack", "items": '
+           '[{"index_id", "matrix_type", "dtype", "shape", "offset", "nbytes"}, ...]}; answers '
+           'a result per item, as BatchWrite', transfers.parse_publish_local_batch_body),
+    Action(c.LOCATE_LOCAL, 'Where same-host readers find items in shared memory: {"items": '
+           '[{"index_id", "matrix_type"}, ...]}; answers, per item, its file, offset, dtype '
+           'and shape, or that it is held elsewhere, or its error',
+           transfers.parse_locate_local_body),
 )}
 
 # The commands that carry matrices, and so travel as Flight streams rather than actions.

@@ -69,6 +69,8 @@ UCX_GET = "UcxGet"
 UCX_PUT = "UcxPut"
 LOCAL_INFO = "LocalInfo"
 PUBLISH_LOCAL = "PublishLocal"
+PUBLISH_LOCAL_BATCH = "PublishLocalBatch"
+LOCATE_LOCAL = "LocateLocal"
 BATCH_WRITE = "BatchWrite"  # a DoPut whose stream is a table of items
 BATCH_READ = "BatchRead"  # a DoGet whose stream is a table of results
 
@@ -240,7 +242,7 @@ DEFAULT_MAX_INLINE_BYTES = 256 << 20
 MAX_INLINE_BYTES = 1 << 30  # one Arrow record batch stays well under 2 GiB
 
 
-def _batch_item(item: Any, pos: int) -> Key | BadItem:
+def batch_item(item: Any, pos: int) -> Key | BadItem:
     if not isinstance(item, dict):
         return BadItem(None, None, InvalidArgument(f"item {pos} must be a JSON object"))
     raw_id, raw_type = item.get("index_id"), item.get("matrix_type", item.get("type"))
@@ -280,7 +282,7 @@ def parse_get_ticket(raw: bytes, max_items: int = 0) -> ReadRequest | BatchReadC
             )
         inline = validate_int(body.get("max_inline_bytes", DEFAULT_MAX_INLINE_BYTES),
                                "max_inline_bytes", 0, MAX_INLINE_BYTES)
-        return BatchReadCommand(tuple(_batch_item(it, i) for i, it in enumerate(items)), inline,
+        return BatchReadCommand(tuple(batch_item(it, i) for i, it in enumerate(items)), inline,
                                 validate_compression(body.get("compression")),
                                 validate_int(body.get("pad", 0), "pad", 0, 63))
     if len(raw) > MAX_COMMAND_BYTES:

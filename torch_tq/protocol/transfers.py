@@ -1,19 +1,39 @@
 """The bodies of the fast paths' control actions: UcxGet/UcxPut (a UCX transfer's key,
-lanes, tag and parts) and LocalInfo/PublishLocal (same-host access)."""
+lanes, tag and parts) and LocalInfo/PublishLocal/PublishLocalBatch/LocateLocal (same-host
+access)."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch_tq.errors import InvalidArgument
 from torch_tq.model import DTYPES, Key, validate_index_id, validate_matrix_type, validate_shape
 from torch_tq.protocol.bodies import check_keys, parse_json_object, validate_int
-from torch_tq.protocol.commands import UCX_GET, UCX_PUT
+from torch_tq.protocol.commands import (
+    MAX_BATCH_TICKET_BYTES,
+    UCX_GET,
+    UCX_PUT,
+    BadItem,
+    batch_item,
+)
 
 _HEX64_RE = re.compile(r"[0-9a-f]{16}", re.ASCII)
 _HOST_ID_RE = re.compile(r"[0-9a-f]{32}", re.ASCII)
 _STAGED_RE = re.compile(r"[0-9a-f]{32}\.arrow", re.ASCII)
+_PACK_RE = re.compile(r"[0-9a-f]{32}\.pack", re.ASCII)
+PACK_ALIGN = 64  # every item of a staged pack starts at a multiple of this offset
+MAX_PACK_ITEMS = 1 << 16  # items one PublishLocalBatch/LocateLocal body may name at all
+
+
+class PackItem(NamedTuple):
+    """One item of a staged pack: its key, and where its raw element bytes lie."""
+
+    key: Key
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
 
 
 def parse_local_info_body(raw: bytes) -> str:
@@ -34,6 +54,64 @@ def parse_publish_local_body(raw: bytes) -> tuple[Key, str]:
     if not isinstance(body["file"], str) or not _STAGED_RE.fullmatch(body["file"]):
         raise InvalidArgument("file must be a staged file name: 32 hex digits + '.arrow'")
     return key, body["file"]
+
+
+def _items(body: dict, what: str) -> list:
+    items = body["items"]
+    if not isinstance(items, list):
+        raise InvalidArgument(f"{what}: items must be a list of objects")
+    if len(items) > MAX_PACK_ITEMS:
+        raise InvalidArgument(f"{what}: {len(items)} items; at most {MAX_PACK_ITEMS}")
+    return items
+
+
+def _pack_item(item: Any, pos: int) -> PackItem | BadItem:
+    """One item of a PublishLocalBatch body; a bad one fails alone (as in a BatchWrite)."""
+    if not isinstance(item, dict):
+        return BadItem(None, None, InvalidArgument(f"item {pos} must be a JSON object"))
+    fields = {"index_id", "matrix_type", "dtype", "shape", "offset", "nbytes"}
+    key = batch_item({k: item[k] for k in ("index_id", "matrix_type") if k in item}, pos)
+    if isinstance(key, BadItem):
+        return key
+    try:
+        check_keys(item, fields, fields, f"item {pos}")
+        dtype = item["dtype"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise InvalidArgument(f"unsupported dtype {dtype!r:.40}; supported: "
+                                  f"{', '.join(DTYPES)}")
+        shape = validate_shape(item["shape"])
+        offset = validate_int(item["offset"], "offset", 0, 2**62)
+        nbytes = validate_int(item["nbytes"], "nbytes", 0, 2**62)
+        if offset % PACK_ALIGN:
+            raise InvalidArgument(f"offset {offset} is not a multiple of {PACK_ALIGN}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * DTYPES[dtype].itemsize != nbytes:
+            raise InvalidArgument(f"shape {list(shape)} of {dtype} holds "
+                                  f"{numel * DTYPES[dtype].itemsize} bytes, nbytes is {nbytes}")
+    except InvalidArgument as e:
+        return BadItem(key.index_id, key.matrix_type, e)
+    return PackItem(key, dtype, shape, offset, nbytes)
+
+
+def parse_publish_local_batch_body(raw: bytes) -> tuple[str, list[PackItem | BadItem]]:
+    """``{"file": "<32 hex>.pack", "items": [{index_id, matrix_type, dtype, shape, offset,
+    nbytes}, ...]}``: the staged pack and where each item lies in it."""
+    what = "PublishLocalBatch body"
+    body = parse_json_object(raw, what, MAX_BATCH_TICKET_BYTES)
+    check_keys(body, {"file", "items"}, {"file", "items"}, what)
+    if not isinstance(body["file"], str) or not _PACK_RE.fullmatch(body["file"]):
+        raise InvalidArgument("file must be a staged pack's name: 32 hex digits + '.pack'")
+    return body["file"], [_pack_item(it, i) for i, it in enumerate(_items(body, what))]
+
+
+def parse_locate_local_body(raw: bytes) -> list[Key | BadItem]:
+    """``{"items": [{index_id, matrix_type}, ...]}``: the items to find in shared memory."""
+    what = "LocateLocal body"
+    body = parse_json_object(raw, what, MAX_BATCH_TICKET_BYTES)
+    check_keys(body, {"items"}, {"items"}, what)
+    return [batch_item(it, i) for i, it in enumerate(_items(body, what))]
 
 
 def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:

@@ -78,6 +78,9 @@ HANDLERS: dict[str, Handler] = {
     protocol.UCX_PUT: lambda server, req: server.ucx.put(req),
     protocol.LOCAL_INFO: lambda server, host: server.same_host.info(host),
     protocol.PUBLISH_LOCAL: lambda server, args: server.same_host.publish(*args),
+    protocol.PUBLISH_LOCAL_BATCH: lambda server, args: server.same_host.publish_batch(
+        *args, server.limits, server.limiter),
+    protocol.LOCATE_LOCAL: lambda server, items: server.same_host.locate(items, server.limits),
 }
 
 

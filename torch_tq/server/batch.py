@@ -62,6 +62,28 @@ def _unexpected(e: BaseException, where: str) -> InternalError:
 # --------------------------------------------------------------------------- BatchWrite
 
 
+def check_batch_limits(lim, limiter, rows: int, nbytes: int, what: str) -> None:
+    """Refuses a batch call (``what``) of more items or bytes than the limits ``lim``
+    allow, counting the refusal in ``limiter``.
+
+    Raises:
+        InvalidArgument: over ``max_batch_items`` or ``max_batch_bytes``; nothing stored.
+    """
+    if lim.max_batch_items and rows > lim.max_batch_items:
+        limiter.count_rejection("batch_items")
+        raise InvalidArgument(
+            f"{what} of more than {lim.max_batch_items} items; the limit is "
+            f"{lim.max_batch_items} per call (split the batch): nothing was stored"
+        )
+    if lim.max_batch_bytes and nbytes > lim.max_batch_bytes:
+        limiter.count_rejection("batch_bytes")
+        raise InvalidArgument(
+            f"{what} of more than {lim.max_batch_bytes} bytes; the limit is "
+            f"{lim.max_batch_bytes} per call (send large matrices with WriteMatrix): "
+            "nothing was stored"
+        )
+
+
 class _WriteTable:
     """The columns of a BatchWrite upload, checked once for the whole call."""
 
@@ -235,17 +257,49 @@ def write_items(store, batches: list[pa.RecordBatch], schema: pa.Schema,
                             f"shape {list(shape)} holds {codec.numel(shape)} elements, data has "
                             f"{len(values)}"
                         )
-                session = store.begin_put(key, dtype, len(values))
-                try:
-                    session.append(values)
-                    session.commit(shape)
-                finally:
-                    session.abort()
+                _store(store, key, dtype, values, shape)
                 results.append(_ok(key))
             except TQError as e:
                 results.append(_failed(index_id, mtype, e))
             except Exception as e:  # one item's failure must not fail the others
                 results.append(_failed(index_id, mtype, _unexpected(e, "BatchWrite item")))
+    return results
+
+
+def _store(store, key: Key, dtype: codec.DType, values: pa.Array, shape, pack=None) -> None:
+    session = store.begin_put(key, dtype, len(values), pack=pack)
+    try:
+        session.append(values)
+        session.commit(shape)
+    finally:
+        session.abort()
+
+
+def write_pack(store, pack, items: list) -> list[dict]:
+    """Stores every item of a same-host pack (PublishLocalBatch, a
+    :class:`~torch_tq.store.memory.Pack`) on its own, each a slice of the pack's mapping;
+    a result per item, as :func:`write_items` gives."""
+    buffer = pack.buffer
+    results: list[dict] = []
+    for item in items:
+        if isinstance(item, BadItem):
+            results.append(_failed(item.index_id, item.matrix_type, item.error))
+            continue
+        key = item.key
+        try:
+            end = item.offset + item.nbytes
+            if end > buffer.size:
+                raise InvalidArgument(f"item's bytes [{item.offset}, {end}) lie outside the "
+                                      f"{buffer.size} bytes of the pack")
+            dtype = codec.DTYPES[item.dtype]
+            values = codec.raw_values(buffer.slice(item.offset, item.nbytes), dtype)
+            _store(store, key, dtype, values, item.shape, (pack, item.offset))
+            results.append(_ok(key))
+        except TQError as e:
+            results.append(_failed(key.index_id, key.matrix_type, e))
+        except Exception as e:  # one item's failure must not fail the others
+            results.append(_failed(key.index_id, key.matrix_type,
+                                   _unexpected(e, "PublishLocalBatch item")))
     return results
 
 

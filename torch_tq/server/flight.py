@@ -154,19 +154,7 @@ class TQFlightServer(flight.FlightServerBase):
             rows += chunk.data.num_rows
             held += chunk.data.nbytes
             self.stats.add_bytes(received=chunk.data.nbytes)
-            if lim.max_batch_items and rows > lim.max_batch_items:
-                self.limiter.count_rejection("batch_items")
-                raise InvalidArgument(
-                    f"BatchWrite of more than {lim.max_batch_items} items; the limit is "
-                    f"{lim.max_batch_items} per call (split the batch): nothing was stored"
-                )
-            if lim.max_batch_bytes and held > lim.max_batch_bytes:
-                self.limiter.count_rejection("batch_bytes")
-                raise InvalidArgument(
-                    f"BatchWrite of more than {lim.max_batch_bytes} bytes; the limit is "
-                    f"{lim.max_batch_bytes} per call (send large matrices with WriteMatrix): "
-                    "nothing was stored"
-                )
+            batch_ops.check_batch_limits(lim, self.limiter, rows, held, "BatchWrite")
             batches.append(chunk.data)
             if pad is None:
                 pad = batch_ops.aligning_pad(chunk)

@@ -10,11 +10,15 @@ import stat
 import time
 import uuid
 
-from torch_tq.errors import InvalidArgument
+from torch_tq.errors import InvalidArgument, TQError
 from torch_tq.model import Key
 from torch_tq.protocol import commands as protocol
+from torch_tq.protocol.commands import BadItem
+from torch_tq.protocol.transfers import PackItem
+from torch_tq.server import batch
 from torch_tq.store.engine import Store
-from torch_tq.store.memory import FREE_PREFIX, STAGING, unshared
+from torch_tq.store.errors import io_error
+from torch_tq.store.memory import FREE_PREFIX, PACKS, STAGING, unshared
 from torch_tq.transport import same_host as local
 
 log = logging.getLogger(__name__)
@@ -56,10 +60,62 @@ class SameHostService:
             raise
         return protocol.ok(index_id=key.index_id, matrix_type=key.matrix_type, **entry.describe())
 
+    def _packs_here(self, what: str) -> None:
+        if self.probe is None or self.store.storage != "memory":
+            raise InvalidArgument(f"this server takes no {what}: only a memory store's "
+                                  "same-host clients share packs")
+
+    def publish_batch(self, staged: str, items: list, limits, limiter) -> dict:
+        """Checks the pack a client staged as ``staged`` and publishes each of its items
+        (a slice of the pack, no copy); a result per item, as BatchWrite."""
+        path = os.path.join(self.root, local.STAGING, staged)
+        try:
+            self._packs_here("same-host batches")
+            nbytes = sum(item.nbytes for item in items if isinstance(item, PackItem))
+            batch.check_batch_limits(limits, limiter, len(items), nbytes, "PublishLocalBatch")
+            try:
+                pack = self.store.backend.take_pack(path)
+            except OSError as e:
+                raise io_error(e, "publish a same-host batch") from None
+        except BaseException:
+            local.discard(path)  # refused: a staged file is garbage once answered
+            raise
+        return protocol.ok(results=batch.write_pack(self.store, pack, items))
+
+    def locate(self, items: list, limits) -> dict:
+        """Where same-host readers find each of ``items``: ``file`` (under the store's
+        root) and ``offset``, with ``dtype`` and ``shape``; ``shared: false`` for one held
+        where they cannot map it (read it over gRPC); or its error."""
+        self._packs_here("LocateLocal")
+        if limits.max_batch_items and len(items) > limits.max_batch_items:
+            raise InvalidArgument(f"LocateLocal of {len(items)} items; the limit is "
+                                  f"{limits.max_batch_items} per call (split the batch)")
+        rows = []
+        for item in items:
+            if isinstance(item, BadItem):
+                rows.append(_failed(item.error))
+                continue
+            try:
+                entry, where = self.store.locate(item)
+            except TQError as e:
+                rows.append(_failed(e))
+                continue
+            if where is None:
+                rows.append({"success": True, "shared": False})
+            else:
+                rows.append({"success": True, "shared": True, "file": f"{PACKS}/{where[0]}",
+                             "offset": where[1], "dtype": entry.dtype,
+                             "shape": list(entry.shape)})
+        return protocol.ok(items=rows)
+
     def sweep(self, max_age_s: float) -> None:
         """Removes staged files older than ``max_age_s`` (their clients are gone)."""
         if self.probe is not None:
             _sweep_staging(self.root, max_age_s)
+
+
+def _failed(error: TQError) -> dict:
+    return {"success": False, "code": error.code, "message": error.message}
 
 
 def _prepare_dir(root: str) -> str:

@@ -161,10 +161,12 @@ class Store(Catalog):
         dtype: codec.DType,
         expected_numel: int | None = None,
         xxh3: str | None = None,
+        pack: tuple | None = None,
     ) -> PutSession:
         """Starts an upload; nothing is visible until :meth:`PutSession.commit`. A declared
         size is checked against the limits, the free space and (memory store) the capacity
-        before any byte is taken.
+        before any byte is taken. ``pack``: ``(Pack, offset)`` when the values to come are
+        that pack's bytes from ``offset`` on (a memory store's same-host batch).
 
         Raises:
             InvalidArgument: over the per-matrix limit.
@@ -178,10 +180,13 @@ class Store(Catalog):
             self.reserve(key, nbytes)
             reserved = nbytes
         try:
-            return PutSession(self, key, dtype, expected_numel, xxh3, reserved)
+            session = PutSession(self, key, dtype, expected_numel, xxh3, reserved)
         except BaseException:
             self.unreserve(reserved)
             raise
+        if pack is not None:
+            session._sink.pack = pack
+        return session
 
     def reserve(self, key: Key, nbytes: int) -> None:
         """Counts ``nbytes`` of an upload in flight against a memory store's capacity.
@@ -313,6 +318,18 @@ class Store(Catalog):
         return deleted
 
     # ------------------------------------------------------------------ reads
+
+    def locate(self, key: Key) -> tuple[Entry, tuple[str, int] | None]:
+        """The entry of ``key`` and, when its values lie in one of a memory store's shared
+        packs, ``(pack name, offset)`` (else None); the two of one version.
+
+        Raises:
+            NotFound: no such matrix.
+        """
+        locate = getattr(self.backend, "locate", None)
+        with self._stripe(key.index_id):  # what a put publishes, it publishes under it
+            entry = self.get(key)
+            return entry, locate(key) if locate is not None else None
 
     def open(self, key: Key) -> MatrixReader:
         """Opens the current version of ``key`` for streaming.

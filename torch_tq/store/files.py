@@ -162,6 +162,49 @@ def _quiet_lease(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
 
 
+def take_staged(path: str, dest: str, what: str) -> tuple[int, os.stat_result]:
+    """Takes over a file a same-host client staged at ``path``: checks it (see
+    :class:`StagedFile`) and renames it to the server's own name ``dest``; returns the
+    descriptor it was checked through (read-only) and its ``stat``.
+
+    Raises:
+        InvalidArgument: the file is not one the server may publish (``dest`` unused).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidArgument(f"{what} is missing") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InvalidArgument(f"{what} is a symbolic link: stage the file itself") \
+                from None
+        raise InvalidArgument(f"{what} cannot be opened ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument(f"{what} is not a regular file")
+        if st.st_nlink != 1:
+            raise InvalidArgument(f"{what} has {st.st_nlink} links: stage a file of its own")
+        if st.st_uid != os.geteuid():
+            raise InvalidArgument(f"{what} belongs to another user")
+        if st.st_size == 0:
+            raise InvalidArgument(f"{what} is empty")
+        if _open_for_writing(fd):
+            raise InvalidArgument(f"{what} is still open for writing: close it first")
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            raise InvalidArgument(f"{what} went away while being published") from None
+        moved = os.lstat(dest)
+        if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
+            _unlink_quietly(dest)  # the client swapped the name: not the file checked
+            raise InvalidArgument(f"{what} was replaced while being published")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 class StagedFile:
     """A file a same-host client staged, taken over by the server to check and publish.
 
@@ -179,37 +222,11 @@ class StagedFile:
 
     def __init__(self, path: str, dest: str, key: Key) -> None:
         what = f"staged file for {key}"
+        fd, st = take_staged(path, dest, what)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise InvalidArgument(f"{what} is missing") from None
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise InvalidArgument(f"{what} is a symbolic link: stage the file itself") \
-                    from None
-            raise InvalidArgument(f"{what} cannot be opened ({e.strerror})") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise InvalidArgument(f"{what} is not a regular file")
-            if st.st_nlink != 1:
-                raise InvalidArgument(f"{what} has {st.st_nlink} links: stage a file of its own")
-            if st.st_uid != os.geteuid():
-                raise InvalidArgument(f"{what} belongs to another user")
-            if st.st_size == 0:
-                raise InvalidArgument(f"{what} is empty")
-            if _open_for_writing(fd):
-                raise InvalidArgument(f"{what} is still open for writing: close it first")
-            try:
-                os.rename(path, dest)
-            except FileNotFoundError:
-                raise InvalidArgument(f"{what} went away while being published") from None
-            moved = os.lstat(dest)
-            if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
-                _unlink_quietly(dest)  # the client swapped the name: not the file checked
-                raise InvalidArgument(f"{what} was replaced while being published")
             self._mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except BaseException:
+            _unlink_quietly(dest)
             os.close(fd)
             raise
         self.fd = fd

@@ -4,19 +4,22 @@ files, the staging directory."""
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import logging
+import mmap
 import os
 import shutil
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 
 import pyarrow as pa
 
 from torch_tq.model import Key, not_found
-from torch_tq.store.files import StagedFile, _quiet_lease
+from torch_tq.store.files import StagedFile, _quiet_lease, take_staged
 from torch_tq.store.format import OBJECTS, object_path
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,8 @@ class _Batches:
     def __init__(self, schema: pa.Schema) -> None:
         self.schema = schema
         self.items: list[tuple[pa.RecordBatch, dict]] = []
+        # (Pack, offset) when the values are that pack's bytes from offset on
+        self.pack: tuple[Pack, int] | None = None
 
     @property
     def num_record_batches(self) -> int:
@@ -47,6 +52,17 @@ class _Batches:
 
     def close(self) -> None:
         pass
+
+
+class Pack:
+    """A published pack (:meth:`MemoryBackend.take_pack`): its name in ``packs/`` and the
+    server's read-only mapping of it, which lives as long as a buffer over it does."""
+
+    __slots__ = ("name", "buffer")
+
+    def __init__(self, name: str, buffer: pa.Buffer) -> None:
+        self.name = name
+        self.buffer = buffer
 
 
 _AVAILABLE_TTL_S = 0.05
@@ -78,6 +94,7 @@ def _read_available_memory() -> int:
 
 
 STAGING = "staging"  # where same-host clients write files for the server to publish
+PACKS = "packs"  # published packs: many same-host items in one file (PublishLocalBatch)
 FREE_PREFIX = "free-"  # a recycled file in the staging directory: free-<size>-<ns>-<random>
 RECYCLE_MIN_BYTES = 1 << 20  # smaller files cost little to write fresh: not kept
 
@@ -233,8 +250,13 @@ class MemoryBackend:
         self._shared: set[Key] = set()  # keys whose current version is a file there
         self.pool: RecyclePool | None = None
         self._stop = threading.Event()
+        # the live packs' mappings, sorted: (start address, end address, name)
+        # the names of packs whose mapping went, listed by its finalizer (which may run in
+        # any thread, inside any critical section) for _reap_packs to retire
+        self._dead_packs: collections.deque = collections.deque()
         if shared_root is not None:
             os.makedirs(os.path.join(shared_root, OBJECTS), exist_ok=True)
+            os.makedirs(os.path.join(shared_root, PACKS), exist_ok=True)
             os.makedirs(os.path.join(shared_root, STAGING), exist_ok=True)
             budget = recycle_budget()
             if budget > 0:
@@ -244,6 +266,7 @@ class MemoryBackend:
 
     def _trim_loop(self) -> None:
         while not self._stop.wait(self.pool.max_age_s / 2):
+            self._reap_packs()
             self.pool.trim()
 
     def describe(self) -> str:
@@ -313,6 +336,58 @@ class MemoryBackend:
         del old  # drops this process's mapping of the old file (unless a read holds it)
         self._recycle(retired)
 
+    def take_pack(self, staged: str) -> Pack:
+        """Takes over a pack a same-host client staged (checked as any staged file, see
+        :func:`~torch_tq.store.files.take_staged`) and maps it read-only: the items
+        published from it are slices of its buffer (no copy), each tagged with the pack and
+        its offset (:meth:`locate`). The file moves to ``packs/`` for same-host readers;
+        once no matrix and no reader in this process holds any of it, it leaves their
+        sight and goes to the recycle pool."""
+        name = uuid.uuid4().hex
+        dest = os.path.join(self.shared_root, PACKS, name)
+        fd, st = take_staged(staged, dest, "staged pack")
+        try:
+            mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except BaseException:
+            os.unlink(dest)
+            raise
+        finally:
+            os.close(fd)
+        # called when the last buffer over the mapping goes (the mapping with it); it only
+        # lists the pack: a finalizer may run inside any critical section of this module
+        weakref.finalize(mm, self._dead_packs.append, name).atexit = False
+        self._reap_packs()
+        return Pack(name, pa.py_buffer(mm))
+
+    def _reap_packs(self) -> None:
+        """Retires the packs whose last item went: out of readers' sight first (a reader
+        that has one open keeps it), then to the recycle pool, or freed."""
+        while self._dead_packs:
+            try:
+                name = self._dead_packs.popleft()
+            except IndexError:
+                return  # another thread took the last one
+            path = os.path.join(self.shared_root, PACKS, name)
+            try:
+                if self.pool is None:
+                    os.unlink(path)
+                    continue
+                retired = self.pool.retired_path()
+                os.rename(path, retired)
+            except OSError:
+                continue  # the store is closed and its directory gone
+            self.pool.offer(retired)
+
+    def locate(self, key: Key) -> tuple[str, int] | None:
+        """``(pack name, offset)`` of the values of ``key`` when they lie in one of the
+        packs (:meth:`take_pack`), else None (held in the heap, or as a file of its own).
+
+        Raises:
+            NotFound: no such matrix.
+        """
+        where = self.open(key).pack
+        return None if where is None else (where[0].name, where[1])
+
     def scan(self) -> Iterator[tuple[Key, _Batches]]:
         return iter(())
 
@@ -326,6 +401,7 @@ class MemoryBackend:
             self._objects[key] = sink
         del old
         self._recycle(retired)
+        self._reap_packs()
 
     def delete(self, key: Key) -> bool:
         with self._lock:
@@ -334,6 +410,7 @@ class MemoryBackend:
         found = old is not None
         del old
         self._recycle(retired)
+        self._reap_packs()
         return found
 
     def sync(self, index_id: int) -> None:

@@ -21,12 +21,14 @@ mount namespaces fail this check and stay on gRPC).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
 import socket
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
@@ -34,7 +36,8 @@ from torch_tq.codec import tensors as codec
 
 from torch_tq.codec import assemble
 from torch_tq.store.files import IpcFile, _FileSource
-from torch_tq.store.memory import RECYCLE_MIN_BYTES, STAGING, parse_free_name
+from torch_tq.protocol.transfers import PACK_ALIGN
+from torch_tq.store.memory import PACKS, RECYCLE_MIN_BYTES, STAGING, parse_free_name
 from torch_tq.errors import InternalError, TQError
 from torch_tq.store.errors import first_line, io_error
 from torch_tq.model import Key, not_found
@@ -161,6 +164,95 @@ class LocalStore:
 
     def discard(self, name: str) -> None:
         discard(os.path.join(self.staging, name))
+
+    def stage_pack(self, group: list) -> tuple[str, list[dict]]:
+        """Writes the values of a group of small matrices (``(i, key, dtype, shape, flat)``
+        entries) into one file in a memory store's staging directory, each at an offset
+        that is a multiple of :data:`~torch_tq.protocol.transfers.PACK_ALIGN`; returns its
+        name and the items of the ``PublishLocalBatch`` that publishes them.
+
+        Raises:
+            OSError: it could not be written (``/dev/shm`` full).
+        """
+        items, offset = [], 0
+        for _, key, dtype, shape, flat in group:
+            items.append({"index_id": key.index_id, "matrix_type": key.matrix_type,
+                          "dtype": dtype.name, "shape": list(shape), "offset": offset,
+                          "nbytes": flat.nbytes})
+            offset += -(-flat.nbytes // PACK_ALIGN) * PACK_ALIGN
+        size = max(offset, 1)  # an empty file would be refused
+        name = uuid.uuid4().hex + ".pack"
+        path = os.path.join(self.staging, name)
+        try:
+            # a recycled file's pages exist (RecyclePool): written over at ~memcpy speed,
+            # where fresh pages of shared memory cost ~4x that
+            if size < RECYCLE_MIN_BYTES or not claim(self.staging, size, path):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            else:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                # pwritev, not a mapping: into fresh pages it took half the time (6.7 ms
+                # against 13.9 for 8 MiB), into existing ones as long (the kernel copies
+                # straight into the file's pages, with no page tables to set up)
+                buffers = []
+                for item, (*_, flat) in zip(items, group):
+                    if flat.nbytes:
+                        buffers.append(flat.view(np.uint8).reshape(-1))
+                    gap = -flat.nbytes % PACK_ALIGN
+                    if gap:
+                        buffers.append(_ZEROS[:gap])
+                _write_all(fd, buffers)
+            finally:
+                os.close(fd)  # closed before the server looks: it refuses a file held writable
+        except BaseException:
+            discard(path)
+            raise
+        return name, items
+
+    def map_pack(self, name: str, key: Key) -> pa.Buffer | None:
+        """The published pack ``name`` (as ``LocateLocal`` gives it, for ``key``) mapped
+        copy-on-write: a tensor over it may be written, the file never changes. None when
+        it is gone (its items deleted or overwritten since: ask the server again)."""
+        directory, base = os.path.split(name)
+        if directory != PACKS or len(base) != 32 or \
+                not all(c in "0123456789abcdef" for c in base):
+            raise InternalError(f"LocateLocal named {name!r:.60} for {key}, not a pack")
+        try:
+            fd = os.open(os.path.join(self.root, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise io_error(e, f"read {key}") from None
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError) as e:
+            raise io_error(e, f"read {key}") from None
+        finally:
+            os.close(fd)
+        return pa.py_buffer(mm)
+
+
+_ZEROS = bytes(PACK_ALIGN)
+_IOV_MAX = 1024  # buffers one pwritev takes (Linux)
+
+
+def _write_all(fd: int, buffers: list) -> None:
+    """Writes ``buffers`` one after another from offset 0 (pwritev may write less)."""
+    offset = 0
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        n = os.pwritev(fd, views[:_IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "no room to write the pack")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
 
 _IPC_SLACK = 64 * 1024  # room for an IPC file's schema, batch headers and footer
