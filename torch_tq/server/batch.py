@@ -343,7 +343,7 @@ def _row_batch(rows: list[dict], pieces: list) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(cols, schema=RESULT_SCHEMA)
 
 
-def _read_one(store, key: Key, max_inline: int) -> tuple[dict, list | None]:
+def read_one(store, key: Key, max_inline: int) -> tuple[dict, list | None]:
     reader = store.open(key)
     entry = reader.entry
     row = {**_ok(key), "dtype": entry.dtype, "shape": list(entry.shape)}
@@ -379,7 +379,7 @@ def read_items(store, cmd: protocol.BatchReadCommand, chunk_bytes: int) -> Itera
             row, data = _failed(item.index_id, item.matrix_type, item.error), None
         else:
             try:
-                row, data = _read_one(store, item, cmd.max_inline_bytes)
+                row, data = read_one(store, item, cmd.max_inline_bytes)
             except TQError as e:
                 row, data = _failed(item.index_id, item.matrix_type, e), None
             except Exception as e:

@@ -10,6 +10,9 @@ import stat
 import time
 import uuid
 
+import pyarrow as pa
+import pyarrow.flight as flight
+
 from torch_tq.errors import InvalidArgument, TQError
 from torch_tq.model import Key
 from torch_tq.protocol import commands as protocol
@@ -22,6 +25,9 @@ from torch_tq.store.memory import FREE_PREFIX, PACKS, STAGING, unshared
 from torch_tq.transport import same_host as local
 
 log = logging.getLogger(__name__)
+
+# LocateLocal: bytes of heap items that come with its answer, at most (the rest: BatchRead)
+INLINE_BYTES = 16 << 20
 
 
 class SameHostService:
@@ -82,31 +88,47 @@ class SameHostService:
             raise
         return protocol.ok(results=batch.write_pack(self.store, pack, items))
 
-    def locate(self, items: list, limits) -> dict:
+    def locate(self, items: list, limits) -> list[flight.Result]:
         """Where same-host readers find each of ``items``: ``file`` (under the store's
-        root) and ``offset``, with ``dtype`` and ``shape``; ``shared: false`` for one held
-        where they cannot map it (read it over gRPC); or its error."""
+        root) and ``offset``, with ``dtype`` and ``shape``; or, for one held in the heap
+        (it came over the network), its bytes as a result of their own after the answer
+        (``inline``: which one; up to :data:`INLINE_BYTES` of them), else ``shared: false``
+        (read it with BatchRead); or its error."""
         self._packs_here("LocateLocal")
         if limits.max_batch_items and len(items) > limits.max_batch_items:
             raise InvalidArgument(f"LocateLocal of {len(items)} items; the limit is "
                                   f"{limits.max_batch_items} per call (split the batch)")
-        rows = []
+        rows, extra = [], []
+        room = INLINE_BYTES
         for item in items:
             if isinstance(item, BadItem):
                 rows.append(_failed(item.error))
                 continue
             try:
                 entry, where = self.store.locate(item)
+                if where is not None:
+                    rows.append({"success": True, "shared": True, "file": f"{PACKS}/{where[0]}",
+                                 "offset": where[1], "dtype": entry.dtype,
+                                 "shape": list(entry.shape)})
+                    continue
+                if entry.nbytes > room:
+                    rows.append({"success": True, "shared": False})
+                    continue
+                # in the heap: its bytes come with the answer (no second round trip)
+                row, pieces = batch.read_one(self.store, item, room)
             except TQError as e:
                 rows.append(_failed(e))
                 continue
-            if where is None:
+            if pieces is None:  # overwritten meanwhile with more than there is room for
                 rows.append({"success": True, "shared": False})
-            else:
-                rows.append({"success": True, "shared": True, "file": f"{PACKS}/{where[0]}",
-                             "offset": where[1], "dtype": entry.dtype,
-                             "shape": list(entry.shape)})
-        return protocol.ok(items=rows)
+                continue
+            data = pieces[0] if len(pieces) == 1 else pa.py_buffer(b"".join(
+                p.to_pybytes() for p in pieces))
+            room -= data.size
+            rows.append({"success": True, "shared": False, "inline": len(extra),
+                         "dtype": row["dtype"], "shape": row["shape"]})
+            extra.append(flight.Result(data))
+        return [flight.Result(pa.py_buffer(protocol.dumps(protocol.ok(items=rows)))), *extra]
 
     def sweep(self, max_age_s: float) -> None:
         """Removes staged files older than ``max_age_s`` (their clients are gone)."""
