@@ -219,19 +219,11 @@ class LocalStore:
                 not all(c in "0123456789abcdef" for c in base):
             raise InternalError(f"LocateLocal named {name!r:.60} for {key}, not a pack")
         try:
-            fd = os.open(os.path.join(self.root, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise io_error(e, f"read {key}") from None
-        try:
-            size = os.fstat(fd).st_size
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = _map_private(os.path.join(self.root, name), key, os.O_NOFOLLOW)
         except (OSError, ValueError) as e:
             raise io_error(e, f"read {key}") from None
-        finally:
-            os.close(fd)
+        if mm is None:
+            return None
         return pa.py_buffer(mm)
 
 
@@ -333,20 +325,12 @@ class _PrivateMapping:
 
     def __init__(self, path: str, key: Key) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise not_found(key) from None
-        except OSError as e:
-            raise io_error(e, f"read {key}") from None
-        try:
-            size = os.fstat(fd).st_size
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = _map_private(path, key)
+            if mm is None:
+                raise not_found(key)
             self._reader = ipc.open_file(pa.py_buffer(mm))
         except (OSError, ValueError, pa.ArrowException) as e:
             raise InternalError(f"stored file of {key} is damaged ({first_line(e)})") from None
-        finally:
-            os.close(fd)
         self.schema = self._reader.schema
         self.num_record_batches = self._reader.num_record_batches
 
@@ -355,6 +339,27 @@ class _PrivateMapping:
 
     def close(self) -> None:
         self._reader = None  # the mapping goes with the last buffer over it
+
+
+def _map_private(path: str, key: Key, flags: int = 0) -> mmap.mmap | None:
+    """The file at ``path`` mapped copy-on-write (``MAP_PRIVATE``), or None when there is
+    none; ``flags``: more ``os.open`` flags.
+
+    Raises:
+        Unavailable / InternalError: it could not be opened.
+        OSError / ValueError: it could not be mapped.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise io_error(e, f"read {key}") from None
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_PRIVATE,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
 
 
 def discard(path: str) -> None:
