@@ -250,7 +250,6 @@ class MemoryBackend:
         self._shared: set[Key] = set()  # keys whose current version is a file there
         self.pool: RecyclePool | None = None
         self._stop = threading.Event()
-        # the live packs' mappings, sorted: (start address, end address, name)
         # the names of packs whose mapping went, listed by its finalizer (which may run in
         # any thread, inside any critical section) for _reap_packs to retire
         self._dead_packs: collections.deque = collections.deque()
