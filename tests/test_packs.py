@@ -270,3 +270,23 @@ def test_heap_items_beyond_what_locate_brings_along_are_read_with_batch_read(mem
     assert torch.equal(rows[0].tensor, small) and torch.equal(rows[1].tensor, big)
     assert _calls(c).get("do_get", 0) == before.get("do_get", 0) + 1  # the big one only
     c.delete(unique_id)
+
+
+def test_a_single_get_of_a_pack_item_maps_it_too(mem, c, unique_id):
+    items = {(unique_id, f"f{i}"): torch.randn(ITEM) for i in range(4)}
+    c.put_many(items)
+    grpc = torch_tq.Client(mem.location, transport="grpc")
+    grpc.put(unique_id, "heap", torch.arange(5.0))
+    before, stats = _calls(c), dict(c.stats)
+    assert torch.equal(c.get(unique_id, "f1"), items[(unique_id, "f1")])
+    assert torch.equal(c.get(unique_id, "heap"), torch.arange(5.0))
+    after = _calls(c)
+    assert after["action:LocateLocal"] == before.get("action:LocateLocal", 0) + 2
+    assert after.get("do_get", 0) == before.get("do_get", 0)  # neither was a gRPC read
+    assert c.stats["zero_copy_gets"] > stats["zero_copy_gets"]
+    with pytest.raises(torch_tq.NotFound):
+        c.get(unique_id, "missing")
+    out = torch.empty(ITEM)  # into a tensor of the caller's: read over gRPC
+    c.get(unique_id, "f2", out=out)
+    assert torch.equal(out, items[(unique_id, "f2")])
+    c.delete(unique_id)

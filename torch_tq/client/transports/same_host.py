@@ -100,7 +100,13 @@ class SameHostTransport:
         except NotFound:
             if not self.store.partial:
                 raise
-            raise Decline from None  # a memory store's matrix that came over the network
+            # a memory store's matrix in a pack, or in its heap (it came over the network)
+            if want.out is not None or want.shared or want.pinned:
+                raise Decline from None
+            ((_, _, tensor),) = self._locate([key])
+            if tensor is None:
+                raise Decline from None  # not found, or large: ReadMatrix over gRPC
+            return want.place(tensor)
         self.connection.count_get(copied)
         return want.place(result)
 
@@ -151,42 +157,48 @@ class SameHostTransport:
 
     def get_many(self, conn, keys: list[Key], max_inline_bytes: int | None):
         # what read_here left: in a memory store, items of packs (mapped here, no copy)
-        # and items in the server's heap (over gRPC)
+        # and items in the server's heap (their bytes come with LocateLocal's answer)
         if not self.store.partial:
             raise Decline
-        what = f"LocateLocal of {len(keys)} items"
-        body = {"items": [{"index_id": k.index_id, "matrix_type": k.matrix_type} for k in keys]}
-        reply = self.connection.action(protocol.LOCATE_LOCAL, body, what, extra=len(keys))
-        rows = reply.get("items", ())
-        inline = reply["_extra"]
-        if len(rows) != len(keys):
-            raise InternalError(f"{what}: the server answered for {len(rows)} items")
         results: list[ItemResult | None] = [None] * len(keys)
-        maps: dict[str, object] = {}
         remote = []
-        for i, (key, row) in enumerate(zip(keys, rows)):
+        for i, (key, row, tensor) in enumerate(self._locate(keys)):
             if not row.get("success"):
                 results[i] = ItemResult(key.index_id, key.matrix_type, False, row["code"],
                                         row["message"])
-            elif "inline" in row:  # held in the server's heap: its bytes came along
-                results[i] = ItemResult.ok(key, self._inline(inline, row, key))
-            elif not row.get("shared"):
-                remote.append(i)
+            elif tensor is None:
+                remote.append(i)  # beyond what came along, or its pack went since
             else:
-                name = row["file"]
-                if name not in maps:  # one mapping per pack
-                    maps[name] = self.store.map_pack(name, key)
-                tensor = _tensor_in(maps[name], row, key)
-                if tensor is None:
-                    remote.append(i)  # the pack went since: ask again, over gRPC
-                else:
-                    self.connection.count_get(0)
-                    results[i] = ItemResult.ok(key, tensor)
+                results[i] = ItemResult.ok(key, tensor)
         if remote:
             for i, row in zip(remote, self.grpc.get_many(conn, [keys[i] for i in remote],
                                                          max_inline_bytes)):
                 results[i] = row
         return results
+
+    def _locate(self, keys: list[Key]):
+        """``(key, LocateLocal row, tensor or None)`` for each of ``keys``: a tensor over
+        its pack (one mapping per pack), or over the bytes that came with the answer; None
+        for one to read over gRPC (or that failed: see its row)."""
+        what = f"LocateLocal of {len(keys)} items"
+        body = {"items": [{"index_id": k.index_id, "matrix_type": k.matrix_type} for k in keys]}
+        reply = self.connection.action(protocol.LOCATE_LOCAL, body, what, extra=len(keys))
+        rows = reply.get("items", ())
+        if len(rows) != len(keys):
+            raise InternalError(f"{what}: the server answered for {len(rows)} items")
+        maps: dict[str, object] = {}
+        for key, row in zip(keys, rows):
+            tensor = None
+            if row.get("success") and "inline" in row:  # held in the server's heap
+                tensor = self._inline(reply["_extra"], row, key)
+            elif row.get("success") and row.get("shared"):
+                name = row["file"]
+                if name not in maps:
+                    maps[name] = self.store.map_pack(name, key)
+                tensor = _tensor_in(maps[name], row, key)
+                if tensor is not None:
+                    self.connection.count_get(0)
+            yield key, row, tensor
 
     def _inline(self, buffers: list, row: dict, key: Key):
         k = row["inline"]
