@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple
 
+from torch_tq.codec.tensors import numel
 from torch_tq.errors import InvalidArgument
 from torch_tq.model import DTYPES, Key, validate_index_id, validate_matrix_type, validate_shape
 from torch_tq.protocol.bodies import check_keys, parse_json_object, validate_int
@@ -84,12 +85,10 @@ def _pack_item(item: Any, pos: int) -> PackItem | BadItem:
         nbytes = validate_int(item["nbytes"], "nbytes", 0, 2**62)
         if offset % PACK_ALIGN:
             raise InvalidArgument(f"offset {offset} is not a multiple of {PACK_ALIGN}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * DTYPES[dtype].itemsize != nbytes:
-            raise InvalidArgument(f"shape {list(shape)} of {dtype} holds "
-                                  f"{numel * DTYPES[dtype].itemsize} bytes, nbytes is {nbytes}")
+        holds = numel(shape) * DTYPES[dtype].itemsize
+        if holds != nbytes:
+            raise InvalidArgument(f"shape {list(shape)} of {dtype} holds {holds} bytes, "
+                                  f"nbytes is {nbytes}")
     except InvalidArgument as e:
         return BadItem(key.index_id, key.matrix_type, e)
     return PackItem(key, dtype, shape, offset, nbytes)
