@@ -114,7 +114,8 @@ def test_the_registry_is_the_one_list_of_actions():
         for spelling in (spec.name, spec.name.upper(), *spec.spellings):
             assert actions.lookup(spelling) is spec, spelling
         assert spec.description and spec.quota in ("tcp", "ucx")
-    assert {a.name for a in actions.ACTIONS.values() if a.quota == "ucx"} == {"UcxGet", "UcxPut"}
+    assert {a.name for a in actions.ACTIONS.values() if a.quota == "ucx"} == {
+        "UcxGet", "UcxPut", "UcxGetBatch", "UcxPutBatch"}
     assert actions.lookup("delete_matrix").name == "DeleteMatrix"
     assert actions.lookup("DropTable") is None and actions.lookup("x" * 100) is None
 

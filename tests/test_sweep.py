@@ -61,6 +61,10 @@ def _action_bases() -> dict[str, dict]:
         "UcxGet": {**ids, "addresses": _ucx_addresses(), "tag": 9, "inline_max": 1 << 20},
         "UcxPut": {**ids, "addresses": _ucx_addresses(), "tag": 9, "shape": [0],
                    "dtype": "float32", "nbytes": 0, "parts": []},
+        "UcxPutBatch": {"items": [{**ids, "dtype": "float32", "shape": [0], "nbytes": 0}],
+                        "parts": [], "addresses": _ucx_addresses(), "tag": 9},
+        "UcxGetBatch": {"items": [ids], "addresses": _ucx_addresses(), "tag": 9,
+                        "inline_max": 1 << 20, "max_bytes": 1 << 20},
         "LocalInfo": {"host_id": "0" * 32},
         "PublishLocal": {**ids, "file": "0" * 32 + ".arrow"},
         "PublishLocalBatch": {"file": "0" * 32 + ".pack", "items": [

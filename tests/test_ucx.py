@@ -69,9 +69,163 @@ def test_batches_move_their_large_matrices_over_ucx(server, unique_id):
     def delta(name: str) -> int:
         return after.get(name, 0) - before.get(name, 0)
 
-    # the large ones over UCX, one transfer each; the small ones in one call each way
-    assert delta("action:UcxPut") == 3 and delta("action:UcxGet") == 3
-    assert delta("do_put") == 1 and delta("do_get") >= 1
+    # the large ones over UCX, a transfer each; the small ones in one BatchWrite; the
+    # whole read one UcxGetBatch (6 MiB over UCX in one transfer)
+    assert delta("action:UcxPut") == 3 and delta("do_put") == 1
+    assert delta("action:UcxGetBatch") == 1
+    assert delta("action:UcxGet") == 0 and delta("do_get") == 0
+
+
+def _batch_items(unique_id: int) -> dict:
+    """32 items of 4 KiB-256 KiB of every dtype, some of sizes that put the next item at
+    an odd offset of the transfer (bool, bfloat16)."""
+    makers = [lambda: torch.randn(64, 1024), lambda: torch.rand(1001) > 0.5,
+              lambda: torch.randn(3, 333).bfloat16(), lambda: torch.arange(1 << 15),
+              lambda: torch.randint(0, 255, (4097,), dtype=torch.uint8),
+              lambda: torch.randn(1024, dtype=torch.float64), lambda: torch.zeros(0)]
+    return {(unique_id + i, "ub"): makers[i % len(makers)]() for i in range(32)}
+
+
+def test_a_batch_is_one_ucx_transfer_each_way(server, unique_id):
+    c = torch_tq.Client(_locations(server))
+    assert c.transport == "ucx"
+    items = _batch_items(unique_id)
+    before = c.server_stats()["calls"]
+    assert all(r.success for r in c.put_many(items, batch_items=32))
+    stats = dict(c.stats)
+    results = c.get_many([*items, (unique_id + 99, "ub")], batch_items=64)
+    after = c.server_stats()["calls"]
+
+    def delta(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert delta("action:UcxPutBatch") == 1 and delta("action:UcxGetBatch") == 1
+    assert delta("do_put") == 0 and delta("do_get") == 0 and delta("action:UcxGet") == 0
+    assert [r.success for r in results] == [True] * 32 + [False]
+    assert results[-1].code == "NOT_FOUND"
+    for r, (key, t) in zip(results, items.items()):
+        assert (r.index_id, r.matrix_type) == key
+        assert r.tensor.dtype == t.dtype and r.tensor.shape == t.shape and torch.equal(r.tensor, t)
+    # UCX wrote every item into its own tensor: nothing copied here
+    assert c.stats["zero_copy_gets"] - stats["zero_copy_gets"] == 32
+    assert c.stats["copied_bytes"] == stats["copied_bytes"]
+    # what UCX stored is what any client reads
+    remote = torch_tq.Client(server.location, transport="grpc")
+    assert all(torch.equal(r.tensor, items[(r.index_id, r.matrix_type)])
+               for r in remote.get_many(list(items)))
+
+
+def test_a_small_ucx_batch_travels_with_its_calls(server, unique_id):
+    c = torch_tq.Client(_locations(server))
+    items = {(unique_id + i, "us"): torch.full((1000,), float(i)) for i in range(8)}
+    before = c.server_stats()["calls"]
+    assert all(r.success for r in c.put_many(items))
+    results = c.get_many(list(items))
+    after = c.server_stats()["calls"]
+    assert after["do_put"] - before.get("do_put", 0) == 1  # 32 KB: one BatchWrite
+    assert after.get("action:UcxPutBatch", 0) == before.get("action:UcxPutBatch", 0)
+    # one UcxGetBatch whose bytes came with the answer (no UCX transfer)
+    assert after["action:UcxGetBatch"] - before.get("action:UcxGetBatch", 0) == 1
+    assert all(torch.equal(r.tensor, t) for r, t in zip(results, items.values()))
+
+
+def test_a_ucx_batch_leaves_items_over_max_inline_bytes_to_ucx_get(server, unique_id):
+    c = torch_tq.Client(_locations(server))
+    items = {(unique_id + i, "ul"): torch.randn(1 << 17) for i in range(4)}  # 512 KiB each
+    assert all(r.success for r in c.put_many(items))
+    before = c.server_stats()["calls"]
+    results = c.get_many(list(items), max_inline_bytes=100_000)
+    after = c.server_stats()["calls"]
+    assert after["action:UcxGet"] - before.get("action:UcxGet", 0) == 4
+    assert all(torch.equal(r.tensor, t) for r, t in zip(results, items.values()))
+
+
+def _raw_ucx(srv, unique_id):
+    """A gRPC client, this process's UCX runtime and the server's lanes, for raw bodies."""
+    import pyarrow.flight as flight
+
+    from torch_tq.transport import ucx
+
+    c = torch_tq.Client(_locations(srv))
+    assert c.transport == "ucx"
+    return flight.FlightClient(srv.location), ucx, ucx.runtime(), c._transport().peers
+
+
+def test_a_ucx_put_batch_stores_each_good_item_and_refuses_bad_ones_alone(server, unique_id):
+    import json
+
+    import numpy as np
+    import pyarrow.flight as flight
+
+    fc, ucx, rt, peers = _raw_ucx(server, unique_id)
+    good = np.arange(1 << 16, dtype=np.float32)
+    data = np.concatenate([good.view(np.uint8)] * 4)
+    items = [
+        {"index_id": unique_id, "matrix_type": "raw", "dtype": "float32",
+         "shape": [256, 256], "nbytes": good.nbytes},
+        {"index_id": unique_id + 1, "matrix_type": "raw", "dtype": "complex64",
+         "shape": [1 << 15], "nbytes": good.nbytes},  # unknown dtype
+        {"index_id": unique_id + 2, "matrix_type": "raw", "dtype": "float32",
+         "shape": [3], "nbytes": good.nbytes},  # shape does not hold nbytes
+        {"index_id": -1, "matrix_type": "raw", "dtype": "float32",
+         "shape": [1 << 16], "nbytes": good.nbytes},  # bad key
+    ]
+    parts = ucx.split(data.nbytes, 1 << 19)
+    tag = 77_000_000 + unique_id
+    sending = rt.start("send", peers, tag, ucx.views(data, parts), timeout=20)
+    body = {"items": items, "parts": parts, "addresses": rt.addresses_b64[: len(peers)],
+            "tag": tag}
+    (result,) = fc.do_action(flight.Action("UcxPutBatch", json.dumps(body).encode()))
+    sending.result(10)
+    rows = json.loads(result.body.to_pybytes())["results"]
+    assert [r["success"] for r in rows] == [True, False, False, False]
+    assert [r["code"] for r in rows[1:]] == ["INVALID_ARGUMENT"] * 3
+    assert "dtype" in rows[1]["message"] and "holds" in rows[2]["message"]
+    c = torch_tq.Client(server.location, transport="grpc")
+    assert torch.equal(c.get(unique_id, "raw"), torch.from_numpy(good).reshape(256, 256))
+    for i in (1, 2):
+        with pytest.raises(torch_tq.NotFound):
+            c.get(unique_id + i, "raw")
+
+
+def test_a_refused_ucx_put_batch_stores_nothing_and_takes_the_bytes(unique_id):
+    """A UcxPutBatch refused whole (parts that do not add up, an nbytes that is not a
+    count, over max_batch_items, over the quota) stores nothing, and the server takes what
+    the client had started sending, so the send completes."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.flight as flight
+
+    with torch_tq.start_server(storage="memory", same_host=False, max_batch_items=2,
+                               qps_ucx=0.05, qps_burst=3) as srv:
+        fc, ucx, rt, peers = _raw_ucx(srv, unique_id)
+        data = np.ones(3 << 20, np.uint8)
+        item = {"index_id": unique_id, "matrix_type": "r", "dtype": "uint8",
+                "shape": [1 << 20], "nbytes": 1 << 20}
+
+        def refused(items, parts, match, sent=None) -> None:
+            tag = 88_000_000 + unique_id + len(match)
+            sent = parts if sent is None else sent
+            sending = rt.start("send", peers, tag, ucx.views(data, sent), timeout=20)
+            body = {"items": items, "parts": parts,
+                    "addresses": rt.addresses_b64[: len(peers)], "tag": tag}
+            with pytest.raises(pa.ArrowException, match=match):
+                list(fc.do_action(flight.Action("UcxPutBatch", json.dumps(body).encode())))
+            if sent == parts:
+                sending.result(10)  # completed: the server took the messages
+            else:
+                sending.cancel()
+
+        one = [1 << 20]
+        refused([item], [1 << 19, 1 << 19, 1 << 19], "add up", sent=[])
+        refused([{**item, "nbytes": "many"}], one, "nbytes", sent=[])
+        refused([item, {**item, "index_id": unique_id + 1},
+                 {**item, "index_id": unique_id + 2}], [3 << 20], "more than 2 items")
+        refused([item], one, "retry_after_ms")  # the UCX quota is spent
+        with pytest.raises(torch_tq.NotFound):
+            torch_tq.Client(srv.location, transport="grpc").get(unique_id, "r")
 
 
 def test_rdma_spelling_and_forced_transport(server):

@@ -47,6 +47,10 @@ def _ucx(name: str) -> Callable[[bytes], dict]:
     return functools.partial(transfers.parse_ucx_body, action=name)
 
 
+def _ucx_batch(name: str) -> Callable[[bytes], dict]:
+    return functools.partial(transfers.parse_ucx_batch_body, action=name)
+
+
 _HOW = {
     c.WRITE_MATRIX: 'send it as a DoPut with the descriptor {"action": "WriteMatrix", '
                     '"index_id": N, "matrix_type": "prompt"} and the matrix as the stream',
@@ -105,6 +109,15 @@ ACTIONS: dict[str, Action] = {a.name: a for a in (
     Action(c.UCX_PUT, 'Receive a matrix over UCX and store it: {"index_id", "matrix_type", '
            '"shape", "dtype", "nbytes", "parts": [bytes...], "address", "tag", "xxh3"?}',
            _ucx(c.UCX_PUT), quota="ucx"),
+    Action(c.UCX_PUT_BATCH, 'Receive many matrices in one UCX transfer and store each on its '
+           'own: {"items": [{"index_id", "matrix_type", "dtype", "shape", "nbytes"}, ...], '
+           '"parts": [bytes...], "addresses", "tag"} (the items\' bytes end to end, in order); '
+           'answers a result per item', _ucx_batch(c.UCX_PUT_BATCH), quota="ucx"),
+    Action(c.UCX_GET_BATCH, 'Send many matrices in one UCX transfer: {"items": [{"index_id", '
+           '"matrix_type"}, ...], "addresses", "tag", "inline_max"?: B, "max_bytes"?: M}; '
+           'answers a result per item with its dtype, shape and parts (at most B bytes in all '
+           'come back as a second result instead; an item over M bytes is left for UcxGet)',
+           _ucx_batch(c.UCX_GET_BATCH), quota="ucx"),
     Action(c.LOCAL_INFO, 'Same-host access: the store directory, if the caller runs on this '
            'host: {"host_id": "32 hex"}', transfers.parse_local_info_body),
     Action(c.PUBLISH_LOCAL, 'Check and publish a matrix file a same-host client staged: '

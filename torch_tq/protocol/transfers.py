@@ -1,5 +1,5 @@
 """The bodies of the fast paths' control actions: UcxGet/UcxPut (a UCX transfer's key,
-lanes, tag and parts) and LocalInfo/PublishLocal/PublishLocalBatch/LocateLocal (same-host
+lanes, tag and parts), UcxPutBatch/UcxGetBatch (many items in one UCX transfer) and LocalInfo/PublishLocal/PublishLocalBatch/LocateLocal (same-host
 access)."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from torch_tq.protocol.bodies import check_keys, parse_json_object, validate_int
 from torch_tq.protocol.commands import (
     MAX_BATCH_TICKET_BYTES,
     UCX_GET,
+    UCX_GET_BATCH,
     UCX_PUT,
+    UCX_PUT_BATCH,
     BadItem,
     batch_item,
 )
@@ -150,4 +152,79 @@ def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:
         if digest is not None and (not isinstance(digest, str) or not _HEX64_RE.fullmatch(digest)):
             raise InvalidArgument("xxh3 must be 16 lower-case hex digits")
         out["xxh3"] = digest
+    return out
+
+
+def _parts(value: Any, nbytes: int) -> list[int]:
+    if not isinstance(value, list) or len(value) > 1 << 20:
+        raise InvalidArgument("parts must be a list of byte sizes")
+    parts = [validate_int(p, "part size", 1, 2**62) for p in value]
+    if sum(parts) != nbytes:
+        raise InvalidArgument(f"parts add up to {sum(parts)} bytes; the items hold {nbytes}")
+    return parts
+
+
+def _stream_item(item: Any, pos: int, offset: int) -> PackItem | BadItem:
+    """One item of a UcxPutBatch body at ``offset`` of the transfer's bytes; a bad one
+    fails alone (its declared ``nbytes`` still count: the client sent them)."""
+    key = batch_item({k: item[k] for k in ("index_id", "matrix_type") if k in item}, pos)
+    if isinstance(key, BadItem):
+        return key
+    try:
+        fields = {"index_id", "matrix_type", "dtype", "shape", "nbytes"}
+        check_keys(item, fields, fields, f"item {pos}")
+        dtype = item["dtype"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise InvalidArgument(f"unsupported dtype {dtype!r:.40}; supported: "
+                                  f"{', '.join(DTYPES)}")
+        shape = validate_shape(item["shape"])
+        holds = numel(shape) * DTYPES[dtype].itemsize
+        if holds != item["nbytes"]:
+            raise InvalidArgument(f"shape {list(shape)} of {dtype} holds {holds} bytes, "
+                                  f"nbytes is {item['nbytes']}")
+    except InvalidArgument as e:
+        return BadItem(key.index_id, key.matrix_type, e)
+    return PackItem(key, dtype, shape, offset, item["nbytes"])
+
+
+def parse_ucx_batch_body(raw: bytes, action: str) -> dict[str, Any]:
+    """Parses a UcxPutBatch or UcxGetBatch body.
+
+    * UcxPutBatch ``{"items": [{index_id, matrix_type, dtype, shape, nbytes}, ...], "parts":
+      [bytes...], "addresses", "tag"}``: the items' raw bytes travel end to end in item
+      order, cut into ``parts`` (part ``i`` with tag ``tag + i``). Each item becomes a
+      :class:`PackItem` at its offset in that stream, or a :class:`BadItem` that fails alone;
+      an item whose ``nbytes`` is not a byte count makes the whole body invalid (the stream
+      could not be cut).
+    * UcxGetBatch ``{"items": [{index_id, matrix_type}, ...], "addresses", "tag",
+      "inline_max"?, "max_bytes"?}``: the items to send, a :class:`Key` or :class:`BadItem`
+      each.
+    """
+    what = f"{action} body"
+    body = parse_json_object(raw, what, MAX_BATCH_TICKET_BYTES)
+    common = {"items", "addresses", "tag"}
+    if action == UCX_PUT_BATCH:
+        check_keys(body, common | {"parts"}, common | {"parts"}, what)
+    else:
+        check_keys(body, common | {"inline_max", "max_bytes"}, common, what)
+    items = _items(body, what)
+    out: dict[str, Any] = {
+        "addresses": body["addresses"],
+        "tag": validate_int(body["tag"], "tag", 0, 2**64 - 1),
+    }
+    if action == UCX_GET_BATCH:
+        out["items"] = [batch_item(it, i) for i, it in enumerate(items)]
+        out["inline_max"] = validate_int(body.get("inline_max", 0), "inline_max", 0, 1 << 20)
+        out["max_bytes"] = validate_int(body.get("max_bytes", 2**62), "max_bytes", 0, 2**62)
+        return out
+    parsed, offset = [], 0
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InvalidArgument(f"{what}: item {i} must be a JSON object")
+        nbytes = validate_int(item.get("nbytes"), f"item {i}: nbytes", 0, 2**62)
+        parsed.append(_stream_item(item, i, offset))
+        offset += nbytes
+    out["items"] = parsed
+    out["nbytes"] = offset
+    out["parts"] = _parts(body["parts"], offset)
     return out

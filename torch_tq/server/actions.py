@@ -52,6 +52,14 @@ def _ucx_get(server, req) -> list[flight.Result] | dict:
     return [flight.Result(pa.py_buffer(protocol.dumps(result))), flight.Result(inline)]
 
 
+def _ucx_get_batch(server, req) -> list[flight.Result]:
+    result, inline = server.ucx.get_batch(req, server.limits, server.limiter)
+    out = [flight.Result(pa.py_buffer(protocol.dumps(result)))]
+    if inline is not None:
+        out.append(flight.Result(inline))
+    return out
+
+
 def _queue(call: Callable[[Any, dict], dict]) -> Handler:
     return lambda server, args: protocol.ok(**call(server.queue, args))
 
@@ -76,6 +84,9 @@ HANDLERS: dict[str, Handler] = {
     protocol.UCX_INFO: lambda server, _: server.ucx.info(),
     protocol.UCX_GET: _ucx_get,
     protocol.UCX_PUT: lambda server, req: server.ucx.put(req),
+    protocol.UCX_PUT_BATCH: lambda server, req: server.ucx.put_batch(req, server.limits,
+                                                                    server.limiter),
+    protocol.UCX_GET_BATCH: _ucx_get_batch,
     protocol.LOCAL_INFO: lambda server, host: server.same_host.info(host),
     protocol.PUBLISH_LOCAL: lambda server, args: server.same_host.publish(*args),
     protocol.PUBLISH_LOCAL_BATCH: lambda server, args: server.same_host.publish_batch(

@@ -59,8 +59,8 @@ def admit(server, context, method: str, args) -> None:
     try:
         server.limiter.admit(client, ucx=ucx_call, host=host)
     except Unavailable:
-        if action is not None and action.name == protocol.UCX_PUT:
-            server.ucx.drain_refused(args[0].body)
+        if action is not None and action.name in (protocol.UCX_PUT, protocol.UCX_PUT_BATCH):
+            server.ucx.drain_refused(args[0].body, action.name)
         raise
     mw.client, mw.host = client, host
 

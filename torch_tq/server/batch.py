@@ -279,7 +279,14 @@ def write_pack(store, pack, items: list) -> list[dict]:
     """Stores every item of a same-host pack (PublishLocalBatch, a
     :class:`~torch_tq.store.memory.Pack`) on its own, each a slice of the pack's mapping;
     a result per item, as :func:`write_items` gives."""
-    buffer = pack.buffer
+    return write_slices(store, pack.buffer, items, "PublishLocalBatch", pack)
+
+
+def write_slices(store, buffer: pa.Buffer, items: list, what: str, pack=None) -> list[dict]:
+    """Stores every item (a :class:`~torch_tq.protocol.transfers.PackItem`, or a
+    ``BadItem`` that fails alone) as a slice of ``buffer`` at its offset, a result per
+    item in order. An item that lies at an offset its dtype cannot be read at is copied;
+    ``pack``: the same-host pack ``buffer`` maps (tagged on each item)."""
     results: list[dict] = []
     for item in items:
         if isinstance(item, BadItem):
@@ -290,16 +297,20 @@ def write_pack(store, pack, items: list) -> list[dict]:
             end = item.offset + item.nbytes
             if end > buffer.size:
                 raise InvalidArgument(f"item's bytes [{item.offset}, {end}) lie outside the "
-                                      f"{buffer.size} bytes of the pack")
+                                      f"{buffer.size} bytes of the transfer")
             dtype = codec.DTYPES[item.dtype]
-            values = codec.raw_values(buffer.slice(item.offset, item.nbytes), dtype)
-            _store(store, key, dtype, values, item.shape, (pack, item.offset))
+            data = buffer.slice(item.offset, item.nbytes)
+            if data.address % dtype.itemsize:
+                data = pa.py_buffer(data.to_pybytes())  # misaligned in the stream: a copy
+            values = codec.raw_values(data, dtype)
+            _store(store, key, dtype, values, item.shape,
+                   (pack, item.offset) if pack is not None else None)
             results.append(_ok(key))
         except TQError as e:
             results.append(_failed(key.index_id, key.matrix_type, e))
         except Exception as e:  # one item's failure must not fail the others
             results.append(_failed(key.index_id, key.matrix_type,
-                                   _unexpected(e, "PublishLocalBatch item")))
+                                   _unexpected(e, f"{what} item")))
     return results
 
 

@@ -12,7 +12,8 @@ import pyarrow as pa
 import xxhash
 
 from torch_tq.client.connection import Connection, connection_lost
-from torch_tq.client.devices import Want, pinned_out
+from torch_tq.client.devices import Want, pinned_out, tensor_from
+from torch_tq.client.results import ItemResult
 from torch_tq.client.transports.base import Capabilities, Decline, TransportFailed
 from torch_tq.client.transports.grpc import GrpcTransport
 from torch_tq.codec import tensors as codec
@@ -30,8 +31,9 @@ INLINE_BYTES = 1 << 20
 
 
 class UcxTransport:
-    """Large puts and gets over the server's UCX lanes; batches as gRPC BatchRead with the
-    bytes of what is not small over UCX, one transfer per matrix."""
+    """Large puts and gets over the server's UCX lanes, and batches of more than
+    :data:`INLINE_BYTES` as one UCX transfer each (UcxPutBatch/UcxGetBatch); smaller batches
+    travel with their gRPC call."""
 
     name = "ucx"
     can = Capabilities(device_memory=True)
@@ -171,12 +173,96 @@ class UcxTransport:
         return result
 
     def put_many(self, conn, group: list) -> list[dict]:
-        raise Decline  # small items: one BatchWrite over gRPC
+        """One UcxPutBatch: the items' bytes end to end, in order, as the parts of one
+        transfer over the lanes; a result per item."""
+        from torch_tq.transport import ucx
+
+        if sum(flat.nbytes for *_, flat in group) <= INLINE_BYTES:
+            raise Decline  # small: one BatchWrite beats a control call and a transfer
+        rt = ucx.runtime()
+        items = [{"index_id": key.index_id, "matrix_type": key.matrix_type,
+                  "dtype": dtype.name, "shape": list(shape), "nbytes": flat.nbytes}
+                 for _, key, dtype, shape, flat in group]
+        # the bytes end to end in one buffer, a part per lane: one copy here cost less than
+        # a UCX message per item (32 x 256 KiB: 13.6 against 16.8 ms a batch)
+        joined = np.concatenate([flat.view(np.uint8).reshape(-1) for *_, flat in group])
+        lanes = max(1, min(len(self.peers), rt.lanes))
+        parts = ucx.views(joined, ucx.split(joined.nbytes, -(-joined.nbytes // lanes)))
+        tag = random.getrandbits(64)
+        what = f"UcxPutBatch of {len(group)} items"
+        sending = rt.start("send", self.peers, tag, parts)
+        body = {"items": items, "parts": [p.nbytes for p in parts],
+                "addresses": rt.addresses_b64[: len(self.peers)], "tag": tag}
+        try:
+            reply = self.connection.action(protocol.UCX_PUT_BATCH, body, what)
+        except Unavailable as e:
+            sending.cancel()
+            if e.retry_after_ms is not None:
+                raise
+            raise TransportFailed(str(e)) from e
+        except BaseException:
+            sending.cancel()  # refused: the server received nothing
+            raise
+        try:
+            sending.result(ucx.DEFAULT_TIMEOUT_S)
+        except Exception as e:  # the server answered, so the bytes did arrive
+            log.debug("UCX send of a batch reported %s after the server's answer", e)
+        if len(reply.get("results", ())) != len(group):
+            raise InternalError(
+                f"{what}: the server answered for {len(reply.get('results', ()))} items")
+        return reply["results"]
 
     def get_many(self, conn, keys: list[Key], max_inline_bytes: int | None):
-        # the bytes of what is not small go over UCX (get), one transfer per matrix
-        return self.grpc.get_many(conn, keys, INLINE_BYTES if max_inline_bytes is None
-                                  else max_inline_bytes)
+        """One UcxGetBatch: every found item's bytes in one transfer over the lanes, each
+        received straight into its own tensor (or, for a small batch, with the answer)."""
+        from torch_tq.transport import ucx
+
+        rt = ucx.runtime()
+        tag = random.getrandbits(64)
+        what = f"UcxGetBatch of {len(keys)} items"
+        body = {"items": [{"index_id": k.index_id, "matrix_type": k.matrix_type} for k in keys],
+                "addresses": rt.addresses_b64[: len(self.peers)], "tag": tag,
+                "inline_max": INLINE_BYTES}
+        if max_inline_bytes is not None:
+            body["max_bytes"] = max_inline_bytes
+        reply = self.connection.action(protocol.UCX_GET_BATCH, body, what, extra=1)
+        rows = reply.get("results", [])
+        if len(rows) != len(keys):
+            raise InternalError(f"{what}: the server answered for {len(rows)} items")
+        inline = reply["_extra"][0] if reply.get("inline") and reply["_extra"] else None
+        results, views, pos, received = [], [], 0, 0
+        for row in rows:
+            tensor = None
+            if row["success"] and row.get("parts") is not None:
+                dtype, shape = codec.DTYPES[row["dtype"]], tuple(row["shape"])
+                nbytes = codec.numel(shape) * dtype.itemsize
+                if sum(row["parts"]) != nbytes:
+                    raise InternalError(f"{what}: the server announced {sum(row['parts'])} "
+                                        f"bytes for index_id={row['index_id']}")
+                if inline is not None:
+                    if pos + nbytes > inline.size:
+                        raise InternalError(f"{what}: the server sent {inline.size} bytes")
+                    tensor = tensor_from(inline, pos, dtype, shape)
+                    self.connection.count_get(
+                        0 if nbytes == 0 or tensor.untyped_storage().data_ptr()
+                        == inline.address + pos else nbytes)
+                    pos += nbytes
+                else:
+                    tensor = assemble.empty_tensor(dtype, shape)
+                    if nbytes:
+                        views.extend(ucx.views(assemble._byte_view(tensor), row["parts"]))
+                    received += 1
+            results.append(ItemResult(row["index_id"], row["matrix_type"], row["success"],
+                                      row["code"], row["message"], tensor))
+        if views:
+            try:
+                rt.run("recv", self.peers, tag, views)
+            except Exception as e:
+                rt.forget(self.peers)
+                raise TransportFailed(str(e)) from e
+        for _ in range(received):
+            self.connection.count_get(0)  # UCX wrote each item into its tensor
+        return results
 
     def read_here(self, keys: list[Key]) -> None:
         return None
