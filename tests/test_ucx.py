@@ -106,9 +106,17 @@ def test_a_batch_is_one_ucx_transfer_each_way(server, unique_id):
     for r, (key, t) in zip(results, items.items()):
         assert (r.index_id, r.matrix_type) == key
         assert r.tensor.dtype == t.dtype and r.tensor.shape == t.shape and torch.equal(r.tensor, t)
-    # UCX wrote every item into its own tensor: nothing copied here
-    assert c.stats["zero_copy_gets"] - stats["zero_copy_gets"] == 32
-    assert c.stats["copied_bytes"] == stats["copied_bytes"]
+    # UCX wrote the items end to end into one buffer: the tensors are views of it, but
+    # for those its layout puts at an offset their dtype cannot be read at (copied)
+    offset, misaligned = 0, []
+    for t in items.values():
+        nbytes = t.numel() * t.element_size()
+        if nbytes and offset % t.element_size():
+            misaligned.append(nbytes)
+        offset += nbytes
+    assert misaligned  # the layout above does put some there
+    assert c.stats["copied_bytes"] - stats["copied_bytes"] == sum(misaligned)
+    assert c.stats["zero_copy_gets"] - stats["zero_copy_gets"] == 32 - len(misaligned)
     # what UCX stored is what any client reads
     remote = torch_tq.Client(server.location, transport="grpc")
     assert all(torch.equal(r.tensor, items[(r.index_id, r.matrix_type)])
@@ -384,3 +392,20 @@ def test_a_refused_put_takes_the_bytes_already_sent(unique_id):
         refused_put("retry_after_ms")  # the UCX quota is spent
         with pytest.raises(torch_tq.NotFound):
             c.get(unique_id, "r")
+
+
+def test_a_ucx_batch_a_full_memory_store_has_no_room_for_fails_its_items(unique_id):
+    """The store is full, not the transport: every item fails with UNAVAILABLE, nothing is
+    stored, and the client stays on UCX (and can store once there is room)."""
+    with torch_tq.start_server(storage="memory", same_host=False, max_memory="6MiB") as srv:
+        c = torch_tq.Client(_locations(srv))
+        assert c.transport == "ucx"
+        items = {(unique_id + i, "f"): torch.randn(1 << 16) for i in range(32)}  # 8 MiB
+        results = c.put_many(items, batch_items=32)
+        assert [r.code for r in results] == ["UNAVAILABLE"] * 32
+        assert all("memory store full" in r.message for r in results)
+        assert c.transport == "ucx" and c.server_stats()["matrices"] == 0
+        half = dict(list(items.items())[:16])  # 4 MiB fit
+        assert all(r.success for r in c.put_many(half, batch_items=16))
+        got = c.get_many(list(half))
+        assert all(torch.equal(r.tensor, t) for r, t in zip(got, half.values()))

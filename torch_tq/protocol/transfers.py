@@ -68,6 +68,20 @@ def _items(body: dict, what: str) -> list:
     return items
 
 
+def _layout(item: dict, nbytes: int) -> tuple[str, tuple[int, ...]]:
+    """An item's ``dtype`` and ``shape``, checked to hold exactly ``nbytes``."""
+    dtype = item["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise InvalidArgument(f"unsupported dtype {dtype!r:.40}; supported: "
+                              f"{', '.join(DTYPES)}")
+    shape = validate_shape(item["shape"])
+    holds = numel(shape) * DTYPES[dtype].itemsize
+    if holds != nbytes:
+        raise InvalidArgument(f"shape {list(shape)} of {dtype} holds {holds} bytes, "
+                              f"nbytes is {nbytes}")
+    return dtype, shape
+
+
 def _pack_item(item: Any, pos: int) -> PackItem | BadItem:
     """One item of a PublishLocalBatch body; a bad one fails alone (as in a BatchWrite)."""
     if not isinstance(item, dict):
@@ -78,19 +92,11 @@ def _pack_item(item: Any, pos: int) -> PackItem | BadItem:
         return key
     try:
         check_keys(item, fields, fields, f"item {pos}")
-        dtype = item["dtype"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise InvalidArgument(f"unsupported dtype {dtype!r:.40}; supported: "
-                                  f"{', '.join(DTYPES)}")
-        shape = validate_shape(item["shape"])
         offset = validate_int(item["offset"], "offset", 0, 2**62)
         nbytes = validate_int(item["nbytes"], "nbytes", 0, 2**62)
         if offset % PACK_ALIGN:
             raise InvalidArgument(f"offset {offset} is not a multiple of {PACK_ALIGN}")
-        holds = numel(shape) * DTYPES[dtype].itemsize
-        if holds != nbytes:
-            raise InvalidArgument(f"shape {list(shape)} of {dtype} holds {holds} bytes, "
-                                  f"nbytes is {nbytes}")
+        dtype, shape = _layout(item, nbytes)
     except InvalidArgument as e:
         return BadItem(key.index_id, key.matrix_type, e)
     return PackItem(key, dtype, shape, offset, nbytes)
@@ -173,15 +179,7 @@ def _stream_item(item: Any, pos: int, offset: int) -> PackItem | BadItem:
     try:
         fields = {"index_id", "matrix_type", "dtype", "shape", "nbytes"}
         check_keys(item, fields, fields, f"item {pos}")
-        dtype = item["dtype"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise InvalidArgument(f"unsupported dtype {dtype!r:.40}; supported: "
-                                  f"{', '.join(DTYPES)}")
-        shape = validate_shape(item["shape"])
-        holds = numel(shape) * DTYPES[dtype].itemsize
-        if holds != item["nbytes"]:
-            raise InvalidArgument(f"shape {list(shape)} of {dtype} holds {holds} bytes, "
-                                  f"nbytes is {item['nbytes']}")
+        dtype, shape = _layout(item, item["nbytes"])
     except InvalidArgument as e:
         return BadItem(key.index_id, key.matrix_type, e)
     return PackItem(key, dtype, shape, offset, item["nbytes"])

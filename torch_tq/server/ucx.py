@@ -159,57 +159,63 @@ class UcxService:
             session.abort()  # no-op after a commit
         return protocol.ok(index_id=key.index_id, matrix_type=key.matrix_type, **entry.describe())
 
-
     def put_batch(self, req: dict, limits, limiter) -> dict:
         """UcxPutBatch: receives the items' bytes, end to end, into one buffer (the parts
         the client cut them into, spread over the lanes), then stores each item on its own
         as a slice of it (a result per item, as BatchWrite answers). A call over the batch
-        limits is refused whole, and what the client sent is taken without its bytes."""
+        limits is refused whole; one a memory store has no room for fails every item (the
+        transport is fine). Either way what the client sent is taken without its bytes."""
         rt = self.runtime()
         peers = self.peers(rt, req)
-        nbytes = req["nbytes"]
+        items, nbytes = req["items"], req["nbytes"]
+        what = f"UcxPutBatch of {len(items)} items"
         try:
-            batch_ops.check_batch_limits(limits, limiter, len(req["items"]), nbytes,
-                                         "UcxPutBatch")
+            batch_ops.check_batch_limits(limits, limiter, len(items), nbytes, "UcxPutBatch")
         except TQError:
             self._drain(rt, peers, req)
             raise
-        # numpy's (glibc's) memory, not Arrow's pool: the items keep it, and the
-        # housekeeping gives glibc's back once they are gone; numpy also asks for huge
-        # pages from 4 MiB on (32 x 256 KiB of new keys: 23-24 ms against 27-30 a batch)
-        whole = np.empty(nbytes, np.uint8)
-        buf = pa.py_buffer(whole)
+        try:  # the receive buffer counts against the capacity until the items are stored
+            self.store.reserve(what, nbytes)
+        except Unavailable as e:
+            self._drain(rt, peers, req)
+            return protocol.ok(results=[batch_ops._failed(*_ids(item), e) for item in items])
         try:
-            rt.run("recv", peers, req["tag"], ucx.views(whole, req["parts"]))
-        except Unavailable:
-            rt.forget(peers)
-            raise
+            # numpy's (glibc's) memory, not Arrow's pool: the items keep it, and the
+            # housekeeping gives glibc's back once they are gone; numpy also asks for huge
+            # pages from 4 MiB on (32 x 256 KiB of new keys: 23-24 ms against 27-30 a batch)
+            whole = np.empty(nbytes, np.uint8)
+            try:
+                rt.run("recv", peers, req["tag"], ucx.views(whole, req["parts"]))
+            except Unavailable:
+                rt.forget(peers)
+                raise
+        finally:
+            self.store.unreserve(nbytes)
         self.stats.add_bytes(received=nbytes)
-        results = batch_ops.write_slices(self.store, buf, req["items"], "UcxPutBatch")
+        results = batch_ops.write_slices(self.store, pa.py_buffer(whole), items, "UcxPutBatch")
         return protocol.ok(results=results)
 
     def get_batch(self, req: dict, limits, limiter) -> tuple[dict, pa.Buffer | None]:
-        """UcxGetBatch: a result per item, in order, each found one with its dtype, shape
-        and ``parts`` (the byte sizes of its pieces); the pieces of all of them go in one
-        transfer, in order (part ``i`` with tag ``tag + i``), without a copy. At most
-        ``inline_max`` bytes in all come back with the answer instead (one round trip).
-        An item over ``max_bytes``, or beyond ``max_batch_bytes`` in all, is answered with
-        ``inline: false`` and no parts: the client reads it with UcxGet."""
+        """UcxGetBatch: a result per item, in order (as a BatchRead row); the raw bytes of
+        the items answered with ``inline: true`` follow end to end, in order, as one
+        stream. At most ``inline_max`` bytes of it come back with the answer (one round
+        trip); a larger one goes over UCX in the ``parts`` the answer lists (part ``i``
+        with tag ``tag + i``). An item over ``max_bytes``, or beyond ``max_batch_bytes``
+        in all, is answered with ``inline: false``: the client reads it with UcxGet."""
         rt = self.runtime()
         peers = self.peers(rt, req)
         items = req["items"]
         batch_ops.check_batch_limits(limits, limiter, len(items), 0, "UcxGetBatch")
         budget = limits.max_batch_bytes or 2**62
         rows: list[dict] = []
-        parts: list = []
+        pieces: list = []
         total = 0
-        step = max(self.store.chunk_bytes, ucx.PART_BYTES)
         for item in items:
             if isinstance(item, BadItem):
                 rows.append(batch_ops._failed(item.index_id, item.matrix_type, item.error))
                 continue
             try:
-                row, pieces = batch_ops.read_one(self.store, item, req["max_bytes"])
+                row, data = batch_ops.read_one(self.store, item, req["max_bytes"])
             except TQError as e:
                 rows.append(batch_ops._failed(item.index_id, item.matrix_type, e))
                 continue
@@ -217,27 +223,30 @@ class UcxService:
                 err = batch_ops._unexpected(e, "UcxGetBatch item")
                 rows.append(batch_ops._failed(item.index_id, item.matrix_type, err))
                 continue
-            size = sum(p.size for p in pieces) if pieces is not None else 0
-            if pieces is None or total + size > budget:
+            size = sum(p.size for p in data) if data is not None else 0
+            if data is None or total + size > budget:
                 row["inline"] = False
-                rows.append(row)
-                continue
-            sizes = []
-            for piece in pieces:
-                whole = np.frombuffer(piece, dtype=np.uint8)
-                for view in ucx.views(whole, ucx.split(whole.nbytes, step)):
-                    parts.append(view)
-                    sizes.append(view.nbytes)
-            row["parts"] = sizes
-            total += size
+            else:
+                pieces.extend(np.frombuffer(p, dtype=np.uint8) for p in data if p.size)
+                total += size
             rows.append(row)
         self.stats.add_bytes(sent=total)
         if total <= req["inline_max"]:
-            data = np.concatenate(parts) if parts else np.empty(0, np.uint8)
-            return protocol.ok(results=rows, inline=True), pa.py_buffer(data)
+            stream = np.concatenate(pieces) if pieces else np.empty(0, np.uint8)
+            return protocol.ok(results=rows, stream="inline"), pa.py_buffer(stream)
+        step = max(self.store.chunk_bytes, ucx.PART_BYTES)
+        parts = [view for piece in pieces
+                 for view in ucx.views(piece, ucx.split(piece.nbytes, step))]
         future = rt.start("send", peers, req["tag"], parts)
         future.add_done_callback(lambda f: _log_failure(f, rt, peers, "UcxGetBatch"))
-        return protocol.ok(results=rows), None
+        return protocol.ok(results=rows, stream="ucx", parts=[p.nbytes for p in parts]), None
+
+
+def _ids(item) -> tuple:
+    """The index_id and matrix_type of a batch item (a PackItem or a BadItem)."""
+    if isinstance(item, BadItem):
+        return item.index_id, item.matrix_type
+    return item.key.index_id, item.key.matrix_type
 
 
 def _log_failure(future, rt, peers: list[bytes], what: str) -> None:

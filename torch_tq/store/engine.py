@@ -188,8 +188,9 @@ class Store(Catalog):
             session._sink.pack = pack
         return session
 
-    def reserve(self, key: Key, nbytes: int) -> None:
-        """Counts ``nbytes`` of an upload in flight against a memory store's capacity.
+    def reserve(self, key: Key | str, nbytes: int) -> None:
+        """Counts ``nbytes`` of an upload in flight (``key``: the matrix, or what the
+        upload is) against a memory store's capacity.
 
         Raises:
             Unavailable: the store would hold more than ``max_memory``.

@@ -97,8 +97,20 @@ class UcxTransport:
                 "addresses": rt.addresses_b64[: len(self.peers)], "tag": tag}
         if self.connection.checksum:
             body["xxh3"] = xxhash.xxh3_64_hexdigest(memoryview(raw))
+        self._call_sending(sending, protocol.UCX_PUT, body, f"put {key}")
+
+    def _call_sending(self, sending, action: str, body: dict, what: str) -> dict:
+        """Calls ``action`` while ``sending`` (the UCX send of its bytes) runs; its answer.
+        A refusal cancels the send (the server takes what arrived without its bytes); an
+        Unavailable that is no quota's means the data plane broke.
+
+        Raises:
+            TransportFailed: the call failed in a way that gRPC may not.
+        """
+        from torch_tq.transport import ucx
+
         try:
-            self.connection.action(protocol.UCX_PUT, body, f"put {key}")
+            reply = self.connection.action(action, body, what)
         except Unavailable as e:
             sending.cancel()
             if e.retry_after_ms is not None:
@@ -109,8 +121,9 @@ class UcxTransport:
             raise
         try:
             sending.result(ucx.DEFAULT_TIMEOUT_S)
-        except Exception as e:  # the server stored it, so the bytes did arrive
-            log.debug("UCX send of %s reported %s after the server's ack", key, e)
+        except Exception as e:  # the server answered, so the bytes did arrive
+            log.debug("UCX send of %s reported %s after the server's answer", what, e)
+        return reply
 
     def get(self, conn, key: Key, want: Want):
         direct = want.to_cuda and want.out is None and not want.shared and self.cuda_direct
@@ -193,29 +206,16 @@ class UcxTransport:
         sending = rt.start("send", self.peers, tag, parts)
         body = {"items": items, "parts": [p.nbytes for p in parts],
                 "addresses": rt.addresses_b64[: len(self.peers)], "tag": tag}
-        try:
-            reply = self.connection.action(protocol.UCX_PUT_BATCH, body, what)
-        except Unavailable as e:
-            sending.cancel()
-            if e.retry_after_ms is not None:
-                raise
-            raise TransportFailed(str(e)) from e
-        except BaseException:
-            sending.cancel()  # refused: the server received nothing
-            raise
-        try:
-            sending.result(ucx.DEFAULT_TIMEOUT_S)
-        except Exception as e:  # the server answered, so the bytes did arrive
-            log.debug("UCX send of a batch reported %s after the server's answer", e)
+        reply = self._call_sending(sending, protocol.UCX_PUT_BATCH, body, what)
         if len(reply.get("results", ())) != len(group):
             raise InternalError(
                 f"{what}: the server answered for {len(reply.get('results', ()))} items")
         return reply["results"]
 
     def get_many(self, conn, keys: list[Key], max_inline_bytes: int | None):
-        """One UcxGetBatch: every found item's bytes in one transfer over the lanes,
-        received straight into one buffer the items' tensors are views of (or, for a small
-        batch, with the answer)."""
+        """One UcxGetBatch: every found item's bytes end to end in one transfer over the
+        lanes, received straight into one buffer the items' tensors are views of (or, for
+        a small batch, with the answer)."""
         from torch_tq.transport import ucx
 
         rt = ucx.runtime()
@@ -230,57 +230,45 @@ class UcxTransport:
         rows = reply.get("results", [])
         if len(rows) != len(keys):
             raise InternalError(f"{what}: the server answered for {len(rows)} items")
-        inline = reply["_extra"][0] if reply.get("inline") and reply["_extra"] else None
-        # what comes over UCX lands in one buffer, each item at a multiple of 64 bytes:
-        # numpy's memory, which asks for huge pages from 4 MiB on (new memory costs more to
-        # fault in than to fill on a VM: 32 x 256 KiB into tensors of their own read
-        # slower than into one buffer)
-        layout, size = [], 0
+        # the items' bytes, end to end: with the answer, or over UCX into one buffer of
+        # numpy's memory (which asks for huge pages from 4 MiB on: new memory costs more to
+        # fault in than to fill on a VM, and 32 x 256 KiB read slower into a tensor each)
+        layout, total = [], 0
         for row in rows:
-            if row["success"] and row.get("parts") is not None and inline is None:
-                layout.append(size)
-                size += -(-sum(row["parts"]) // 64) * 64
-        whole = np.empty(size, np.uint8) if size else None
-        buffer = pa.py_buffer(whole) if size else None
-        results, views, pos, received = [], [], 0, 0
-        later = []  # (result, offset, dtype, shape): made tensors once the bytes are in
-        slots = iter(layout)
+            if row["success"] and row.get("inline"):
+                dtype, shape = codec.DTYPES[row["dtype"]], tuple(row["shape"])
+                layout.append((dtype, shape, total))
+                total += codec.numel(shape) * dtype.itemsize
+        if reply.get("stream") == "inline":
+            stream = reply["_extra"][0] if reply["_extra"] else pa.py_buffer(b"")
+            if stream.size != total:
+                raise InternalError(f"{what}: the server sent {stream.size} bytes for {total}")
+        else:
+            parts = reply.get("parts", [])
+            if sum(parts) != total:
+                raise InternalError(f"{what}: the server announced {sum(parts)} bytes for "
+                                    f"{total}")
+            whole = np.empty(total, np.uint8)
+            if total:
+                try:
+                    rt.run("recv", self.peers, tag, ucx.views(whole, parts))
+                except Exception as e:
+                    rt.forget(self.peers)
+                    raise TransportFailed(str(e)) from e
+            stream = pa.py_buffer(whole)
+        results = []
+        places = iter(layout)
         for row in rows:
             tensor = None
-            if row["success"] and row.get("parts") is not None:
-                dtype, shape = codec.DTYPES[row["dtype"]], tuple(row["shape"])
+            if row["success"] and row.get("inline"):
+                dtype, shape, start = next(places)
+                tensor = tensor_from(stream, start, dtype, shape)
                 nbytes = codec.numel(shape) * dtype.itemsize
-                if sum(row["parts"]) != nbytes:
-                    raise InternalError(f"{what}: the server announced {sum(row['parts'])} "
-                                        f"bytes for index_id={row['index_id']}")
-                if inline is not None:
-                    if pos + nbytes > inline.size:
-                        raise InternalError(f"{what}: the server sent {inline.size} bytes")
-                    tensor = tensor_from(inline, pos, dtype, shape)
-                    self.connection.count_get(
-                        0 if nbytes == 0 or tensor.untyped_storage().data_ptr()
-                        == inline.address + pos else nbytes)
-                    pos += nbytes
-                else:
-                    start = next(slots)
-                    if nbytes:
-                        views.extend(ucx.views(whole[start:start + nbytes], row["parts"]))
-                        later.append((len(results), start, dtype, shape))
-                    else:
-                        tensor = assemble.empty_tensor(dtype, shape)
-                    received += 1
+                self.connection.count_get(
+                    0 if nbytes == 0 or tensor.untyped_storage().data_ptr()
+                    == stream.address + start else nbytes)
             results.append(ItemResult(row["index_id"], row["matrix_type"], row["success"],
                                       row["code"], row["message"], tensor))
-        if views:
-            try:
-                rt.run("recv", self.peers, tag, views)
-            except Exception as e:
-                rt.forget(self.peers)
-                raise TransportFailed(str(e)) from e
-        for i, start, dtype, shape in later:
-            results[i] = results[i]._replace(tensor=tensor_from(buffer, start, dtype, shape))
-        for _ in range(received):
-            self.connection.count_get(0)  # UCX wrote each item where its tensor lies
         return results
 
     def read_here(self, keys: list[Key]) -> None:
