@@ -409,3 +409,22 @@ def test_a_ucx_batch_a_full_memory_store_has_no_room_for_fails_its_items(unique_
         assert all(r.success for r in c.put_many(half, batch_items=16))
         got = c.get_many(list(half))
         assert all(torch.equal(r.tensor, t) for r, t in zip(got, half.values()))
+
+
+def test_coalesce_joins_small_pieces_and_sends_large_ones_from_their_memory():
+    import numpy as np
+
+    from torch_tq.transport import ucx
+
+    rng = np.random.default_rng(0)
+    small = [rng.integers(0, 255, n, dtype=np.uint8) for n in (7, 4096, 0, 300_000, 1)]
+    large = rng.integers(0, 255, 40 << 20, dtype=np.uint8)
+    pieces = [*small, large, *small]
+    parts = ucx.coalesce(pieces, lanes=2)
+    assert np.array_equal(np.concatenate(parts), np.concatenate(pieces))
+    assert all(0 < p.nbytes <= ucx.PART_BYTES for p in parts)
+    # the large piece: parts of its own, views of its memory
+    assert sum(np.shares_memory(p, large) for p in parts) == -(-large.nbytes // ucx.PART_BYTES)
+    # two lanes, 32 x 256 KiB: a part per lane
+    assert [p.nbytes for p in ucx.coalesce([np.ones(1 << 18, np.uint8)] * 32, 2)] == [4 << 20] * 2
+    assert ucx.coalesce([np.empty(0, np.uint8)], 2) == []

@@ -234,9 +234,7 @@ class UcxService:
         if total <= req["inline_max"]:
             stream = np.concatenate(pieces) if pieces else np.empty(0, np.uint8)
             return protocol.ok(results=rows, stream="inline"), pa.py_buffer(stream)
-        step = max(self.store.chunk_bytes, ucx.PART_BYTES)
-        parts = [view for piece in pieces
-                 for view in ucx.views(piece, ucx.split(piece.nbytes, step))]
+        parts = ucx.coalesce(pieces, len(peers))
         future = rt.start("send", peers, req["tag"], parts)
         future.add_done_callback(lambda f: _log_failure(f, rt, peers, "UcxGetBatch"))
         return protocol.ok(results=rows, stream="ucx", parts=[p.nbytes for p in parts]), None

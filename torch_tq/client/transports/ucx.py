@@ -196,11 +196,8 @@ class UcxTransport:
         items = [{"index_id": key.index_id, "matrix_type": key.matrix_type,
                   "dtype": dtype.name, "shape": list(shape), "nbytes": flat.nbytes}
                  for _, key, dtype, shape, flat in group]
-        # the bytes end to end in one buffer, a part per lane: one copy here cost less than
-        # a UCX message per item (32 x 256 KiB: 13.6 against 16.8 ms a batch)
-        joined = np.concatenate([flat.view(np.uint8).reshape(-1) for *_, flat in group])
-        lanes = max(1, min(len(self.peers), rt.lanes))
-        parts = ucx.views(joined, ucx.split(joined.nbytes, -(-joined.nbytes // lanes)))
+        parts = ucx.coalesce([flat.view(np.uint8).reshape(-1) for *_, flat in group],
+                             min(len(self.peers), rt.lanes))
         tag = random.getrandbits(64)
         what = f"UcxPutBatch of {len(group)} items"
         sending = rt.start("send", self.peers, tag, parts)
