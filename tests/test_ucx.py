@@ -425,6 +425,8 @@ def test_coalesce_joins_small_pieces_and_sends_large_ones_from_their_memory():
     assert all(0 < p.nbytes <= ucx.PART_BYTES for p in parts)
     # the large piece: parts of its own, views of its memory
     assert sum(np.shares_memory(p, large) for p in parts) == -(-large.nbytes // ucx.PART_BYTES)
-    # two lanes, 32 x 256 KiB: a part per lane
+    # two lanes, 32 x 256 KiB: a part per lane; 4 MiB pieces are not copied
     assert [p.nbytes for p in ucx.coalesce([np.ones(1 << 18, np.uint8)] * 32, 2)] == [4 << 20] * 2
+    big = [np.ones(4 << 20, np.uint8) for _ in range(8)]
+    assert all(any(np.shares_memory(p, b) for b in big) for p in ucx.coalesce(big, 2))
     assert ucx.coalesce([np.empty(0, np.uint8)], 2) == []
