@@ -106,8 +106,8 @@ def test_a_batch_is_one_ucx_transfer_each_way(server, unique_id):
     for r, (key, t) in zip(results, items.items()):
         assert (r.index_id, r.matrix_type) == key
         assert r.tensor.dtype == t.dtype and r.tensor.shape == t.shape and torch.equal(r.tensor, t)
-    # UCX wrote the items end to end into one buffer: the tensors are views of it, but
-    # for those its layout puts at an offset their dtype cannot be read at (copied)
+    # UCX wrote the items end to end into buffers whose views the tensors are; only an
+    # item the layout puts at an offset its dtype cannot be read at may have been copied
     offset, misaligned = 0, []
     for t in items.values():
         nbytes = t.numel() * t.element_size()
@@ -115,8 +115,9 @@ def test_a_batch_is_one_ucx_transfer_each_way(server, unique_id):
             misaligned.append(nbytes)
         offset += nbytes
     assert misaligned  # the layout above does put some there
-    assert c.stats["copied_bytes"] - stats["copied_bytes"] == sum(misaligned)
-    assert c.stats["zero_copy_gets"] - stats["zero_copy_gets"] == 32 - len(misaligned)
+    assert c.stats["copied_bytes"] - stats["copied_bytes"] <= sum(misaligned)
+    assert c.stats["zero_copy_gets"] - stats["zero_copy_gets"] >= 32 - len(misaligned)
+    assert c.stats["gets"] - stats["gets"] == 32
     # what UCX stored is what any client reads
     remote = torch_tq.Client(server.location, transport="grpc")
     assert all(torch.equal(r.tensor, items[(r.index_id, r.matrix_type)])
