@@ -211,8 +211,8 @@ class UcxTransport:
 
     def get_many(self, conn, keys: list[Key], max_inline_bytes: int | None):
         """One UcxGetBatch: every found item's bytes end to end in one transfer over the
-        lanes, received straight into one buffer the items' tensors are views of (or, for
-        a small batch, with the answer)."""
+        lanes, received straight into buffers the items' tensors are views of (or, for a
+        small batch, with the answer)."""
         from torch_tq.transport import ucx
 
         rt = ucx.runtime()
