@@ -396,8 +396,9 @@ def test_a_refused_put_takes_the_bytes_already_sent(unique_id):
 
 
 def test_a_ucx_batch_a_full_memory_store_has_no_room_for_fails_its_items(unique_id):
-    """The store is full, not the transport: every item fails with UNAVAILABLE, nothing is
-    stored, and the client stays on UCX (and can store once there is room)."""
+    """The store is full, not the transport: every item fails with UNAVAILABLE (a single
+    put raises it), nothing is stored, and the client stays on UCX (and can store once
+    there is room)."""
     with torch_tq.start_server(storage="memory", same_host=False, max_memory="6MiB") as srv:
         c = torch_tq.Client(_locations(srv))
         assert c.transport == "ucx"
@@ -406,6 +407,9 @@ def test_a_ucx_batch_a_full_memory_store_has_no_room_for_fails_its_items(unique_
         assert [r.code for r in results] == ["UNAVAILABLE"] * 32
         assert all("memory store full" in r.message for r in results)
         assert c.transport == "ucx" and c.server_stats()["matrices"] == 0
+        with pytest.raises(torch_tq.Unavailable, match="memory store full"):
+            c.put(unique_id, "big", torch.randn(7 << 18))  # one UcxPut of 7 MiB
+        assert c.transport == "ucx"  # a full store is the server's answer, not UCX failing
         half = dict(list(items.items())[:16])  # 4 MiB fit
         assert all(r.success for r in c.put_many(half, batch_items=16))
         got = c.get_many(list(half))

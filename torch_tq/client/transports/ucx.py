@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 INLINE_BYTES = 1 << 20
 
 
+def _data_plane_broke(e: Unavailable) -> bool:
+    """Whether a UCX call failed for UCX (every such error of the server's names it) or
+    because its connection broke, rather than by the server's choice."""
+    return "UCX" in e.message or connection_lost(e)
+
+
 class UcxTransport:
     """Large puts and gets over the server's UCX lanes, and batches of more than
     :data:`INLINE_BYTES` as one UCX transfer each (UcxPutBatch/UcxGetBatch); smaller batches
@@ -101,11 +107,12 @@ class UcxTransport:
 
     def _call_sending(self, sending, action: str, body: dict, what: str) -> dict:
         """Calls ``action`` while ``sending`` (the UCX send of its bytes) runs; its answer.
-        A refusal cancels the send (the server takes what arrived without its bytes); an
-        Unavailable that is no quota's means the data plane broke.
+        A refusal cancels the send (the server takes what arrived without its bytes).
 
         Raises:
-            TransportFailed: the call failed in a way that gRPC may not.
+            TransportFailed: UCX failed, or the connection broke: gRPC may do better.
+            Unavailable: the server's answer (over a quota, a memory store full): the
+                caller's, and the data plane is fine.
         """
         from torch_tq.transport import ucx
 
@@ -113,7 +120,7 @@ class UcxTransport:
             reply = self.connection.action(action, body, what)
         except Unavailable as e:
             sending.cancel()
-            if e.retry_after_ms is not None:
+            if e.retry_after_ms is not None or not _data_plane_broke(e):
                 raise
             raise TransportFailed(str(e)) from e
         except BaseException:
