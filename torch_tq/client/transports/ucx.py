@@ -239,8 +239,9 @@ class UcxTransport:
         for row in rows:
             if row["success"] and row.get("inline"):
                 dtype, shape = codec.DTYPES[row["dtype"]], tuple(row["shape"])
-                layout.append((dtype, shape, total))
-                total += codec.numel(shape) * dtype.itemsize
+                nbytes = codec.numel(shape) * dtype.itemsize
+                layout.append((dtype, shape, total, nbytes))
+                total += nbytes
         if reply.get("stream") == "inline":
             stream = reply["_extra"][0] if reply["_extra"] else pa.py_buffer(b"")
             if stream.size != total:
@@ -251,19 +252,18 @@ class UcxTransport:
             if sum(parts) != total:
                 raise InternalError(f"{what}: the server announced {sum(parts)} bytes for "
                                     f"{total}")
-            regions = self._receive_stream(rt, tag, parts, {start for *_, start in layout})
+            regions = self._receive_stream(rt, tag, parts, {start for _, _, start, _ in layout})
         results = []
         places = iter(layout)
         k = 0
         for row in rows:
             tensor = None
             if row["success"] and row.get("inline"):
-                dtype, shape, start = next(places)
+                dtype, shape, start, nbytes = next(places)
                 while k + 1 < len(regions) and regions[k + 1][0] <= start:
                     k += 1
                 base, buf = regions[k]
                 tensor = tensor_from(buf, start - base, dtype, shape)
-                nbytes = codec.numel(shape) * dtype.itemsize
                 self.connection.count_get(
                     0 if nbytes == 0 or tensor.untyped_storage().data_ptr()
                     == buf.address + start - base else nbytes)
