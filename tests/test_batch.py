@@ -205,6 +205,26 @@ def test_result_rows_alignment_learning_gives_zero_copy(unique_id):
 
 
 
+def test_small_items_packed_in_one_result_batch_come_back_without_a_copy(unique_id):
+    """Items below chunk_bytes share a result batch; once the client knows the padding
+    for that size of batch, every one of them lands aligned for float64 (8 bytes)."""
+    with torch_tq.start_server(storage="memory") as srv:
+        c = torch_tq.Client(srv.location, transport="grpc")
+        for n, count in ((512, 32), (64 << 10, 24)):  # 4 KiB items; 512 KiB items
+            items = {(unique_id + i, f"packed{n}"): torch.randn(n, dtype=torch.float64)
+                     for i in range(count)}
+            c.put_many(items)
+            c.get_many(list(items), concurrency=1)  # learns the padding of its size class
+            before = dict(c.stats)
+            results = c.get_many(list(items), concurrency=1)
+            assert all(torch.equal(r.tensor, t) for r, t in zip(results, items.values()))
+            assert c.stats["zero_copy_gets"] - before["zero_copy_gets"] == count
+            assert c.stats["copied_bytes"] == before["copied_bytes"]
+        # the first size class's padding still holds after the second was learnt
+        again = c.get_many([(unique_id + i, "packed512") for i in range(32)], concurrency=1)
+        assert c.stats["zero_copy_gets"] - before["zero_copy_gets"] == 24 + len(again)
+
+
 def test_batch_write_data_lands_aligned_once_the_client_knows_the_pad(bc, unique_id):
     """The server tells the client how much app_metadata puts a BatchWrite's data 8-byte
     aligned in its receive buffer; from the second call on, it keeps the items without

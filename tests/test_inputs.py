@@ -213,6 +213,9 @@ def test_garbage_ticket(fc, ticket):
         {"action": "BatchRead", "items": [], "max_inline_bytes": -1},
         {"action": "BatchRead", "items": [], "max_inline_bytes": 1 << 40},
         {"action": "BatchRead", "items": [], "pad": 64},
+        {"action": "BatchRead", "items": [], "pad": [0, 1, 2, 3, 4, 5, 6]},  # 7 classes
+        {"action": "BatchRead", "items": [], "pad": [0, -1]},
+        {"action": "BatchRead", "items": [], "pad": [0, True]},
         {"action": "BatchRead", "items": [], "compression": "gzip"},
         {"action": "BatchRead", "items": [{"index_id": i, "matrix_type": "x"} for i in range(1001)]},
         {"command": "batch_read", "body": {"items": 5}},

@@ -262,7 +262,7 @@ def test_reads_with_malformed_tickets_descriptors_and_items(sweep_server):
             assert "INTERNAL_ERROR" not in table.column("code").to_pylist(), ticket[:200]
     batch_read = {"action": "BatchRead", "items": [item], "max_inline_bytes": 1024,
                   "compression": "lz4", "pad": 8}
-    for ticket in _mutations(batch_read):
+    for ticket in _mutations(batch_read) + _mutations({**batch_read, "pad": [0, 3, 7]}):
         sweep.outcome(lambda: fc.do_get(flight.Ticket(ticket)).read_all(), f"BatchRead {ticket[:80]!r}")
     print(f"\nreads: {sweep.calls} calls, refused {sweep.refused}")
 

@@ -228,7 +228,33 @@ class BatchReadCommand:
     items: tuple
     max_inline_bytes: int
     compression: str | None = None
-    pad: int = 0
+    pad: int | tuple[int, ...] = 0
+
+    def pad_for(self, nbytes: int) -> int:
+        """The padding asked for before a result batch of ``nbytes`` (see :func:`size_class`)."""
+        if isinstance(self.pad, int):
+            return self.pad
+        cls = size_class(nbytes)
+        return self.pad[cls - 1] if cls <= len(self.pad) else 0
+
+
+MAX_SIZE_CLASSES = 6
+
+
+def size_class(nbytes: int) -> int:
+    """How many bytes the length of a message of ``nbytes`` takes in gRPC's framing (a
+    protobuf varint): where gRPC puts a message's body shifts with it, so the padding
+    (``app_metadata``) that puts batch data 8-byte aligned is learnt per class."""
+    return max(1, (nbytes.bit_length() + 6) // 7)
+
+
+def _validate_pad(value: Any) -> int | tuple[int, ...]:
+    if isinstance(value, list):
+        if len(value) > MAX_SIZE_CLASSES:
+            raise InvalidArgument(f"BatchRead ticket: pad lists at most {MAX_SIZE_CLASSES} "
+                                  f"size classes, got {len(value)}")
+        return tuple(validate_int(v, "pad", 0, 63) for v in value)
+    return validate_int(value, "pad", 0, 63)
 
 
 class BadItem(NamedTuple):
@@ -286,7 +312,7 @@ def parse_get_ticket(raw: bytes, max_items: int = 0) -> ReadRequest | BatchReadC
                                "max_inline_bytes", 0, MAX_INLINE_BYTES)
         return BatchReadCommand(tuple(batch_item(it, i) for i, it in enumerate(items)), inline,
                                 validate_compression(body.get("compression")),
-                                validate_int(body.get("pad", 0), "pad", 0, 63))
+                                _validate_pad(body.get("pad", 0)))
     if len(raw) > MAX_COMMAND_BYTES:
         raise InvalidArgument(f"{what} is {len(raw)} bytes; the limit is {MAX_COMMAND_BYTES}")
     _check_action(action, READ_MATRIX, what)
@@ -309,7 +335,7 @@ def parse_put_request(descriptor: flight.FlightDescriptor) -> PutCommand | Batch
 
 def batch_read_command(
     keys: list[Key], max_inline_bytes: int | None = None, compression: str | None = None,
-    pad: int = 0,
+    pad: int | list[int] = 0,
 ) -> bytes:
     body: dict[str, Any] = {
         "action": BATCH_READ,

@@ -219,7 +219,13 @@ class MatrixReader:
         self._source = source
         self._closed = False
         try:
-            self.entry = read_trailer(key, source)
+            # a source that keeps its trailer (a memory store's matrix) is read once
+            entry = getattr(source, "entry", None)
+            if entry is None or entry.key != key:
+                entry = read_trailer(key, source)
+                if hasattr(source, "entry"):
+                    source.entry = entry
+            self.entry = entry
             self.dtype = codec.DTYPES[self.entry.dtype]
             self.numel = codec.numel(self.entry.shape)
         except BaseException:

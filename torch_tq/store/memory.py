@@ -33,6 +33,8 @@ class _Batches:
         self.items: list[tuple[pa.RecordBatch, dict]] = []
         # (Pack, offset) when the values are that pack's bytes from offset on
         self.pack: tuple[Pack, int] | None = None
+        # its checked trailer, once a reader has read it (a published matrix never changes)
+        self.entry = None
 
     @property
     def num_record_batches(self) -> int:

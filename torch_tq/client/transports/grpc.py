@@ -36,7 +36,8 @@ class GrpcTransport:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self._pad = 0  # learnt: app_metadata padding that aligns BatchRead items
+        self._read_pad: dict[int, int] = {}  # learnt: app_metadata padding that aligns
+        # BatchRead items, per size class of a result batch (protocol.size_class)
         self._write_pad: dict[int, int] = {}  # and BatchWrite's, per size class of a batch
 
     def put(self, conn, key: Key, dtype: codec.DType, shape: tuple[int, ...], flat,
@@ -78,7 +79,7 @@ class GrpcTransport:
         # pad + 1 bytes of app_metadata before the batch, the pad the server last said puts
         # its data 8-byte aligned there (it then keeps the items without copying them); it
         # depends on how many bytes the length of the message's body takes
-        size_class = (table.nbytes.bit_length() + 6) // 7
+        size_class = protocol.size_class(table.nbytes)
         pad = self._write_pad.get(size_class, 0)
         reply = self.connection.upload(conn, descriptor, table.schema,
                                        [(table, pa.py_buffer(b"\0" * (pad + 1)))],
@@ -97,10 +98,11 @@ class GrpcTransport:
         compression = self.connection.compression
         with flight_errors(what):
             ticket = protocol.batch_read_command(keys, max_inline_bytes,
-                                                 packing.for_batches(compression), pad=self._pad)
+                                                 packing.for_batches(compression),
+                                                 pad=self._read_pads())
             reader = conn.do_get(flight.Ticket(ticket), self.connection.options())
             for chunk in codec.chunks(reader):
-                if chunk.app_metadata is not None and chunk.data.num_rows == 1:
+                if chunk.app_metadata is not None:
                     self._learn_pad(chunk.data, chunk.app_metadata.size - 1)
                 rows.extend(self._result_rows(chunk.data))
         if len(rows) != len(keys):
@@ -137,14 +139,20 @@ class GrpcTransport:
                 for chunk in codec.chunks(reader):
                     yield codec.element_bytes(chunk.data.column(0))
 
+    def _read_pads(self) -> list[int]:
+        pads = self._read_pad
+        return [pads.get(c, 0) for c in range(1, max(pads) + 1)] if pads else []
+
     def _learn_pad(self, batch: pa.RecordBatch, pad: int) -> None:
-        """Where gRPC put a lone item's bytes, given the padding the server put before them,
-        tells the padding that puts them 8-byte aligned (constant for a process's gRPC)."""
+        """Where gRPC put a result batch's data, given the padding the server put before
+        it, tells the padding that puts it 8-byte aligned: constant for a process's gRPC and
+        a size class of batch (the items of the batch follow it, each 8-byte aligned)."""
         data = batch.column("data")
-        if len(data) != 1 or data.buffers()[2] is None:
+        cls = protocol.size_class(batch.nbytes)
+        if not len(data) or data.buffers()[2] is None or cls > protocol.MAX_SIZE_CLASSES:
             return
         misaligned = data.buffers()[2].address % 8
-        self._pad = (pad - misaligned) % 8
+        self._read_pad[cls] = (pad - misaligned) % 8
 
     def _result_rows(self, batch: pa.RecordBatch) -> Iterator[ItemResult]:
         # each column to Python once (a scalar per row and column cost microseconds each)
