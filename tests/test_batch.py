@@ -105,6 +105,43 @@ def test_generic_flight_batch_write_binary_and_list_forms(small_server, bc, uniq
                        torch.arange(6, dtype=torch.float64).reshape(2, 3))
 
 
+def test_generic_flight_batch_write_binary_view_form(small_server, bc, unique_id):
+    """binary_view data (what torch_tq's client sends: each item a buffer of its own):
+    values held in their view (up to 12 bytes) and in data buffers, a null, a sliced
+    column; a view that names bytes outside its buffers fails alone."""
+    fc = flight.FlightClient(small_server.location)
+    values = [np.arange(3, dtype=np.float32), np.arange(5, dtype=np.float32),
+              None, np.arange(7, dtype=np.int64)]
+    data = pa.array([v.tobytes() if v is not None else None for v in values] + [b"\0" * 32],
+                    pa.binary_view()).slice(0, 4)
+    table = pa.table({
+        "index_id": pa.array([unique_id] * 4, pa.uint64()),
+        "matrix_type": ["inline", "viewed", "null", "long"],
+        "dtype": ["float32", "float32", "float32", "int64"],
+        "data": data,
+    })
+    results = _batch_write(fc, table)["results"]
+    assert [r["success"] for r in results] == [True, True, False, True]
+    assert results[2]["message"] == "item has no data (null)"
+    assert torch.equal(bc.get(unique_id, "inline"), torch.arange(3.0))
+    assert torch.equal(bc.get(unique_id, "viewed"), torch.arange(5.0))
+    assert torch.equal(bc.get(unique_id, "long"), torch.arange(7))
+
+    # the second view points 64 bytes past the end of its 20-byte buffer
+    good = np.arange(5, dtype=np.float32)
+    views = np.array([[20, 0, 0, 0], [20, 0, 0, 64]], dtype=np.int32)
+    bad = pa.Array.from_buffers(pa.binary_view(), 2,
+                                [None, pa.py_buffer(views), pa.py_buffer(good)])
+    table = pa.table({"index_id": pa.array([unique_id + 1] * 2, pa.uint64()),
+                      "matrix_type": ["ok", "outside"], "dtype": ["float32"] * 2, "data": bad})
+    results = _batch_write(fc, table)["results"]  # Arrow's reader checks no view
+    assert [r["success"] for r in results] == [True, False]
+    assert "outside the column's data buffers" in results[1]["message"]
+    assert torch.equal(bc.get(unique_id + 1, "ok"), torch.arange(5.0))
+    assert [m.matrix_type for m in bc.list(unique_id + 1)] == ["ok"]
+    assert bc.health()["status"] == "SERVING"
+
+
 def test_generic_flight_batch_read_via_flight_info(small_server, bc, unique_id):
     bc.put(unique_id, "prompt", torch.arange(6, dtype=torch.int32).reshape(2, 3))
     fc = flight.FlightClient(small_server.location)
