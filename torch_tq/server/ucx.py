@@ -227,10 +227,14 @@ class UcxService:
             if data is None or total + size > budget:
                 row["inline"] = False
             else:
-                pieces.extend(np.frombuffer(p, dtype=np.uint8) for p in data if p.size)
+                pieces.extend(p for p in data if p.size)
                 total += size
             rows.append(row)
         self.stats.add_bytes(sent=total)
+        # items stored from one batch and read in its order lie end to end: one piece
+        joined = batch_ops.contiguous(pieces)
+        pieces = [np.frombuffer(p, dtype=np.uint8)
+                  for p in ([joined] if joined is not None else pieces)]
         if total <= req["inline_max"]:
             stream = np.concatenate(pieces) if pieces else np.empty(0, np.uint8)
             return protocol.ok(results=rows, stream="inline"), pa.py_buffer(stream)
