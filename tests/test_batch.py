@@ -284,3 +284,17 @@ def test_batch_write_data_lands_aligned_once_the_client_knows_the_pad(bc, unique
     reply = _batch_write(fc, table)
     assert reply["results"][0]["success"] and "pad" not in reply
     assert torch.equal(bc.get(unique_id + 100, "plain"), torch.arange(1000.0))
+
+
+def test_contiguous_joins_only_pieces_that_lie_end_to_end_in_one_allocation():
+    from torch_tq.server.batch import contiguous
+
+    root = pa.py_buffer(np.arange(64, dtype=np.uint8))
+    a, b, c = root.slice(8, 16), root.slice(24, 8).slice(0, 8), root.slice(32, 8)
+    joined = contiguous([a, b, c])
+    assert joined is not None and joined.to_pybytes() == bytes(range(8, 40))
+    assert contiguous([a, c]) is None  # a gap
+    assert contiguous([b, a]) is None  # out of order
+    other = pa.py_buffer(np.arange(64, dtype=np.uint8))
+    assert contiguous([a, other.slice(24, 8)]) is None  # another allocation
+    assert contiguous([a]) is a and contiguous([]) is None
