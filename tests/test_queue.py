@@ -120,6 +120,27 @@ def test_long_poll_waits_for_the_producer(client, group, unique_id, P, R):
     assert client.group_status(group)["requests"] == 2
 
 
+@pytest.mark.parametrize("transport", ["grpc", "same-host"])
+def test_a_waiting_consumer_leases_a_batch_write_whole(memory_server, group, unique_id, P,
+                                                        transport):
+    """A batch call's items are told to the groups at its end, together: the consumer
+    waiting on the group wakes once and leases them all, not the first one alone."""
+    producer = torch_tq.Client(memory_server.location, transport=transport)
+    consumer = torch_tq.Client(memory_server.location, transport="grpc")
+    consumer.consume(group, [P])  # create the group
+    got = {}
+    th = threading.Thread(
+        target=lambda: got.setdefault("lease", consumer.consume(group, max_items=64,
+                                                                timeout=20)))
+    th.start()
+    time.sleep(0.3)
+    assert th.is_alive()
+    items = {(i, P): torch.randn(64 << 10) for i in _ids(unique_id, 32)}  # 8 MiB
+    assert all(r.success for r in producer.put_many(items, batch_items=32))
+    th.join(10)
+    assert got["lease"].index_ids == _ids(unique_id, 32)
+
+
 def test_long_poll_times_out_empty(client, group, P, R):
     t0 = time.monotonic()
     lease = client.consume(group, [P], timeout=0.3)

@@ -280,6 +280,11 @@ def write_items(store, batches: list[pa.RecordBatch], schema: pa.Schema,
     """Stores every row of a BatchWrite upload on its own; returns a result per row
     (``stats``: counts the bytes it had to copy to align)."""
     table = _WriteTable(schema)
+    with store.notifying_once():  # waiting consumers lease the batch whole
+        return _write_items(store, table, batches, stats)
+
+
+def _write_items(store, table: _WriteTable, batches: list[pa.RecordBatch], stats) -> list[dict]:
     results: list[dict] = []
     for batch in batches:
         # each column to Python once, not a scalar per row and column
@@ -342,6 +347,11 @@ def write_slices(store, buffer: pa.Buffer, items: list, what: str, pack=None) ->
     ``BadItem`` that fails alone) as a slice of ``buffer`` at its offset, a result per
     item in order. An item that lies at an offset its dtype cannot be read at is copied;
     ``pack``: the same-host pack ``buffer`` maps (tagged on each item)."""
+    with store.notifying_once():  # waiting consumers lease the batch whole
+        return _write_slices(store, buffer, items, what, pack)
+
+
+def _write_slices(store, buffer: pa.Buffer, items: list, what: str, pack) -> list[dict]:
     results: list[dict] = []
     for item in items:
         if isinstance(item, BadItem):

@@ -23,17 +23,22 @@ class Catalog:
         self._listeners: list[Callable[[int, frozenset[str]], None]] = []
 
     def add_listener(self, fn) -> None:
-        """Calls ``fn(index_id, types)`` after every publish and delete, with the types of
-        ``index_id`` then present (a frozenset), while writes to ``index_id`` are held."""
+        """Calls ``fn(changes)`` after every publish and delete, ``changes`` a list of
+        ``(index_id, types)`` with the types of each ``index_id`` then present (a
+        frozenset), while writes to those index_ids are held: one change, or those of a
+        whole batch call (:meth:`~torch_tq.store.engine.Store.notifying_once`)."""
         self._listeners.append(fn)
 
     def _notify(self, index_id: int) -> None:
+        self._notify_ids([index_id])
+
+    def _notify_ids(self, index_ids: list[int]) -> None:
         if not self._listeners:
             return
         with self._lock:
-            present = frozenset(self._entries.get(index_id, ()))
+            changes = [(i, frozenset(self._entries.get(i, ()))) for i in index_ids]
         for fn in self._listeners:
-            fn(index_id, present)
+            fn(changes)
 
     def index_types(self) -> dict[int, frozenset[str]]:
         """Every stored index_id with the set of its matrix types."""

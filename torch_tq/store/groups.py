@@ -138,16 +138,19 @@ class Queue:
 
     # ------------------------------------------------------------------ readiness
 
-    def _on_change(self, index_id: int, present: frozenset[str]) -> None:
+    def _on_change(self, changes: list[tuple[int, frozenset[str]]]) -> None:
+        """The store's changes (one, or a batch call's): the index_ids they make ready or
+        unready; waiting consumers wake once, so a batch is leased whole, not item by item."""
         with self._cv:
             woke = False
-            for group in self._groups.values():
-                if group.types <= present:
-                    if not group.holds(index_id):
-                        group.ready[index_id] = None
-                        woke = True
-                else:
-                    group.ready.pop(index_id, None)
+            for index_id, present in changes:
+                for group in self._groups.values():
+                    if group.types <= present:
+                        if not group.holds(index_id):
+                            group.ready[index_id] = None
+                            woke = True
+                    else:
+                        group.ready.pop(index_id, None)
             if woke:
                 self._cv.notify_all()
 
