@@ -263,6 +263,32 @@ def test_put_is_acknowledged_through_app_metadata(fc, unique_id):
     assert ack["success"] is True and ack["shape"] == [4] and ack["nbytes"] == 16
 
 
+def test_put_with_ack_false_is_acknowledged_by_its_status_alone(fc, client, unique_id):
+    """``"ack": false`` (what torch_tq's client sends): no acknowledgement message, the
+    call's OK status, which follows the commit, is the acknowledgement; a refused upload
+    still fails the call."""
+    schema = pa.schema([pa.field("data", pa.float32())])
+    writer, acks = fc.do_put(_cmd(index_id=unique_id, matrix_type="quiet", shape=[4],
+                                  ack=False), schema)
+    writer.write_table(pa.table({"data": pa.array([1, 2, 3, 4], pa.float32())}))
+    writer.done_writing()
+    assert acks.read() is None  # the stream ends with no message
+    writer.close()
+    assert torch.equal(client.get(unique_id, "quiet"), torch.tensor([1.0, 2, 3, 4]))
+
+    writer, _ = fc.do_put(_cmd(index_id=unique_id, matrix_type="short", shape=[5],
+                               ack=False), schema)
+    writer.write_table(pa.table({"data": pa.array([1, 2, 3, 4], pa.float32())}))
+    writer.done_writing()
+    with pytest.raises(pa.ArrowInvalid, match="ended after 4 of 5"):
+        writer.close()
+    assert [m.matrix_type for m in client.list(unique_id)] == ["quiet"]
+    with pytest.raises(pa.ArrowInvalid, match="ack must be true or false"):
+        writer, _ = fc.do_put(_cmd(index_id=unique_id, matrix_type="x", ack="no"), schema)
+        writer.write_table(pa.table({"data": pa.array([1.0], pa.float32())}))
+        writer.close()
+
+
 def test_stats_count_calls_errors_and_bytes():
     with torch_tq.start_server(storage="memory") as srv:
         c = torch_tq.Client(srv.location, transport="grpc")

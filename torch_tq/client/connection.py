@@ -216,9 +216,10 @@ class Connection:
         return reply
 
     def upload(self, conn: flight.FlightClient, descriptor, schema, batches, what: str,
-               compression: str | None = None) -> dict:
+               compression: str | None = None, acknowledged: bool = True) -> dict | None:
         """One DoPut: streams ``batches`` (record batches, or ``(batch, app_metadata)``
-        pairs) and returns the server's JSON acknowledgement."""
+        pairs) and returns the server's JSON acknowledgement (``acknowledged=False``: the
+        command asked for none, and the call's OK status is the acknowledgement)."""
         options = self.options(write_options=packing.ipc_options(compression))
         ack = None
         with flight_errors(what):
@@ -230,10 +231,13 @@ class Connection:
                     else:
                         writer.write_batch(batch)
                 writer.done_writing()
-                ack = acks.read()
+                if acknowledged:
+                    ack = acks.read()
             finally:
-                # close() reports the server's status when the call failed.
+                # close() waits for the server's status and raises it when the call failed
                 writer.close()
+        if not acknowledged:
+            return None
         if ack is None:
             raise InternalError(f"{what}: the server closed the upload without acknowledging it")
         return json.loads(ack.to_pybytes())

@@ -101,6 +101,7 @@ class PutCommand:
     dtype: str | None = None
     nbytes: int | None = None
     xxh3: str | None = None
+    ack: bool = True  # False: the call's OK status is the acknowledgement, no message
 
 
 # --------------------------------------------------------------------------- parsing
@@ -153,7 +154,7 @@ def _key_from_path(path: list[bytes], what: str) -> Key:
     return Key(validate_index_id(int(raw_id)), validate_matrix_type(raw_type))
 
 
-_PUT_FIELDS = {"action", "index_id", "matrix_type", "shape", "dtype", "nbytes", "xxh3"}
+_PUT_FIELDS = {"action", "index_id", "matrix_type", "shape", "dtype", "nbytes", "xxh3", "ack"}
 _READ_FIELDS = {"action", "index_id", "matrix_type"}
 
 
@@ -184,7 +185,10 @@ def _put_command(body: dict[str, Any], action: str | None, what: str) -> PutComm
     digest = body.get("xxh3")
     if digest is not None and (not isinstance(digest, str) or not _HEX64_RE.fullmatch(digest)):
         raise InvalidArgument("xxh3 must be 16 lower-case hex digits (XXH3-64 of the raw bytes)")
-    return PutCommand(key, shape, dtype, nbytes, digest)
+    ack = body.get("ack", True)
+    if not isinstance(ack, bool):
+        raise InvalidArgument(f"ack must be true or false, got {ack!r:.80}")
+    return PutCommand(key, shape, dtype, nbytes, digest, ack)
 
 
 def parse_read_body(raw: bytes, what: str) -> Key:
@@ -399,6 +403,7 @@ def write_command(
     dtype: str,
     nbytes: int,
     xxh3: str | None = None,
+    ack: bool = True,
 ) -> bytes:
     body: dict[str, Any] = {
         "action": WRITE_MATRIX,
@@ -410,6 +415,8 @@ def write_command(
     }
     if xxh3 is not None:
         body["xxh3"] = xxh3
+    if not ack:
+        body["ack"] = False
     return dumps(body)
 
 

@@ -141,6 +141,8 @@ class TQFlightServer(flight.FlightServerBase):
             entry = session.commit(shape)
         finally:
             session.abort()  # no-op after a commit
+        if not cmd.ack:
+            return  # the call's OK status, which follows the commit, acknowledges it
         ack = protocol.ok(index_id=entry.key.index_id, matrix_type=entry.key.matrix_type,
                           **entry.describe())
         writer.write(pa.py_buffer(protocol.dumps(ack)))
