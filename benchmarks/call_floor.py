@@ -1,15 +1,16 @@
 """The cost of one small call: torch_tq against plain pyarrow.flight and against the floor
-of any Python Flight server that knows its callers and acknowledges what it stored.
+of any Python Flight server that knows its callers.
 
 Three servers, each in its own process on loopback, measured in one run:
 
 * ``plain``: pyarrow.flight with no middleware; a put is ``do_put`` + ``write_table`` +
   ``close``, a get ``read_all()``. Issue 16's baseline.
 * ``floor``: the same server plus what every torch_tq call needs and pyarrow offers only
-  in Python: a server middleware per call (the only way a handler sees the call's headers:
-  the client id its quotas key on; gRPC tells it when a call ends, also a cancelled one),
-  a JSON command parsed, and a put answered with a JSON acknowledgement the client waits
-  for. Nothing else: no limits, no store.
+  in Python: a server middleware per call (the only way a handler sees the call's
+  headers: the client id its quotas key on; gRPC tells it when a call ends, also a
+  cancelled one) and a JSON command parsed. A put is acknowledged by the call's status
+  (torch_tq's client asks for no acknowledgement message). Nothing else: no limits, no
+  store.
 * ``torch_tq``: ``Client.put`` / ``Client.get`` over gRPC against a memory-store server with
   the QPS quota off (a client making one call after another would otherwise measure the
   quota).
