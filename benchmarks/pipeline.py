@@ -15,7 +15,9 @@ The clock runs from the moment both are connected and ready to the consumer's la
 after it stops, the consumer checks every item byte for byte. Baselines, measured in the
 same run on the same bytes: raw loopback **TCP** between two Python processes (one batch of
 bytes per message) and **memcpy** of a batch into a reused buffer. Figures are medians of
-``--runs``; the last lines are the ratios.
+``--runs``; the last lines are the ratios. ``--cpu`` also prints, per batch, the CPU time
+(user + system) and minor page faults of the producer, the server and the consumer over
+the timed run: where the time goes when the machine is the limit.
 
 Example:
     python benchmarks/pipeline.py --runs 3
@@ -63,6 +65,29 @@ def _item(index_id: int, n: int):
     return torch.arange(n, dtype=torch.float32) + float(index_id)
 
 
+def _usage() -> tuple[float, float, int]:
+    """This process's user and system CPU seconds and minor page faults so far."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime, ru.ru_stime, ru.ru_minflt
+
+
+def _spent(before: tuple[float, float, int]) -> tuple[float, float, int]:
+    return tuple(b - a for a, b in zip(before, _usage()))
+
+
+def _server_usage(pid: int) -> tuple[float, float, int]:
+    """The server process's user and system CPU seconds and minor faults (from /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0, 0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
+
+
 def _producer(location, transport, items, n, batch, keys_q, ready, go, dataloader) -> None:
     os.environ["TORCH_TQ_TRANSPORT"] = transport
     client = _client(location, transport)
@@ -75,6 +100,7 @@ def _producer(location, transport, items, n, batch, keys_q, ready, go, dataloade
         client.delete(WARM + i)
     ready.put("producer")
     go.wait()
+    before = _usage()
     for start in range(0, items, batch):
         ids = list(range(start, min(items, start + batch)))
         results = client.put_many({(i, TYPE): tensors[i] for i in ids}, batch_items=batch)
@@ -84,8 +110,9 @@ def _producer(location, transport, items, n, batch, keys_q, ready, go, dataloade
         keys_q.put(ids)
     if dataloader:
         client.finish([TYPE])
+    spent = _spent(before)
     keys_q.put(None)
-    ready.put(client.stats["retries"])
+    ready.put((client.stats["retries"], spent))
 
 
 def _consumer(location, transport, items, n, batch, keys_q, ready, go, done_q, dataloader,
@@ -103,14 +130,14 @@ def _consumer(location, transport, items, n, batch, keys_q, ready, go, done_q, d
                        idle_timeout=120, client_options={"transport": transport})
         ready.put("consumer")
         go.wait()
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), _usage()
         for item in ds.loader(batch_size=None):
             received[int(item["index_id"])] = item[TYPE]
-        t1 = time.perf_counter()
+        t1, spent = time.perf_counter(), _spent(before)
     else:
         ready.put("consumer")
         go.wait()
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), _usage()
         while True:
             ids = keys_q.get()
             if ids is None:
@@ -119,17 +146,18 @@ def _consumer(location, transport, items, n, batch, keys_q, ready, go, done_q, d
                 if not r.success:
                     raise SystemExit(f"get_many failed: {r}")
                 received[r.index_id] = r.tensor
-        t1 = time.perf_counter()
+        t1, spent = time.perf_counter(), _spent(before)
     # after the clock: every item, byte for byte
     exact = len(received) == items and all(
         torch.equal(received[i], _item(i, n)) for i in range(items))
-    done_q.put((t0, t1, exact))
+    done_q.put((t0, t1, exact, spent))
 
 
 def pipeline_run(transport: str, size: int, items: int, batch: int, storage: str,
-                 dataloader: bool, qps: float | None, run: int) -> tuple[float, bool, int]:
-    """Seconds from go to the consumer's last item, whether every byte was right, and the
-    producer's retries (calls the server's quota turned away)."""
+                 dataloader: bool, qps: float | None, run: int) -> tuple[float, bool, int, dict]:
+    """Seconds from go to the consumer's last item, whether every byte was right, the
+    producer's retries (calls the server's quota turned away), and each process's CPU
+    seconds (user, system) and minor page faults over the run."""
     import tempfile
 
     import torch_tq
@@ -154,9 +182,11 @@ def pipeline_run(transport: str, size: int, items: int, batch: int, storage: str
         try:
             for _ in range(2):
                 ready.get(timeout=300)
+            server_before = _server_usage(srv.pid)
             go.set()
-            t0, t1, exact = done_q.get(timeout=1800)
-            retries = ready.get(timeout=300)
+            t0, t1, exact, consumer_spent = done_q.get(timeout=1800)
+            server_spent = _spent_of(server_before, _server_usage(srv.pid))
+            retries, producer_spent = ready.get(timeout=300)
         finally:
             prod.join(60)
             cons.join(60)
@@ -166,7 +196,12 @@ def pipeline_run(transport: str, size: int, items: int, batch: int, storage: str
         if prod.exitcode or cons.exitcode:
             raise SystemExit(f"{transport} {human_size(size)}: producer exit {prod.exitcode}, "
                              f"consumer exit {cons.exitcode}")
-    return t1 - t0, exact, retries
+    usage = {"producer": producer_spent, "consumer": consumer_spent, "server": server_spent}
+    return t1 - t0, exact, retries, usage
+
+
+def _spent_of(before, after) -> tuple:
+    return tuple(b - a for a, b in zip(before, after))
 
 
 def baselines(size: int, items: int, batch: int, runs: int) -> dict[str, float]:
@@ -209,6 +244,8 @@ def main() -> None:
                     help="the consumer reads through DataLoader(TQDataset(group=...))")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also print each process's CPU time and page faults per batch")
     args = ap.parse_args()
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
@@ -227,15 +264,24 @@ def main() -> None:
         for transport in transports:
             results = [pipeline_run(transport, size, args.items, args.batch, args.storage,
                                     args.dataloader, args.qps, r) for r in range(args.runs)]
-            if not all(exact for _, exact, _ in results):
+            if not all(exact for _, exact, _, _ in results):
                 raise SystemExit(f"{transport} {human_size(size)}: items did not arrive intact")
-            seconds = statistics.median(s for s, _, _ in results)
-            retries = max(r for *_, r in results)
+            seconds = statistics.median(s for s, _, _, _ in results)
+            retries = max(r for _, _, r, _ in results)
             items_s, gbps = args.items / seconds, total / seconds / 1e9
             figures[f"{size}:{transport}_items_per_s"] = items_s
             figures[f"{size}:{transport}_GBps"] = gbps
             print(f"  {transport:<10} {items_s:10.0f} items/s {gbps:7.3f} GB/s   "
                   f"(byte-exact; producer retries up to {retries})")
+            if args.cpu:
+                batches = -(-args.items // args.batch)
+                parts = []
+                for who in ("producer", "server", "consumer"):
+                    user = statistics.median(u[who][0] for *_, u in results) / batches * 1e3
+                    system = statistics.median(u[who][1] for *_, u in results) / batches * 1e3
+                    faults = statistics.median(u[who][2] for *_, u in results) / batches
+                    parts.append(f"{who} {user:.1f}+{system:.1f} ms, {faults:.0f} faults")
+                print("    per batch (user+system CPU, minor page faults): " + "; ".join(parts))
             ratios.append(f"ratio {human_size(size)} {transport}: {gbps / base['tcp']:.3f}x tcp, "
                           f"{gbps / base['memcpy']:.3f}x memcpy, {items_s:.0f} items/s")
     if args.json:

@@ -192,9 +192,18 @@ def test_pipeline_benchmark_tiny():
 
 def test_pipeline_benchmark_through_the_dataloader():
     proc = _run("pipeline.py", "--items", "12", "--sizes", "4KiB", "--batch", "4", "--runs", "1",
-                "--transports", "grpc", "--dataloader")
+                "--transports", "grpc", "--dataloader", "--cpu")
     lines = proc.stdout.strip().splitlines()
-    assert "consumer DataLoader(TQDataset)" in lines[0] and "(byte-exact;" in lines[-2], lines
+    assert "consumer DataLoader(TQDataset)" in lines[0] and "(byte-exact;" in lines[-3], lines
+    usage = re.fullmatch(r"    per batch \(user\+system CPU, minor page faults\): "
+                         r"producer ([0-9.]+)\+([0-9.]+) ms, [0-9]+ faults; "
+                         r"server ([0-9.]+)\+([0-9.]+) ms, [0-9]+ faults; "
+                         r"consumer ([0-9.]+)\+([0-9.]+) ms, [0-9]+ faults", lines[-2])
+    assert usage, lines[-2]
+    # producer and consumer spent CPU on the batches (the server's, read from /proc in
+    # clock ticks, may round to 0 for so small a run)
+    cpu = [float(x) for x in usage.groups()]
+    assert cpu[0] + cpu[1] > 0 and cpu[4] + cpu[5] > 0, lines[-2]
     assert re.fullmatch(r"ratio 4 KiB grpc: [0-9.]+x tcp, [0-9.]+x memcpy, [0-9]+ items/s",
                         lines[-1]), lines[-1]
 
