@@ -63,11 +63,17 @@ def unpack(column: pa.Array, dtype: DType, schema: pa.Schema) -> pa.Array:
     return snappy_unpack(column, dtype) if is_snappy(schema) else column
 
 
-def ipc_options(compression: str | None) -> pa.ipc.IpcWriteOptions | None:
-    """IPC write options for zstd/lz4 (None: none, or snappy, which is framed instead)."""
-    if compression in ("zstd", "lz4"):
-        return pa.ipc.IpcWriteOptions(compression=compression)
-    return None
+_IPC_OPTIONS: dict[str | None, pa.ipc.IpcWriteOptions] = {}
+
+
+def ipc_options(compression: str | None) -> pa.ipc.IpcWriteOptions:
+    """IPC write options: zstd/lz4 buffer compression, else none (also for snappy, which is
+    framed instead). Made once each (a new one reads the environment: ~5 us a call)."""
+    key = compression if compression in ("zstd", "lz4") else None
+    options = _IPC_OPTIONS.get(key)
+    if options is None:
+        options = _IPC_OPTIONS.setdefault(key, pa.ipc.IpcWriteOptions(compression=key))
+    return options
 
 
 def _cramjam():
