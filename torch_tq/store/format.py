@@ -151,6 +151,15 @@ class MatrixWriter:
         if piece is None:
             piece = pa.array([], type=self.dtype.arrow)
         nbytes = self.count * self.dtype.itemsize
+        entry = Entry(self.key, self.dtype.name, tuple(shape), nbytes, created, stamp)
+        if getattr(self.sink, "keeps_entry", False):
+            # a sink that keeps the entry itself (a memory store's matrix, read only in
+            # this process) needs no trailer to be read back: ~1/3 of storing a small item
+            self._write(piece, None)
+            self._pending = None
+            self._check_digest()
+            self.sink.entry = entry
+            return entry
         trailer = _COMPACT.encode(
             {
                 "format": 1,
@@ -165,6 +174,10 @@ class MatrixWriter:
         ).encode()
         self._write(piece, trailer)  # also feeds the last piece to the hasher
         self._pending = None
+        self._check_digest()
+        return entry
+
+    def _check_digest(self) -> None:
         if self._hasher is not None:
             actual = self._hasher.hexdigest()
             if actual != self.expected_xxh3:
@@ -172,7 +185,6 @@ class MatrixWriter:
                     f"checksum mismatch for {self.key}: declared xxh3 "
                     f"{self.expected_xxh3}, received data has {actual}"
                 )
-        return Entry(self.key, self.dtype.name, tuple(shape), nbytes, created, stamp)
 
 
 def read_trailer(key: Key, reader) -> Entry:

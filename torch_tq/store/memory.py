@@ -26,14 +26,18 @@ log = logging.getLogger(__name__)
 
 
 class _Batches:
-    """A matrix held as record batches in RAM; reads like an IPC file reader."""
+    """A matrix held as record batches in RAM; reads like an IPC file reader. It keeps its
+    catalog entry (:attr:`entry`) instead of a trailer in its last batch."""
+
+    keeps_entry = True
 
     def __init__(self, schema: pa.Schema) -> None:
         self.schema = schema
         self.items: list[tuple[pa.RecordBatch, dict]] = []
         # (Pack, offset) when the values are that pack's bytes from offset on
         self.pack: tuple[Pack, int] | None = None
-        # its checked trailer, once a reader has read it (a published matrix never changes)
+        # its entry: set when it is written (MatrixWriter.finish), or read once from the
+        # trailer of batches adopted from a file (a published matrix never changes)
         self.entry = None
 
     @property
