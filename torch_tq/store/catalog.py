@@ -20,7 +20,7 @@ class Catalog:
         self._entries: dict[int, dict[str, Entry]] = {}
         self._bytes = 0
         self.freed_bytes = 0  # bytes of matrices replaced or deleted, ever
-        self._listeners: list[Callable[[int, frozenset[str]], None]] = []
+        self._listeners: list[Callable[[list[tuple[int, frozenset[str]]]], None]] = []
 
     def add_listener(self, fn) -> None:
         """Calls ``fn(changes)`` after every publish and delete, ``changes`` a list of

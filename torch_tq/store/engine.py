@@ -14,7 +14,6 @@ restart. This module knows nothing of Flight; it raises torch_tq errors only.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import os
 import threading
