@@ -3,6 +3,7 @@ hears of every change (consumer groups)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ class Catalog:
         self._entries: dict[int, dict[str, Entry]] = {}
         self._bytes = 0
         self.freed_bytes = 0  # bytes of matrices replaced or deleted, ever
+        self._batch = threading.local()  # notifying_once's pending index_ids, per thread
         self._listeners: list[Callable[[list[tuple[int, frozenset[str]]]], None]] = []
 
     def add_listener(self, fn) -> None:
@@ -30,7 +32,35 @@ class Catalog:
         self._listeners.append(fn)
 
     def _notify(self, index_id: int) -> None:
+        pending = getattr(self._batch, "pending", None)
+        if pending is not None:  # within notifying_once: told at its end
+            pending[index_id] = None
+            return
         self._notify_ids([index_id])
+
+    @contextlib.contextmanager
+    def notifying_once(self):
+        """Within it, this thread's publishes and deletes are told to the listeners (the
+        consumer groups) once, at its end, all together: a consumer waiting for data
+        then leases a batch call's items at once, not the first one alone. Each item is
+        readable as soon as it is stored."""
+        if getattr(self._batch, "pending", None) is not None:
+            yield  # nested: the outer one tells
+            return
+        self._batch.pending = pending = {}
+        try:
+            yield
+        finally:
+            self._batch.pending = None
+            if pending:
+                ids = list(pending)
+                # the listeners see the catalog as no write to those ids can change it
+                with self._holding_writes(ids):
+                    self._notify_ids(ids)
+
+    def _holding_writes(self, index_ids: list[int]):
+        """Holds the writes to ``index_ids`` (a store's locks; none here)."""
+        return contextlib.nullcontext()
 
     def _notify_ids(self, index_ids: list[int]) -> None:
         if not self._listeners:

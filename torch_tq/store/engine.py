@@ -113,7 +113,6 @@ class Store(Catalog):
         Catalog.__init__(self)
         self._reserved = 0  # bytes that uploads in flight declared or sent (memory store)
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
-        self._batch = threading.local()  # notifying_once's pending index_ids, per thread
         self._closed = False
         try:
             self._scan()
@@ -155,36 +154,12 @@ class Store(Catalog):
     def _stripe(self, index_id: int) -> threading.Lock:
         return self._stripes[index_id % _STRIPES]
 
-    def _notify(self, index_id: int) -> None:
-        pending = getattr(self._batch, "pending", None)
-        if pending is not None:  # within notifying_once: told at its end
-            pending[index_id] = None
-            return
-        Catalog._notify(self, index_id)
-
-    @contextlib.contextmanager
-    def notifying_once(self):
-        """Within it, this thread's publishes and deletes are told to the listeners (the
-        consumer groups) once, at its end, all together: a consumer waiting for data
-        then leases a batch call's items at once, not the first one alone. Each item is
-        readable as soon as it is stored."""
-        if getattr(self._batch, "pending", None) is not None:
-            yield  # nested: the outer one tells
-            return
-        self._batch.pending = pending = {}
-        try:
-            yield
-        finally:
-            self._batch.pending = None
-            if pending:
-                ids = list(pending)
-                # every stripe those index_ids fall in, in order (a writer holds one): the
-                # listeners see the catalog as no write to them can change it meanwhile
-                stripes = sorted({i % _STRIPES for i in ids})
-                with contextlib.ExitStack() as held:
-                    for k in stripes:
-                        held.enter_context(self._stripes[k])
-                    self._notify_ids(ids)
+    def _holding_writes(self, index_ids: list[int]):
+        """Every stripe those index_ids fall in, taken in order (a writer holds one)."""
+        held = contextlib.ExitStack()
+        for k in sorted({i % _STRIPES for i in index_ids}):
+            held.enter_context(self._stripes[k])
+        return held
 
     # ------------------------------------------------------------------ writes
 
