@@ -73,8 +73,9 @@ def _usage() -> tuple[float, float, int]:
     return ru.ru_utime, ru.ru_stime, ru.ru_minflt
 
 
-def _spent(before: tuple[float, float, int]) -> tuple[float, float, int]:
-    return tuple(b - a for a, b in zip(before, _usage()))
+def _spent(before: tuple, after: tuple | None = None) -> tuple:
+    """What was spent since ``before`` (until ``after``; default: now, in this process)."""
+    return tuple(b - a for a, b in zip(before, after if after is not None else _usage()))
 
 
 def _server_usage(pid: int) -> tuple[float, float, int]:
@@ -185,7 +186,7 @@ def pipeline_run(transport: str, size: int, items: int, batch: int, storage: str
             server_before = _server_usage(srv.pid)
             go.set()
             t0, t1, exact, consumer_spent = done_q.get(timeout=1800)
-            server_spent = _spent_of(server_before, _server_usage(srv.pid))
+            server_spent = _spent(server_before, _server_usage(srv.pid))
             retries, producer_spent = ready.get(timeout=300)
         finally:
             prod.join(60)
@@ -199,9 +200,6 @@ def pipeline_run(transport: str, size: int, items: int, batch: int, storage: str
     usage = {"producer": producer_spent, "consumer": consumer_spent, "server": server_spent}
     return t1 - t0, exact, retries, usage
 
-
-def _spent_of(before, after) -> tuple:
-    return tuple(b - a for a, b in zip(before, after))
 
 
 def baselines(size: int, items: int, batch: int, runs: int) -> dict[str, float]:

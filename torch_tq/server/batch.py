@@ -34,7 +34,7 @@ import pyarrow as pa
 from torch_tq.codec import tensors as codec
 
 from torch_tq.protocol import commands as protocol
-from torch_tq.codec.batch import RESULT_SCHEMA
+from torch_tq.codec.batch import RESULT_SCHEMA, VIEW_INLINE_BYTES
 from torch_tq.server.errors import internal_error
 from torch_tq.errors import InternalError, InvalidArgument, TQError
 from torch_tq.protocol.commands import BadItem, Key
@@ -172,11 +172,8 @@ class _ViewColumn:
     the up to 12 bytes held in the view itself."""
 
     def __init__(self, data: pa.Array) -> None:
-        from torch_tq.codec.batch import VIEW_INLINE_BYTES
-
         buffers = data.buffers()
         n = len(data)
-        self.inline = VIEW_INLINE_BYTES
         views = buffers[1]
         if n and (views is None or views.size < 16 * (data.offset + n)):
             raise InvalidArgument("BatchWrite binary_view column holds fewer views than rows")
@@ -199,7 +196,7 @@ class _ViewColumn:
         length, _, index, offset = self.views[row]
         if length < 0:
             raise InvalidArgument(f"item's view has a negative length ({length})")
-        if length <= self.inline:
+        if length <= VIEW_INLINE_BYTES:
             start = self.view_start + row * 16 + 4
             return pa.py_buffer(self.view_bytes.slice(start, length).to_pybytes())
         if not 0 <= index < len(self.data) or offset < 0 or \
@@ -489,7 +486,7 @@ def read_items(store, cmd: protocol.BatchReadCommand, chunk_bytes: int) -> Itera
         size = sum(p.size for p in data) if data is not None else 0
         if size >= chunk_bytes:
             if rows:
-                yield _row_batch(rows, pieces)
+                yield _padded(cmd, _row_batch(rows, pieces))
                 rows, pieces, held = [], [], 0
             yield _padded(cmd, _row_batch([row], [data]))  # alone in its batch
             continue
