@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -162,6 +163,10 @@ def serve(
         **limit_options,
     )
     _check_allocator(server.store.storage)
+    # what start-up made (modules, torch's and pyarrow's objects: ~70,000) is kept for good;
+    # moved out of the collector's sight, a full collection walks ~30,000 objects instead
+    # (the server's collections over a pipeline run: 41 -> 18 ms)
+    gc.freeze()
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
