@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  same-host put (disk store, fsync) = "
           f"{gbps['same-host disk put'] / gbps['write+fsync']:.2f}x write+fsync (target >= 0.8); "
           f"(memory store) = {gbps['same-host memory put'] / gbps['memcpy']:.2f}x memcpy "
-          f"(target >= 0.5; {gbps['same-host memory put (fresh)'] / gbps['memcpy']:.2f}x into "
+          f"(target >= 0.8; {gbps['same-host memory put (fresh)'] / gbps['memcpy']:.2f}x into "
           f"fresh files)")
     if shm:
         bound = max(shm)

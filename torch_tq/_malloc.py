@@ -8,6 +8,10 @@ import os
 _tuned: bool | None = None  # once per process
 
 
+# freed memory worth handing back to the system at once: glibc's trim threshold, and what
+# a server frees (deletes, an aborted upload) before it calls give_back_memory()
+GIVE_BACK_AFTER_BYTES = 64 << 20
+
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
@@ -48,7 +52,7 @@ def tune_malloc() -> bool:
         mallopt(param, value) == 1
         for param, value in (
             (m_mmap_threshold, 32 << 20),
-            (m_trim_threshold, 64 << 20),
+            (m_trim_threshold, GIVE_BACK_AFTER_BYTES),
             (m_top_pad, 16 << 20),
         )
     )

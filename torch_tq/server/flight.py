@@ -25,7 +25,7 @@ import pyarrow.flight as flight
 
 from torch_tq._config import DEFAULT_STAGING_TIMEOUT_S, resolve
 from torch_tq._fork import check_fork_safe, note_grpc_use
-from torch_tq._malloc import give_back_memory
+from torch_tq._malloc import GIVE_BACK_AFTER_BYTES, give_back_memory
 from torch_tq._version import __version__
 from torch_tq.codec import tensors as codec
 from torch_tq.codec import compression as packing
@@ -45,9 +45,6 @@ from torch_tq.store.engine import Entry, Store
 from torch_tq.store.groups import Queue
 
 log = logging.getLogger(__name__)
-
-
-_TRIM_AFTER_BYTES = 64 << 20  # freed since the last trim
 
 
 def _sliced(batches: Iterator[pa.RecordBatch], chunk_bytes: int) -> Iterator[pa.RecordBatch]:
@@ -265,7 +262,7 @@ class TQFlightServer(flight.FlightServerBase):
                 freed = self.store.freed_bytes
                 # only on a quiet node: trimming locks glibc's arenas, and pages given back
                 # are faulted in again by the next upload (a busy node reuses them instead)
-                if freed - trimmed >= _TRIM_AFTER_BYTES and self.limiter.quiet_for() >= 1.0:
+                if freed - trimmed >= GIVE_BACK_AFTER_BYTES and self.limiter.quiet_for() >= 1.0:
                     trimmed = freed
                     give_back_memory()
             except Exception as e:  # noqa: BLE001 - the next round tries again

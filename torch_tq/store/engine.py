@@ -21,7 +21,7 @@ import threading
 import pyarrow as pa
 
 from torch_tq.codec import tensors as codec
-from torch_tq._malloc import give_back_memory_soon
+from torch_tq._malloc import GIVE_BACK_AFTER_BYTES, give_back_memory_soon
 from torch_tq._config import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MATRIX_BYTES, default_data_dir
 from torch_tq.store.files import FileBackend, StagedFile
 from torch_tq.store.memory import MemoryBackend, make_shared_root
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 _STRIPES = 64
 _SPACE_MARGIN = 1 << 20
-_RELEASE_AFTER_BYTES = 64 << 20
 
 
 def default_max_memory() -> int:
@@ -448,7 +447,7 @@ class PutSession:
         self._sink.abort()
         held = self._reserved
         self._release_reservation()
-        if self.store.max_memory is not None and held >= _RELEASE_AFTER_BYTES:
+        if self.store.max_memory is not None and held >= GIVE_BACK_AFTER_BYTES:
             # what an aborted upload received goes back to the system now, not whenever
             # the allocator would get round to it (~500 MiB stayed after a 1 GiB abort)
             give_back_memory_soon()
