@@ -147,7 +147,9 @@ def one_host():
 
 
 def start_server(prefix: list[str], host: str, args) -> tuple[subprocess.Popen, str]:
-    cmd = prefix + [sys.executable, "-m", "torch_tq", "serve", "--host", host, "--port", "0",
+    # --insecure: a test network inside namespaces of this run's own, no one else on it
+    cmd = prefix + [sys.executable, "-m", "torch_tq", "serve", "--host", host, "--insecure",
+                    "--port", "0",
                     "--storage", "memory", "--no-same-host", "--no-ucx", "--qps", "0",
                     "--max-calls", str(args.max_calls), "--streams-per-client", "100000",
                     "--slot-wait-s", str(args.slot_wait_s), "--watch-stdin"]

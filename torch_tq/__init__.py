@@ -11,7 +11,9 @@ from torch_tq.errors import (
     InternalError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     TQError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -51,10 +53,12 @@ __all__ = [
     "Limits",
     "MatrixInfo",
     "NotFound",
+    "PermissionDenied",
     "ServerHandle",
     "TQDataset",
     "TensorSink",
     "TQError",
+    "Unauthenticated",
     "Unavailable",
     "__version__",
     "serve",

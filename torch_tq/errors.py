@@ -3,7 +3,8 @@
 Every class subclasses :class:`TQError` and a builtin that users already catch, so
 ``except KeyError`` works for a missing matrix just as ``except torch_tq.NotFound`` does.
 The ``code`` attribute is the seed's code string (``NOT_FOUND``, ``INVALID_ARGUMENT``,
-``UNAVAILABLE``, ``INTERNAL_ERROR``).
+``UNAVAILABLE``, ``INTERNAL_ERROR``), or one of the two codes of an authenticating server
+(``UNAUTHENTICATED``, ``PERMISSION_DENIED``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,20 @@ class InternalError(TQError, RuntimeError):
     code = "INTERNAL_ERROR"
 
 
+class Unauthenticated(TQError, PermissionError):
+    """The call carried no valid credential (missing, wrong, expired or revoked token, or
+    bad basic credentials); nothing was done. Pass ``token=`` (or ``$TORCH_TQ_TOKEN``)."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(TQError, PermissionError):
+    """The caller's role does not allow this call (roles: ``read``, ``write``, ``admin``);
+    nothing was done."""
+
+    code = "PERMISSION_DENIED"
+
+
 class ForkedProcessError(TQError, RuntimeError):
     """This process was forked from one that had already used gRPC (a Flight client or
     server), so a new connection here could hang (RELIABILITY.md section 9). Start such
@@ -78,5 +93,6 @@ class ForkedProcessError(TQError, RuntimeError):
 
 
 ERROR_CLASSES: dict[str, type[TQError]] = {
-    cls.code: cls for cls in (NotFound, InvalidArgument, Unavailable, InternalError)
+    cls.code: cls for cls in (NotFound, InvalidArgument, Unavailable, InternalError,
+                              Unauthenticated, PermissionDenied)
 }

@@ -24,6 +24,7 @@ from torch_tq._config import (
 from torch_tq.client import batches
 from torch_tq.client.catalog import CatalogCalls
 from torch_tq.client.connection import Connection, retrying
+from torch_tq.client.credentials import credentials_from
 from torch_tq.client.devices import Want
 from torch_tq.client.groups import GroupCalls
 from torch_tq.client.locations import normalize_location, split_locations  # noqa: F401
@@ -75,6 +76,16 @@ class Client(CatalogCalls, GroupCalls):
             falling back to gRPC for good when a UCX transfer fails; ``"same-host"``,
             ``"ucx"`` or ``"grpc"`` insist on one (raising :class:`Unavailable` when it
             cannot be had). gRPC always carries the control calls.
+        token: the bearer token of a server that authenticates (``serve(auth_tokens=)``);
+            default ``TORCH_TQ_TOKEN``. Sent on every call; a missing or wrong one raises
+            :class:`torch_tq.Unauthenticated`, a role that does not allow a call
+            :class:`torch_tq.PermissionDenied`.
+        tls_root_certs: for a ``grpc+tls://`` location, the CA (a PEM path or bytes) that
+            signed the server's certificate (default ``TORCH_TQ_TLS_ROOT_CERTS``, else the
+            system's roots).
+        tls_cert, tls_key: this client's certificate and key (PEM paths or bytes) for a
+            server that asks for mutual TLS (``TORCH_TQ_CLIENT_CERT``,
+            ``TORCH_TQ_CLIENT_KEY``).
 
     Example:
         >>> client = torch_tq.Client("grpc://127.0.0.1:8080")  # doctest: +SKIP
@@ -94,6 +105,10 @@ class Client(CatalogCalls, GroupCalls):
         compression: str | None = None,
         transport: str | None = None,
         connect_timeout: float | None = None,
+        token: str | None = None,
+        tls_root_certs=None,
+        tls_cert=None,
+        tls_key=None,
     ) -> None:
         location, self.ucx_locations = split_locations(
             resolve(location, "LOCATION", f"grpc://127.0.0.1:{DEFAULT_PORT}"))
@@ -108,7 +123,8 @@ class Client(CatalogCalls, GroupCalls):
             location, timeout=timeout, checksum=checksum, client_id=client_id,
             chunk_bytes=parse_size(resolve(chunk_bytes, "CHUNK_BYTES", DEFAULT_CHUNK_BYTES)),
             retry_deadline=float(retry_deadline), connect_timeout=connect_timeout,
-            compression=protocol.validate_compression(compression))
+            compression=protocol.validate_compression(compression),
+            credentials=credentials_from(token, tls_root_certs, tls_cert, tls_key))
         self.transport_mode = resolve(transport, "TRANSPORT", "auto")
         if self.transport_mode not in MODES:
             raise InvalidArgument(
@@ -128,9 +144,11 @@ class Client(CatalogCalls, GroupCalls):
 
     def __reduce__(self):
         locations = [*self.ucx_locations, self.location] if self.ucx_locations else self.location
+        creds = self.connection.credentials
         return (_rebuild, (locations, self.timeout, self.chunk_bytes, self.checksum,
                            self.client_id, self.retry_deadline, self.compression,
-                           self.transport_mode, self.connect_timeout))
+                           self.transport_mode, self.connect_timeout, creds.token,
+                           creds.tls_root_certs, creds.tls_cert, creds.tls_key))
 
     def __repr__(self) -> str:
         return f"Client({self.location!r})"
@@ -328,7 +346,10 @@ class Client(CatalogCalls, GroupCalls):
 def _rebuild(location, timeout: float | None, chunk_bytes: int, checksum: bool,
              client_id: str | None = None, retry_deadline: float = 30.0,
              compression: str | None = None, transport: str = "auto",
-             connect_timeout: float | None = None) -> Client:
+             connect_timeout: float | None = None, token: str | None = None,
+             tls_root_certs: bytes | None = None, tls_cert: bytes | None = None,
+             tls_key: bytes | None = None) -> Client:
     return Client(location, timeout=timeout, chunk_bytes=chunk_bytes, checksum=checksum,
                   client_id=client_id, retry_deadline=retry_deadline, compression=compression,
-                  transport=transport, connect_timeout=connect_timeout)
+                  transport=transport, connect_timeout=connect_timeout, token=token,
+                  tls_root_certs=tls_root_certs, tls_cert=tls_cert, tls_key=tls_key)

@@ -25,6 +25,7 @@ import pyarrow.flight as flight
 
 from torch_tq._fork import check_fork_safe, note_grpc_use
 from torch_tq._malloc import tune_malloc
+from torch_tq.client.credentials import Credentials
 from torch_tq.codec import compression as packing
 from torch_tq.errors import InternalError, InvalidArgument, Unavailable
 from torch_tq.protocol import commands as protocol
@@ -118,8 +119,10 @@ class Connection:
 
     def __init__(self, location: str, *, timeout: float | None, chunk_bytes: int,
                  checksum: bool, client_id: str, retry_deadline: float,
-                 connect_timeout: float, compression: str | None) -> None:
+                 connect_timeout: float, compression: str | None,
+                 credentials: Credentials | None = None) -> None:
         self.location = location
+        self.credentials = credentials or Credentials()
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.checksum = checksum
@@ -127,7 +130,8 @@ class Connection:
         self.retry_deadline = retry_deadline
         self.connect_timeout = connect_timeout
         self.compression = compression
-        self.headers = [(protocol.CLIENT_ID_HEADER.encode(), client_id.encode())]
+        self.headers = [(protocol.CLIENT_ID_HEADER.encode(), client_id.encode()),
+                        *self.credentials.headers()]
         self.lock = threading.Lock()
         self._conn: flight.FlightClient | None = None
         self._pid = -1
@@ -158,9 +162,11 @@ class Connection:
         check_fork_safe()
         note_grpc_use()
         tune_malloc()
+        tls = self.credentials.client_options()
         if generic_options:
-            return flight.FlightClient(self.location, generic_options=list(generic_options.items()))
-        return flight.FlightClient(self.location)
+            return flight.FlightClient(self.location, generic_options=list(generic_options.items()),
+                                       **tls)
+        return flight.FlightClient(self.location, **tls)
 
     @contextlib.contextmanager
     def pooled(self) -> Iterator[flight.FlightClient]:

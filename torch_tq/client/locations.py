@@ -7,20 +7,22 @@ from torch_tq.errors import InvalidArgument
 
 
 def normalize_location(location: str) -> str:
-    """``host:port``, ``grpc://host:port`` or ``grpc+tcp://host:port`` -> ``grpc://host:port``."""
+    """``host:port``, ``grpc://host:port`` or ``grpc+tcp://host:port`` -> ``grpc://host:port``;
+    ``grpc+tls://host:port`` stays as it is."""
     if not isinstance(location, str) or not location:
         raise InvalidArgument(f"location must be a string like grpc://HOST:PORT, got {location!r}")
     if "://" not in location:
         location = "grpc://" + location
     scheme, rest = location.split("://", 1)
-    if scheme not in ("grpc", "grpc+tcp"):
-        raise InvalidArgument(f"unsupported location scheme {scheme!r} (use grpc://HOST:PORT)")
+    if scheme not in ("grpc", "grpc+tcp", "grpc+tls"):
+        raise InvalidArgument(f"unsupported location scheme {scheme!r} (use grpc://HOST:PORT, "
+                              "or grpc+tls://HOST:PORT)")
     if not rest:
         raise InvalidArgument(f"location {location!r} names no host")
     has_port = ":" in rest and not rest.endswith("]") and rest.rsplit(":", 1)[1].isdigit()
     if not has_port:
         rest = f"{rest}:{DEFAULT_PORT}"
-    return f"grpc://{rest}"
+    return f"{'grpc+tls' if scheme == 'grpc+tls' else 'grpc'}://{rest}"
 
 
 def split_locations(location) -> tuple[str, list[str]]:

@@ -16,7 +16,9 @@ from torch_tq.errors import (
     InternalError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     TQError,
+    Unauthenticated,
     Unavailable,
 )
 from torch_tq.protocol.bodies import dumps
@@ -60,6 +62,10 @@ def to_wire_error(err: TQError) -> Exception:
         return _WireInvalid(text)
     if isinstance(err, Unavailable):
         return flight.FlightUnavailableError(text, extra_info=extra)
+    if isinstance(err, Unauthenticated):
+        return flight.FlightUnauthenticatedError(text, extra_info=extra)
+    if isinstance(err, PermissionDenied):
+        return flight.FlightUnauthorizedError(text, extra_info=extra)
     return flight.FlightInternalError(text, extra_info=extra)
 
 
@@ -67,7 +73,8 @@ def unimplemented(what: str) -> Exception:
     return _WireUnimplemented(f"INVALID_ARGUMENT: {what} is not supported by torch_tq")
 
 
-_CODE_RE = re.compile(r"(NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR): (.*)", re.DOTALL)
+_CODE_RE = re.compile(r"(NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR|UNAUTHENTICATED|"
+                      r"PERMISSION_DENIED): (.*)", re.DOTALL)
 
 
 def _strip_detail(text: str) -> str:
@@ -88,6 +95,10 @@ def from_flight_error(exc: BaseException, what: str = "") -> TQError:
     if match:
         return ERROR_CLASSES[match.group(1)](match.group(2))
     prefix = f"{what}: " if what else ""
+    if isinstance(exc, flight.FlightUnauthenticatedError):
+        return Unauthenticated(f"{prefix}{text}")
+    if isinstance(exc, flight.FlightUnauthorizedError):
+        return PermissionDenied(f"{prefix}{text}")
     if isinstance(exc, flight.FlightTimedOutError):
         return Unavailable(f"{prefix}call timed out ({text}); retry or raise the timeout")
     if isinstance(exc, (flight.FlightUnavailableError, flight.FlightCancelledError, ConnectionError)):

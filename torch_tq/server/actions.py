@@ -12,6 +12,8 @@ import pyarrow.flight as flight
 from torch_tq.errors import InvalidArgument
 from torch_tq.protocol import actions as registry
 from torch_tq.protocol import commands as protocol
+from torch_tq.server.admission import authorize
+from torch_tq.server.auth import Grant
 
 if TYPE_CHECKING:
     from torch_tq.server.flight import TQFlightServer
@@ -95,8 +97,11 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-def dispatch(server: TQFlightServer, action: flight.Action) -> list[flight.Result]:
-    """``DoAction``: look the action up, parse its body, run its handler."""
+def dispatch(server: TQFlightServer, action: flight.Action,
+             grant: Grant | None = None) -> list[flight.Result]:
+    """``DoAction``: look the action up, parse its body, run its handler (the caller's
+    ``grant`` was checked against the action's role on admission; a Consume or Ack that
+    also deletes needs ``write``)."""
     spec = registry.lookup(action.type)
     body = action.body.to_pybytes() if action.body is not None else b""
     server.stats.count(f"action:{spec.name if spec is not None else 'unknown'}")
@@ -106,6 +111,9 @@ def dispatch(server: TQFlightServer, action: flight.Action) -> list[flight.Resul
             f"{', '.join(registry.ACTIONS)}"
         )
     args = spec.parse(body)  # a stream command's parser says how to send it instead
+    if grant is not None and isinstance(args, dict) and args.get("delete") is True and (
+            spec.name == protocol.ACK or args.get("ack")):  # Consume deletes what it acks
+        authorize(grant, "write", f"{spec.name} with delete")
     result = HANDLERS[spec.name](server, args)
     if isinstance(result, list):
         return result

@@ -36,9 +36,17 @@ from torch_tq.protocol import commands as protocol
 from torch_tq.protocol.errors import unimplemented
 from torch_tq.server import actions
 from torch_tq.server import batch as batch_ops
-from torch_tq.server.admission import MIDDLEWARE, CallMiddlewareFactory, guard, guard_iter
+from torch_tq.server.admission import (
+    MIDDLEWARE,
+    CallMiddlewareFactory,
+    grant_of,
+    guard,
+    guard_iter,
+)
+from torch_tq.server.auth import HandshakeOnly
 from torch_tq.server.limits import Limiter, Limits
 from torch_tq.server.same_host import SameHostService
+from torch_tq.server.security import Security
 from torch_tq.server.stats import ServerStats
 from torch_tq.server.ucx import UcxService
 from torch_tq.store.engine import Entry, Store
@@ -70,14 +78,21 @@ class TQFlightServer(flight.FlightServerBase):
     """
 
     def __init__(self, location: str, store: Store, limits: Limits | None = None,
-                 ucx_enabled: bool = True, same_host: bool = True, **kwargs) -> None:
+                 ucx_enabled: bool = True, same_host: bool = True,
+                 security: Security | None = None, **kwargs) -> None:
         self.store = store
         self.started = time.monotonic()
         self.stats = ServerStats()
         self.ucx = UcxService(store, self.stats, ucx_enabled)
         self.limits = limits or Limits()
         self.limiter = Limiter(self.limits)
-        kwargs.setdefault("middleware", {})[MIDDLEWARE] = CallMiddlewareFactory(self.limiter)
+        self.security = security or Security()
+        auth = self.security.auth
+        kwargs.setdefault("middleware", {})[MIDDLEWARE] = CallMiddlewareFactory(
+            self.limiter, auth, self.stats)
+        if auth is not None:
+            kwargs["auth_handler"] = HandshakeOnly()  # basic credentials: the middleware's
+        kwargs.update(self.security.tls)
         state_dir = None
         if store.storage == "disk":
             state_dir = os.path.join(store.backend.root, "queue")
@@ -242,7 +257,7 @@ class TQFlightServer(flight.FlightServerBase):
 
     @guard
     def do_action(self, context, action):
-        return actions.dispatch(self, action)
+        return actions.dispatch(self, action, grant_of(context))
 
     def _housekeeping(self) -> None:
         """While the server runs: removes abandoned same-host staged files, and gives the

@@ -18,8 +18,9 @@ import time
 from torch_tq._malloc import ARENAS_ENV, server_arenas_env
 from torch_tq.errors import ERROR_CLASSES, Unavailable
 
-_LISTENING = re.compile(r"listening on (grpc://\S+)")
-_ERROR = re.compile(r"error: (NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR): (.*)")
+_LISTENING = re.compile(r"listening on (grpc(?:\+tls)?://\S+)")
+_ERROR = re.compile(r"error: (NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR|"
+                    r"UNAUTHENTICATED|PERMISSION_DENIED): (.*)")
 
 
 ALLOCATOR_ENV = "ARROW_DEFAULT_MEMORY_POOL"
@@ -43,7 +44,8 @@ class ServerHandle:
     """A running background server.
 
     Attributes:
-        location: ``grpc://HOST:PORT`` to give to :class:`torch_tq.Client`.
+        location: ``grpc://HOST:PORT`` (``grpc+tls://`` with TLS) to give to
+            :class:`torch_tq.Client`.
         port: the port it listens on.
         pid: the server process id.
         data_dir: its data directory (``None``: the default or a temporary memory store).

@@ -29,16 +29,17 @@ from torch_tq.protocol import commands as protocol
 from torch_tq.server.flight import TQFlightServer
 from torch_tq.server.launch import ALLOCATOR_ENV, allocator_for
 from torch_tq.server.limits import Limits, limits_from
+from torch_tq.server.security import security_from
 from torch_tq.store.errors import first_line
 from torch_tq.store.engine import Store
 
 log = logging.getLogger(__name__)
 
 
-def _location(host: str, port: int) -> str:
+def _location(host: str, port: int, scheme: str = "grpc") -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"grpc://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 def make_server(
@@ -55,6 +56,12 @@ def make_server(
     same_host: bool | None = None,
     limits: Limits | None = None,
     max_memory: int | str | None = None,
+    auth_tokens: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
+    insecure: bool | None = None,
+    session_ttl_s: float | None = None,
     **limit_options,
 ) -> TQFlightServer:
     """Builds a running server (it serves from construction on); see :func:`serve`."""
@@ -70,6 +77,8 @@ def make_server(
         limits = limits_from(**limit_options)
     elif limit_options:
         raise InvalidArgument("pass either limits= or individual limit options, not both")
+    security = security_from(host, auth_tokens, tls_cert, tls_key, tls_client_ca, insecure,
+                             session_ttl_s)
     tune_malloc()
     cap_arenas()
     compression = protocol.validate_compression(resolve(compression, "COMPRESSION", None))
@@ -91,10 +100,12 @@ def make_server(
     try:
         ucx_enabled = resolve(ucx, "UCX", True, parse_bool)
         try:
-            return TQFlightServer(_location(host, port), store, limits, ucx_enabled, same_host)
+            return TQFlightServer(_location(host, port, security.scheme), store, limits,
+                                  ucx_enabled, same_host, security=security)
         except pa.ArrowException as e:  # gRPC could not bind: Arrow says no more than that
             raise Unavailable(f"cannot listen on {_location(host, port)} (is the port in use, "
-                              f"or the address not this host's?): {first_line(e)}") from None
+                              f"or the address not this host's, or the TLS key not the "
+                              f"certificate's?): {first_line(e)}") from None
     except BaseException:
         store.close()
         raise
@@ -115,6 +126,12 @@ def serve(
     same_host: bool | None = None,
     limits: Limits | None = None,
     max_memory: int | str | None = None,
+    auth_tokens: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
+    insecure: bool | None = None,
+    session_ttl_s: float | None = None,
     _watch_stdin: bool = False,
     **limit_options,
 ) -> None:
@@ -143,6 +160,18 @@ def serve(
         max_memory: a memory store's capacity (default half the RAM;
             ``TORCH_TQ_MAX_MEMORY``): an upload whose declared size does not fit is refused
             with UNAVAILABLE before any byte is taken.
+        auth_tokens: a file of lines ``<identity> <role> <token>`` (roles ``read``,
+            ``write``, ``admin``; mode 0600, else the server refuses to start; read again
+            on SIGHUP; ``TORCH_TQ_AUTH_TOKENS``): every call must then carry a token of it
+            (see docs/security.md). Default: no authentication.
+        tls_cert, tls_key: PEM files: serve ``grpc+tls://`` (``TORCH_TQ_TLS_CERT``,
+            ``TORCH_TQ_TLS_KEY``).
+        tls_client_ca: PEM CA bundle: mutual TLS, every client presents a certificate it
+            signed (``TORCH_TQ_TLS_CLIENT_CA``).
+        insecure: allow a non-loopback ``host`` without ``auth_tokens`` (refused
+            otherwise; ``TORCH_TQ_INSECURE``).
+        session_ttl_s: how long a session token from Flight's basic-auth handshake lasts
+            (default 3600; ``TORCH_TQ_SESSION_TTL``).
         limits: a :class:`torch_tq.Limits`, or its fields as keywords (``qps=1000``,
             ``qps_burst``, ``streams_per_client=100``, ``max_calls=1000``,
             ``max_batch_items=1000``, ``max_batch_bytes``; 0 switches one off;
@@ -156,11 +185,15 @@ def serve(
     # the traceback module, which honours this limit. Our own logs use
     # server.errors.format_exception().
     sys.tracebacklimit = 0
+    # what this server creates (stored files, staging, recycled shared memory) is its user's
+    # alone (files 0600, directories 0700); same-host clients of that user still read it
+    os.umask(0o077)
     server = make_server(
         host, port, data_dir, storage, durable=durable, chunk_bytes=chunk_bytes,
         max_matrix_bytes=max_matrix_bytes, compression=compression, ucx=ucx,
-        same_host=same_host, limits=limits, max_memory=max_memory,
-        **limit_options,
+        same_host=same_host, limits=limits, max_memory=max_memory, auth_tokens=auth_tokens,
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, insecure=insecure,
+        session_ttl_s=session_ttl_s, **limit_options,
     )
     _check_allocator(server.store.storage)
     # what start-up made (modules, torch's and pyarrow's objects: ~70,000) is kept for good;
@@ -171,11 +204,18 @@ def serve(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: stop.set())
+        auth = server.security.auth
+        if auth is not None and hasattr(signal, "SIGHUP"):
+            # read on a thread of its own: a signal handler must not take the auth lock
+            signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
+                target=auth.reload, daemon=True, name="torch_tq-auth-reload").start())
     if _watch_stdin:
         threading.Thread(target=_wait_stdin_eof, args=(stop,), daemon=True).start()
     host_used = resolve(host, "HOST", DEFAULT_HOST)
-    print(f"listening on {_location(host_used, server.port)}", flush=True)
-    log.info("torch_tq %s serving: %s", __version__, server.store.describe())
+    print(f"listening on {_location(host_used, server.port, server.security.scheme)}",
+          flush=True)
+    log.info("torch_tq %s serving: %s; %s", __version__, server.store.describe(),
+             server.security.describe())
     try:
         while not stop.wait(0.5):
             pass

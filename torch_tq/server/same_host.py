@@ -144,7 +144,7 @@ def _prepare_dir(root: str) -> str:
     """Server side: (re)creates the staging directory (dropping files left by clients of an
     earlier run) and writes a fresh probe token; returns the token."""
     staging = os.path.join(root, STAGING)
-    os.makedirs(staging, exist_ok=True)
+    os.makedirs(staging, mode=0o700, exist_ok=True)
     for name in os.listdir(staging):
         try:
             os.unlink(os.path.join(staging, name))

@@ -42,6 +42,11 @@ class ServerStats:
         with self._lock:
             self.errors[code] = self.errors.get(code, 0) + 1
 
+    def refused(self, code: str) -> None:
+        """A call refused before any handler (no valid credential)."""
+        with self._lock:
+            self.errors[code] = self.errors.get(code, 0) + 1
+
     def add_bytes(self, received: int = 0, sent: int = 0) -> None:
         with self._lock:
             self.bytes_in += received

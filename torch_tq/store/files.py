@@ -43,6 +43,19 @@ log = logging.getLogger(__name__)
 
 
 
+def private_dir(path: str) -> str:
+    """Creates ``path`` (and its parents) as a directory only its owner may enter (0700),
+    or makes an existing one of ours so: then the kernel keeps other users out of every
+    file below it, whatever the files' own modes."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o077:
+        log.warning("made %s private (mode %04o -> 0700): stored matrices are for this "
+                    "server's user alone", path, stat.S_IMODE(st.st_mode))
+        os.chmod(path, 0o700)
+    return path
+
+
 def _fsync_path(path: str, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
@@ -62,6 +75,8 @@ class IpcFile:
     def __init__(self, path: str, schema: pa.Schema, compression: str | None = None) -> None:
         self.path = path
         self._writer = None
+        # created 0600 (what a store holds is its user's alone), then opened by Arrow
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
         self._sink = pa.OSFile(path, "wb")
         options = ipc.IpcWriteOptions(compression=compression) if compression else None
         try:
@@ -183,6 +198,8 @@ def take_staged(path: str, dest: str, what: str) -> tuple[int, os.stat_result]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgument(f"{what} is not a regular file")
+        if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)  # a client with a looser umask: the store's files are private
         if st.st_nlink != 1:
             raise InvalidArgument(f"{what} has {st.st_nlink} links: stage a file of its own")
         if st.st_uid != os.geteuid():
@@ -283,8 +300,8 @@ class FileBackend:
         self.root = os.path.abspath(root)
         self.durable = durable
         self.compression = compression  # zstd/lz4: Arrow IPC buffer compression in the files
-        self.objects = os.path.join(self.root, OBJECTS)
-        os.makedirs(self.objects, exist_ok=True)
+        self.objects = os.path.join(private_dir(self.root), OBJECTS)
+        os.makedirs(self.objects, mode=0o700, exist_ok=True)
         self._lock_fd = self._take_lock()
         try:
             self._check_format()
@@ -293,7 +310,7 @@ class FileBackend:
             raise
 
     def _take_lock(self) -> int:
-        fd = os.open(os.path.join(self.root, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.root, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

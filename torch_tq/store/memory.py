@@ -260,9 +260,8 @@ class MemoryBackend:
         # any thread, inside any critical section) for _reap_packs to retire
         self._dead_packs: collections.deque = collections.deque()
         if shared_root is not None:
-            os.makedirs(os.path.join(shared_root, OBJECTS), exist_ok=True)
-            os.makedirs(os.path.join(shared_root, PACKS), exist_ok=True)
-            os.makedirs(os.path.join(shared_root, STAGING), exist_ok=True)
+            for sub in (OBJECTS, PACKS, STAGING):  # inside a 0700 root (make_shared_root)
+                os.makedirs(os.path.join(shared_root, sub), mode=0o700, exist_ok=True)
             budget = recycle_budget()
             if budget > 0:
                 self.pool = RecyclePool(os.path.join(shared_root, STAGING), budget)
@@ -453,7 +452,7 @@ def make_shared_root(base: str = "/dev/shm") -> str | None:
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(os.path.join(base, name), ignore_errors=True)
     root = os.path.join(base, f"{SHARED_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(root)
+    os.makedirs(root, mode=0o700)  # this user's alone: the kernel keeps others out
     return root
 
 

@@ -2,7 +2,8 @@
 around one: ``ls``, ``info``, ``rm``, ``stats``, ``export``/``import`` (safetensors), ``env``.
 
 Exit codes: 0 success; 1 NOT_FOUND; 2 bad usage or INVALID_ARGUMENT; 3 UNAVAILABLE (the
-server is unreachable, over a limit, or full); 4 INTERNAL_ERROR; 130 interrupted.
+server is unreachable, over a limit, or full); 4 INTERNAL_ERROR; 5 UNAUTHENTICATED (no valid
+``--token``); 6 PERMISSION_DENIED (the token's role does not allow it); 130 interrupted.
 ``--json`` prints what scripts read; errors go to stderr as ``torch-tq: CODE: message``."""
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         ucx=args.ucx,
         same_host=args.same_host,
         max_memory=args.max_memory,
+        auth_tokens=args.auth_tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        insecure=args.insecure,
+        session_ttl_s=args.session_ttl_s,
         **{name: getattr(args, name) for name in LIMIT_OPTIONS},
         shutdown_grace=args.shutdown_grace,
         _watch_stdin=args.watch_stdin,
@@ -119,13 +126,15 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-EXIT_CODES = {"NOT_FOUND": 1, "INVALID_ARGUMENT": 2, "UNAVAILABLE": 3, "INTERNAL_ERROR": 4}
+EXIT_CODES = {"NOT_FOUND": 1, "INVALID_ARGUMENT": 2, "UNAVAILABLE": 3, "INTERNAL_ERROR": 4,
+              "UNAUTHENTICATED": 5, "PERMISSION_DENIED": 6}
 
 
 def _client(args: argparse.Namespace):
     from torch_tq.client.client import Client
 
-    return Client(args.location, timeout=args.timeout, transport="grpc",
+    return Client(args.location, timeout=args.timeout, transport="grpc", token=args.token,
+                  tls_root_certs=args.tls_root_certs,
                   retry_deadline=0 if args.no_retry else args.timeout,
                   connect_timeout=0 if args.no_retry else args.timeout)
 
@@ -331,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compress the disk store's files (default none)")
     s.add_argument("--max-memory", type=parse_size, default=None,
                    help="a memory store's capacity (default half the RAM)")
+    sec = s.add_argument_group("security (docs/security.md)")
+    sec.add_argument("--auth-tokens", default=None, metavar="PATH",
+                     help="file of '<identity> <role> <token>' lines (mode 0600; re-read on "
+                          "SIGHUP): every call must carry one of its tokens")
+    sec.add_argument("--tls-cert", default=None, metavar="PEM", help="serve grpc+tls://")
+    sec.add_argument("--tls-key", default=None, metavar="PEM", help="the certificate's key")
+    sec.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                     help="mutual TLS: clients must present a certificate this CA signed")
+    sec.add_argument("--insecure", action="store_true", default=None,
+                     help="serve a non-loopback --host without --auth-tokens (refused "
+                          "otherwise)")
+    sec.add_argument("--session-ttl-s", type=float, default=None,
+                     help="seconds a basic-auth handshake's session token lasts (3600)")
     lim = s.add_argument_group("limits (0 switches one off)")
     lim.add_argument("--qps", type=float, default=None, help="calls/s per client over TCP (1000)")
     lim.add_argument("--qps-ucx", type=float, default=None, help="calls/s per client over UCX (10000)")
@@ -365,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--location", default=None,
                        help="grpc://HOST:PORT (default TORCH_TQ_LOCATION or grpc://127.0.0.1:8080)")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+        p.add_argument("--token", default=None,
+                       help="bearer token of an authenticating server (default TORCH_TQ_TOKEN)")
+        p.add_argument("--tls-root-certs", default=None, metavar="PEM",
+                       help="CA bundle that signed a grpc+tls:// server's certificate")
         p.add_argument("--no-retry", action="store_true",
                        help="fail at once when the server is unreachable or over a limit")
         if json_flag:
