@@ -218,3 +218,17 @@ def test_call_floor_benchmark_tiny():
             figures[f"torch_tq_{op}_ms"] / figures[f"plain_{op}_ms"], rel=1e-2)
     assert re.search(r"^get: floor [0-9.]+x plain Flight, torch_tq [0-9.]+x plain Flight "
                      r"\(target <= 1.2x\)$", proc.stdout, re.M), proc.stdout
+
+
+def test_security_benchmark_tiny():
+    proc = _run("security.py", "--big", "1MiB", "--calls", "5", "--runs", "1", "--json")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("{"))
+    figures = json.loads(line)
+    for side in ("plaintext", "tls", "tokens"):
+        for fig in ("big put s", "big get s", "small put ms", "small get ms"):
+            assert figures["medians"][f"{side} {fig}"] > 0
+    ratio = figures["ratios"]["tls/plaintext big get"]
+    assert ratio == pytest.approx(figures["medians"]["tls big get s"]
+                                  / figures["medians"]["plaintext big get s"], rel=1e-6)
+    assert re.search(r"^ratio tokens/none small put: [0-9.]+x time \(target <= 1.05\)$",
+                     proc.stdout, re.M), proc.stdout
