@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import time
@@ -386,3 +387,25 @@ def _host_id() -> str:
     from torch_tq.transport import same_host as local
 
     return local.host_id()
+
+
+def test_error_messages_name_nothing_inside_the_server(tmp_path):
+    """What a client of any language reads: the code and message, no class of ours, no
+    path, no traceback."""
+    with torch_tq.start_server(storage="disk", data_dir=str(tmp_path / "store")) as srv:
+        conn = _raw(srv)
+        read = json.dumps({"action": "ReadMatrix", "index_id": 1, "matrix_type": "x"})
+        calls = {
+            "NOT_FOUND": lambda: conn.do_get(flight.Ticket(read.encode())).read_all(),
+            "INVALID_ARGUMENT": lambda: conn.do_get(flight.Ticket(b"{bad")).read_all(),
+            "unknown action": lambda: list(conn.do_action(flight.Action("Nope", b""))),
+            "DoExchange": lambda: conn.do_exchange(
+                flight.FlightDescriptor.for_command(b"{}"))[1].read_all(),
+        }
+        for name, call in calls.items():
+            with pytest.raises(Exception) as info:  # noqa: PT011 - the text is the point
+                call()
+            text = str(info.value)
+            assert not re.search(r"torch_tq\.[a-z_]", text), (name, text)  # no module of ours
+            for leak in ("_Wire", "Traceback", str(tmp_path), "File \""):
+                assert leak not in text, (name, text)

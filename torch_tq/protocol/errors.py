@@ -47,6 +47,12 @@ class _WireUnimplemented(pa.ArrowNotImplementedError):
 
 WIRE_ERRORS = (_WireNotFound, _WireInvalid, _WireUnimplemented)
 
+# Arrow sends a handler's exception with a detail that names its class (``Python exception:
+# <module>.<class>: ...``): a client of any language sees the builtin each one stands for,
+# never a name from inside the server.
+for _cls, _shown in zip(WIRE_ERRORS, ("KeyError", "ValueError", "NotImplementedError")):
+    _cls.__module__, _cls.__qualname__ = "builtins", _shown
+
 
 def to_wire_error(err: TQError) -> Exception:
     """The exception a Flight handler raises for ``err``.
