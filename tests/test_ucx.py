@@ -435,3 +435,83 @@ def test_coalesce_joins_small_pieces_and_sends_large_ones_from_their_memory():
     big = [np.ones(4 << 20, np.uint8) for _ in range(8)]
     assert all(any(np.shares_memory(p, b) for b in big) for p in ucx.coalesce(big, 2))
     assert ucx.coalesce([np.empty(0, np.uint8)], 2) == []
+
+
+def test_a_reused_ucx_tag_moves_nothing(server, unique_id, monkeypatch):
+    """Every transfer's tag is single-use: a second call with a tag the server saw is
+    refused before anything is sent or received, and the stored matrix stays as it was."""
+    from torch_tq.client.transports import ucx as client_ucx
+
+    c = torch_tq.Client(_locations(server))
+    assert c.transport == "ucx"
+    first, second = torch.randn(1 << 19), torch.randn(1 << 19)  # 2 MiB: over UCX
+    tag = 0x5EED5EED5EED
+    monkeypatch.setattr(client_ucx.secrets, "randbits", lambda bits: tag)
+    c.put(unique_id, "t", first)  # uses the tag
+    with pytest.raises(torch_tq.InvalidArgument, match="was used already"):
+        c.put(unique_id, "t", second)
+    with pytest.raises(torch_tq.InvalidArgument, match="was used already"):
+        c.get(unique_id, "t")
+    results = c.get_many([(unique_id, "t"), (unique_id + 1, "t")])
+    assert [r.code for r in results] == ["INVALID_ARGUMENT"] * 2, results
+    assert all("was used already" in r.message for r in results)
+    monkeypatch.undo()
+    assert torch.equal(c.get(unique_id, "t"), first)  # fresh tags again; nothing changed
+    assert torch.equal(torch_tq.Client(server.location, transport="grpc").get(unique_id, "t"),
+                       first)
+
+
+def test_bytes_sent_under_another_tag_are_not_taken():
+    """A UcxPut receives only under the tag its authenticated call names: bytes sent to the
+    server under any other tag (a guess) are never stored under that key."""
+    from torch_tq.transport import ucx
+
+    with torch_tq.start_server(storage="memory", qps=0, same_host=False,
+                               env={"TORCH_TQ_UCX_TIMEOUT": "2"}) as srv:
+        c = torch_tq.Client(_locations(srv))
+        assert c.transport == "ucx"
+        transport = c._router.transport
+        rt = ucx.runtime()
+        data = torch.randn(1 << 19).numpy().view("uint8")
+        sending = rt.start("send", transport.peers, 1111, [data])
+        body = {"index_id": 9, "matrix_type": "g", "shape": [1 << 19], "dtype": "float32",
+                "nbytes": data.nbytes, "parts": [data.nbytes],
+                "addresses": rt.addresses_b64[: len(transport.peers)], "tag": 2222}
+        with pytest.raises(torch_tq.Unavailable):
+            c.connection.action("UcxPut", body, "a put under a guessed tag")
+        sending.cancel()
+        with pytest.raises(torch_tq.NotFound):
+            torch_tq.Client(srv.location, transport="grpc").get(9, "g")
+
+
+def test_an_authenticating_server_binds_ucx_uploads_to_their_digest(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("w write " + "w" * 20 + "\n")
+    path.chmod(0o600)
+    with torch_tq.start_server(storage="memory", qps=0, same_host=False,
+                               auth_tokens=str(path)) as srv:
+        locations = _locations(srv)
+        c = torch_tq.Client(locations, token="w" * 20)
+        assert c.transport == "ucx"
+        value = torch.randn(1 << 19)
+        c.put(1, "d", value)  # the client sends the digest: it has a token
+        items = {(2, "d"): torch.randn(1 << 18), (3, "d"): torch.randn(1 << 18)}
+        assert all(r.success for r in c.put_many(items))
+        assert torch.equal(c.get(1, "d"), value)
+        assert torch.equal(c.get_many([(3, "d")])[0].tensor, items[(3, "d")])
+        # a UcxPut without the digest, or with a wrong one, stores nothing
+        transport = c._router.transport
+        from torch_tq.transport import ucx
+
+        rt = ucx.runtime()
+        data = torch.randn(1 << 19).numpy().view("uint8")
+        for extra, match in (({}, "must carry the xxh3"), ({"xxh3": "0" * 16}, "xxh3|digest")):
+            tag = 4242 + len(extra)
+            sending = rt.start("send", transport.peers, tag, [data])
+            body = {"index_id": 1, "matrix_type": "d", "shape": [1 << 19], "dtype": "float32",
+                    "nbytes": data.nbytes, "parts": [data.nbytes],
+                    "addresses": rt.addresses_b64[: len(transport.peers)], "tag": tag, **extra}
+            with pytest.raises(torch_tq.InvalidArgument, match=match):
+                c.connection.action("UcxPut", body, "a put without its digest")
+            sending.cancel()
+        assert torch.equal(c.get(1, "d"), value)

@@ -154,11 +154,14 @@ def parse_ucx_body(raw: bytes, action: str) -> dict[str, Any]:
         out["parts"] = [validate_int(p, "part size", 1, 2**62) for p in parts]
         if sum(out["parts"]) != out["nbytes"]:
             raise InvalidArgument("parts must add up to nbytes")
-        digest = body.get("xxh3")
-        if digest is not None and (not isinstance(digest, str) or not _HEX64_RE.fullmatch(digest)):
-            raise InvalidArgument("xxh3 must be 16 lower-case hex digits")
-        out["xxh3"] = digest
+        out["xxh3"] = _digest(body.get("xxh3"))
     return out
+
+
+def _digest(digest: Any) -> str | None:
+    if digest is not None and (not isinstance(digest, str) or not _HEX64_RE.fullmatch(digest)):
+        raise InvalidArgument("xxh3 must be 16 lower-case hex digits")
+    return digest
 
 
 def _parts(value: Any, nbytes: int) -> list[int]:
@@ -189,7 +192,8 @@ def parse_ucx_batch_body(raw: bytes, action: str) -> dict[str, Any]:
     """Parses a UcxPutBatch or UcxGetBatch body.
 
     * UcxPutBatch ``{"items": [{index_id, matrix_type, dtype, shape, nbytes}, ...], "parts":
-      [bytes...], "addresses", "tag"}``: the items' raw bytes travel end to end in item
+      [bytes...], "addresses", "tag", "xxh3"?}``: the items' raw bytes (whose XXH3-64, in
+      hex, ``xxh3`` is: required by an authenticating server) travel end to end in item
       order, cut into ``parts`` (part ``i`` with tag ``tag + i``). Each item becomes a
       :class:`PackItem` at its offset in that stream, or a :class:`BadItem` that fails alone;
       an item whose ``nbytes`` is not a byte count makes the whole body invalid (the stream
@@ -202,7 +206,7 @@ def parse_ucx_batch_body(raw: bytes, action: str) -> dict[str, Any]:
     body = parse_json_object(raw, what, MAX_BATCH_TICKET_BYTES)
     common = {"items", "addresses", "tag"}
     if action == UCX_PUT_BATCH:
-        check_keys(body, common | {"parts"}, common | {"parts"}, what)
+        check_keys(body, common | {"parts", "xxh3"}, common | {"parts"}, what)
     else:
         check_keys(body, common | {"inline_max", "max_bytes"}, common, what)
     items = _items(body, what)
@@ -225,4 +229,5 @@ def parse_ucx_batch_body(raw: bytes, action: str) -> dict[str, Any]:
     out["items"] = parsed
     out["nbytes"] = offset
     out["parts"] = _parts(body["parts"], offset)
+    out["xxh3"] = _digest(body.get("xxh3"))
     return out

@@ -83,11 +83,11 @@ class TQFlightServer(flight.FlightServerBase):
         self.store = store
         self.started = time.monotonic()
         self.stats = ServerStats()
-        self.ucx = UcxService(store, self.stats, ucx_enabled)
-        self.limits = limits or Limits()
-        self.limiter = Limiter(self.limits)
         self.security = security or Security()
         auth = self.security.auth
+        self.ucx = UcxService(store, self.stats, ucx_enabled, digests=auth is not None)
+        self.limits = limits or Limits()
+        self.limiter = Limiter(self.limits)
         kwargs.setdefault("middleware", {})[MIDDLEWARE] = CallMiddlewareFactory(
             self.limiter, auth, self.stats)
         if auth is not None:

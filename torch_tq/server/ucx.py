@@ -4,10 +4,14 @@ many items in one transfer (UcxGetBatch, UcxPutBatch)."""
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 
 from torch_tq.codec import tensors as codec
 from torch_tq.errors import InvalidArgument, TQError, Unavailable
@@ -23,13 +27,50 @@ from torch_tq.transport import ucx
 log = logging.getLogger(__name__)
 
 
-class UcxService:
-    """UCX for one server; its runtime starts with the first UCX client."""
+class TagLedger:
+    """The UCX tags of recent transfers: each may serve one transfer only. A tag is
+    remembered for ``ttl_s`` (the transfer timeout: no transfer of it can still be
+    running after that), at most ``cap`` of them (the oldest go first)."""
 
-    def __init__(self, store: Store, stats: ServerStats, enabled: bool) -> None:
+    def __init__(self, ttl_s: float = ucx.DEFAULT_TIMEOUT_S, cap: int = 1 << 20) -> None:
+        self.ttl_s = ttl_s
+        self.cap = cap
+        self._seen: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def claim(self, tag: int, what: str) -> None:
+        """Takes ``tag`` for one transfer.
+
+        Raises:
+            InvalidArgument: a transfer used it already (nothing moves).
+        """
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen
+            while seen:
+                oldest, expires = next(iter(seen.items()))
+                if expires > now and len(seen) < self.cap:
+                    break
+                del seen[oldest]
+            if tag in seen:
+                raise InvalidArgument(f"{what}: UCX tag {tag} was used already; every "
+                                      "transfer needs a fresh random tag")
+            seen[tag] = now + self.ttl_s
+
+
+class UcxService:
+    """UCX for one server; its runtime starts with the first UCX client. Every transfer's
+    tag is single-use (:class:`TagLedger`); with ``digests`` (an authenticating server)
+    every upload must carry the XXH3-64 of its bytes, checked before anything of it is
+    stored."""
+
+    def __init__(self, store: Store, stats: ServerStats, enabled: bool,
+                 digests: bool = False) -> None:
         self.store = store
         self.stats = stats
         self.enabled = enabled
+        self.digests = digests
+        self.tags = TagLedger()
         self.probe = AddressProbe()  # its process starts with the first UCX client
 
     def info(self) -> dict:
@@ -71,6 +112,7 @@ class UcxService:
         rt = self.runtime()
         peers = self.peers(rt, req)
         key = req["key"]
+        self.tags.claim(req["tag"], f"UcxGet {key}")
         matrix = self.store.open(key)
         entry = matrix.entry
         # Runs of the stored bytes: consecutive batches that are slices of one buffer (a
@@ -135,7 +177,11 @@ class UcxService:
         peers = self.peers(rt, req)
         key, dtype = req["key"], codec.DTYPES[req["dtype"]]
         nbytes = req["nbytes"]
+        # a reused tag is refused before anything is received (no drain either: what waits
+        # under that tag belongs to the transfer that used it first)
+        self.tags.claim(req["tag"], f"UcxPut {key}")
         try:
+            self._check_digest(req, f"UcxPut {key}")
             if nbytes % dtype.itemsize or nbytes // dtype.itemsize != codec.numel(req["shape"]):
                 raise InvalidArgument(
                     f"nbytes {nbytes} contradicts shape {list(req['shape'])} of {dtype.name}")
@@ -159,6 +205,12 @@ class UcxService:
             session.abort()  # no-op after a commit
         return protocol.ok(index_id=key.index_id, matrix_type=key.matrix_type, **entry.describe())
 
+    def _check_digest(self, req: dict, what: str) -> None:
+        if self.digests and req.get("xxh3") is None:
+            raise InvalidArgument(f"{what}: this server authenticates, so a UCX upload must "
+                                  "carry the xxh3 digest of its bytes (checked before it is "
+                                  "stored)")
+
     def put_batch(self, req: dict, limits, limiter) -> dict:
         """UcxPutBatch: receives the items' bytes, end to end, into one buffer (the parts
         the client cut them into, spread over the lanes), then stores each item on its own
@@ -169,7 +221,9 @@ class UcxService:
         peers = self.peers(rt, req)
         items, nbytes = req["items"], req["nbytes"]
         what = f"UcxPutBatch of {len(items)} items"
+        self.tags.claim(req["tag"], what)
         try:
+            self._check_digest(req, what)
             batch_ops.check_batch_limits(limits, limiter, len(items), nbytes, "UcxPutBatch")
         except TQError:
             self._drain(rt, peers, req)
@@ -192,6 +246,10 @@ class UcxService:
         finally:
             self.store.unreserve(nbytes)
         self.stats.add_bytes(received=nbytes)
+        if req.get("xxh3") is not None and xxhash.xxh3_64_hexdigest(whole) != req["xxh3"]:
+            e = InvalidArgument(f"{what}: the bytes received do not match the xxh3 digest "
+                                "of the call; nothing was stored")
+            return protocol.ok(results=[batch_ops._failed(*_ids(item), e) for item in items])
         results = batch_ops.write_slices(self.store, pa.py_buffer(whole), items, "UcxPutBatch")
         return protocol.ok(results=results)
 
@@ -205,6 +263,7 @@ class UcxService:
         rt = self.runtime()
         peers = self.peers(rt, req)
         items = req["items"]
+        self.tags.claim(req["tag"], f"UcxGetBatch of {len(items)} items")
         batch_ops.check_batch_limits(limits, limiter, len(items), 0, "UcxGetBatch")
         budget = limits.max_batch_bytes or 2**62
         rows: list[dict] = []

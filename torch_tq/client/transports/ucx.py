@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-import random
+import secrets
 
 import numpy as np
 import pyarrow as pa
@@ -96,12 +96,13 @@ class UcxTransport:
         raw = flat.view(np.uint8).reshape(-1) if flat.size else np.empty(0, np.uint8)
         sizes = ucx.split(raw.nbytes, max(self.connection.chunk_bytes, ucx.PART_BYTES))
         parts = ucx.views(raw, sizes)
-        tag = random.getrandbits(64)
+        tag = secrets.randbits(64)  # unguessable: it is all that binds bytes to a call
         sending = rt.start("send", self.peers, tag, parts)
         body = {"index_id": key.index_id, "matrix_type": key.matrix_type, "shape": list(shape),
                 "dtype": dtype.name, "nbytes": raw.nbytes, "parts": sizes,
                 "addresses": rt.addresses_b64[: len(self.peers)], "tag": tag}
-        if self.connection.checksum:
+        if self.connection.checksum or self.connection.credentials.token:
+            # an authenticating server binds the bytes to this call by their digest
             body["xxh3"] = xxhash.xxh3_64_hexdigest(memoryview(raw))
         self._call_sending(sending, protocol.UCX_PUT, body, f"put {key}")
 
@@ -153,7 +154,7 @@ class UcxTransport:
         from torch_tq.transport import ucx
 
         rt = ucx.runtime()
-        tag = random.getrandbits(64)
+        tag = secrets.randbits(64)  # unguessable: it is all that binds bytes to a call
         body = {"index_id": key.index_id, "matrix_type": key.matrix_type,
                 "addresses": rt.addresses_b64[: len(self.peers)], "tag": tag,
                 "inline_max": INLINE_BYTES}
@@ -205,11 +206,16 @@ class UcxTransport:
                  for _, key, dtype, shape, flat in group]
         parts = ucx.coalesce([flat.view(np.uint8).reshape(-1) for *_, flat in group],
                              min(len(self.peers), rt.lanes))
-        tag = random.getrandbits(64)
+        tag = secrets.randbits(64)  # unguessable: it is all that binds bytes to a call
         what = f"UcxPutBatch of {len(group)} items"
         sending = rt.start("send", self.peers, tag, parts)
         body = {"items": items, "parts": [p.nbytes for p in parts],
                 "addresses": rt.addresses_b64[: len(self.peers)], "tag": tag}
+        if self.connection.checksum or self.connection.credentials.token:
+            digest = xxhash.xxh3_64()
+            for *_, flat in group:
+                digest.update(memoryview(flat.view(np.uint8).reshape(-1)))
+            body["xxh3"] = digest.hexdigest()
         reply = self._call_sending(sending, protocol.UCX_PUT_BATCH, body, what)
         if len(reply.get("results", ())) != len(group):
             raise InternalError(
@@ -223,7 +229,7 @@ class UcxTransport:
         from torch_tq.transport import ucx
 
         rt = ucx.runtime()
-        tag = random.getrandbits(64)
+        tag = secrets.randbits(64)  # unguessable: it is all that binds bytes to a call
         what = f"UcxGetBatch of {len(keys)} items"
         body = {"items": [{"index_id": k.index_id, "matrix_type": k.matrix_type} for k in keys],
                 "addresses": rt.addresses_b64[: len(self.peers)], "tag": tag,
