@@ -409,3 +409,40 @@ def test_error_messages_name_nothing_inside_the_server(tmp_path):
             assert not re.search(r"torch_tq\.[a-z_]", text), (name, text)  # no module of ours
             for leak in ("_Wire", "Traceback", str(tmp_path), "File \""):
                 assert leak not in text, (name, text)
+
+
+def test_the_dataset_the_sink_and_the_cli_pass_the_token_on(secured, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from torch_tq import TensorSink, TQDataset
+
+    options = {"token": TOKENS["writer"], "transport": "grpc"}
+    with TensorSink(secured.location, client_options=options) as sink:
+        for i in range(4):
+            sink.write(100 + i, {"sec": torch.full((3,), float(i))})
+        sink.finish(["sec"])
+    reader = {"token": TOKENS["reader"], "transport": "grpc"}
+    ds = TQDataset(secured.location, ["sec"], index_ids=range(100, 104), client_options=reader)
+    # a DataLoader worker in a process of its own gets the token with the dataset
+    got = {int(item["index_id"]): item["sec"] for item in ds.loader(batch_size=None,
+                                                                  num_workers=1)}
+    assert sorted(got) == [100, 101, 102, 103] and torch.equal(got[102], torch.full((3,), 2.0))
+    with pytest.raises(Unauthenticated):
+        next(iter(TQDataset(secured.location, ["sec"], index_ids=[100],
+                            client_options={"transport": "grpc"})))
+    export = str(tmp_path / "out.safetensors")
+    env = {**os.environ, "TORCH_TQ_TOKEN": TOKENS["reader"]}
+    cli = [sys.executable, "-m", "torch_tq"]
+    done = subprocess.run(cli + ["export", export, "--ids", "100,101", "--location",
+                                 secured.location], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert os.path.getsize(export) > 0
+    done = subprocess.run(cli + ["ls", "--location", secured.location, "--no-retry"],
+                          capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "TORCH_TQ_TOKEN"})
+    assert done.returncode == 5 and "UNAUTHENTICATED" in done.stderr, done.stderr
+    done = subprocess.run(cli + ["rm", "100", "--location", secured.location, "--token",
+                                 TOKENS["reader"], "--no-retry"], capture_output=True,
+                          text=True)
+    assert done.returncode == 6 and "PERMISSION_DENIED" in done.stderr, done.stderr
