@@ -2,7 +2,8 @@
 token checks against no authentication, all in one run (alternating servers, medians).
 
 Three memory-store servers run side by side: plaintext, TLS (certificates made for the
-run), and plaintext with a token file; clients use gRPC. Prints per-figure medians and the
+run), and plaintext with a token file; clients use gRPC. Large transfers alternate server
+by server; small calls go one to each server in turn. Prints per-figure medians and the
 ratios as its last lines (targets from issue 17: token checks cost <= 5% on 1 KiB calls;
 plain pyarrow.flight measured TLS ~2.1x slower on a 256 MiB get here).
 
@@ -36,9 +37,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _p50_ms(fn, calls: int) -> float:
-    times = [_timed(fn) for _ in range(calls)]
-    return statistics.median(times) * 1e3
+def _interleaved_p50_ms(fns: dict, calls: int) -> dict[str, float]:
+    """p50 of ``calls`` timings of each of ``fns``, one call of each in turn (the order
+    rotating), so that the machine's drift falls on all of them alike."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(calls):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(_timed(fns[name]))
+    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,9 +87,13 @@ def main(argv: list[str] | None = None) -> int:
                 for fig, fn in (("big put s", lambda c=client: c.put(1, "big", big)),
                                 ("big get s", lambda c=client: c.get(1, "big"))):
                     figures.setdefault(f"{name} {fig}", []).append(_timed(fn))
-                for fig, fn in (("small put ms", lambda c=client: c.put(2, "small", small)),
-                                ("small get ms", lambda c=client: c.get(2, "small"))):
-                    figures.setdefault(f"{name} {fig}", []).append(_p50_ms(fn, args.calls))
+            for fig, call in (("small put ms", lambda c: c.put(2, "small", small)),
+                              ("small get ms", lambda c: c.get(2, "small"))):
+                p50 = _interleaved_p50_ms(
+                    {name: (lambda c=client: call(c)) for name, client in clients.items()},
+                    args.calls)
+                for name, value in p50.items():
+                    figures.setdefault(f"{name} {fig}", []).append(value)
     med = {k: statistics.median(v) for k, v in figures.items()}
     gb = args.big / 1e9
     print(f"memory store, gRPC, medians of {args.runs} alternating runs "
