@@ -20,6 +20,7 @@ from torch_tq.errors import (
 # Loaded on first use: a client process never imports the server, and TQDataset/TensorSink
 # need torch.utils.data, which a storage node never imports.
 _LAZY = {
+    "Cluster": "torch_tq.cluster.cluster",
     "serve": "torch_tq.server.run",
     "start_server": "torch_tq.server.launch",
     "ServerHandle": "torch_tq.server.launch",
@@ -45,6 +46,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Client",
+    "Cluster",
     "InternalError",
     "ForkedProcessError",
     "InvalidArgument",

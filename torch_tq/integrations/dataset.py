@@ -25,6 +25,7 @@ import torch.utils.data
 from torch_tq.protocol import commands as protocol
 from torch_tq.protocol.groups import validate_group
 from torch_tq.client.client import Client
+from torch_tq.cluster.cluster import Cluster, client_for
 from torch_tq._fork import preload_in_forkserver
 from torch_tq.errors import InvalidArgument
 from torch_tq.integrations.fixed import FixedSet
@@ -108,7 +109,9 @@ class TQDataset(FixedSet, Items, torch.utils.data.IterableDataset):
       not acknowledged within ``lease`` seconds is delivered again.
 
     Args:
-        location: the server (``grpc://HOST:PORT``); default as for :class:`Client`.
+        location: the server (``grpc://HOST:PORT``); default as for :class:`Client`. Or a
+            :class:`torch_tq.Cluster`: each item is read from the node that owns it (fixed
+            mode, ``index_ids=``; consumer groups across nodes are not built yet).
         types: the matrix types to read for each index_id.
         index_ids: fixed mode: the index_ids to read.
         group: streaming mode: the consumer group name.
@@ -219,6 +222,9 @@ class TQDataset(FixedSet, Items, torch.utils.data.IterableDataset):
             raise InvalidArgument("group_by= and balance_by= apply to rounds (rounds=True)")
         if (group_by or balance_by) and self.group is None:
             raise InvalidArgument("group_by= and balance_by= are for streaming mode (group=)")
+        if isinstance(location, Cluster) and group is not None:
+            raise InvalidArgument("TQDataset over a Cluster reads index_ids= for now: consumer "
+                                  "groups across nodes are not built yet")
         self.location = location
         self.rank = rank
         self.world_size = world_size
@@ -261,7 +267,7 @@ class TQDataset(FixedSet, Items, torch.utils.data.IterableDataset):
 
     def _get_client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.location, **self.client_options)
+            self._client = client_for(self.location, self.client_options)
         return self._client
 
     def set_epoch(self, epoch: int) -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.utils.data
 
 from torch_tq.client.client import Client
+from torch_tq.cluster.cluster import client_for
 from torch_tq.errors import InvalidArgument, TQError
 from torch_tq.protocol import commands as protocol
 
@@ -63,7 +64,7 @@ class TensorSink:
 
     def _get_client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.location, **self.client_options)
+            self._client = client_for(self.location, self.client_options)
         return self._client
 
     def write(self, index_id: int, matrices: Mapping[str, torch.Tensor]) -> None:

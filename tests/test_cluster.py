@@ -1,0 +1,154 @@
+"""Many nodes used as one: placement, the Cluster recipe, and a client that fans out over
+real server processes."""
+
+from __future__ import annotations
+
+import collections
+import pickle
+from contextlib import ExitStack
+
+import pytest
+import torch
+
+import torch_tq
+from torch_tq import Cluster, InvalidArgument
+
+FOUR = {f"n{i}": f"grpc://127.0.0.1:{9100 + i}" for i in range(4)}
+
+
+def test_placement_is_fixed_for_good():
+    """Where an id lives must never change between versions: stored data would be lost to
+    every client that computes the new place."""
+    cluster = Cluster(FOUR)
+    assert [cluster.node_of(i) for i in range(12)] == [
+        "n0", "n0", "n1", "n3", "n1", "n0", "n1", "n0", "n3", "n3", "n3", "n2"]
+    grouped = Cluster(FOUR, placement_key=16)
+    assert [grouped.node_of(i) for i in (0, 15, 16, 31, 32, 2**64 - 1)] == [
+        "n0", "n0", "n0", "n0", "n1", "n2"]
+    # the order nodes are given in, and their locations, do not matter: only their names
+    shuffled = Cluster({name: f"grpc://10.0.0.{i}:8080" for i, name in
+                        enumerate(reversed(list(FOUR)))})
+    assert all(shuffled.node_of(i) == cluster.node_of(i) for i in range(1000))
+
+
+def test_placement_spreads_ids_and_a_new_node_takes_only_its_share():
+    ids = range(20_000)
+    before = Cluster(FOUR)
+    counts = collections.Counter(before.node_of(i) for i in ids)
+    assert all(4_500 <= n <= 5_500 for n in counts.values()), counts
+    after = Cluster({**FOUR, "n4": "grpc://127.0.0.1:9104"})
+    moved = [i for i in ids if after.node_of(i) != before.node_of(i)]
+    assert all(after.node_of(i) == "n4" for i in moved)  # only to the new node
+    assert 0.17 <= len(moved) / len(ids) <= 0.23  # ~1/(N+1) = 0.2
+    grouped = Cluster(FOUR, placement_key=16)
+    for group in range(0, 1600, 16):
+        assert len({grouped.node_of(i) for i in range(group, group + 16)}) == 1
+
+
+def test_the_cluster_recipe():
+    cluster = Cluster({"a": ["ucx://h0:8081", "grpc://h0:8080"], "b": "h1:8080"},
+                      placement_key=8)
+    again = pickle.loads(pickle.dumps(cluster))
+    assert again == cluster and again.placement_key == 8 and again.names == ["a", "b"]
+    assert Cluster.from_env("a=ucx://h0:8081|grpc://h0:8080, b=h1:8080",
+                            placement_key=8) == cluster
+    assert Cluster.from_env('{"a": ["ucx://h0:8081", "grpc://h0:8080"], "b": "h1:8080"}',
+                            placement_key=8) == cluster
+    for bad, why in (({}, "mapping"), ({"-x": "h:1"}, "node name"), ({"a": "h:1", "b": "h:1"},
+                     "same location"), ({"a": "ftp://h:1"}, "scheme")):
+        with pytest.raises(InvalidArgument, match=why):
+            Cluster(bad)
+    for bad in ("", "a", "a=h:1,a=h:2", "{bad json"):
+        with pytest.raises(InvalidArgument):
+            Cluster.from_env(bad)
+    with pytest.raises(InvalidArgument, match="placement_key"):
+        Cluster(FOUR, placement_key=0)
+    with pytest.raises(InvalidArgument, match="index_id"):
+        cluster.node_of(-1)
+
+
+@pytest.fixture(scope="module")
+def three():
+    with ExitStack() as stack:
+        servers = [stack.enter_context(torch_tq.start_server(storage="memory", qps=0))
+                   for _ in range(3)]
+        yield servers
+
+
+def test_a_cluster_client_places_each_id_on_its_node(three, unique_id):
+    cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(three)})
+    client = cluster.client(transport="grpc")
+    ids = [unique_id + i for i in range(90)]
+    items = {(i, t): torch.full((8,), float(i % 1000)) + (t == "resp")
+             for i in ids for t in ("prompt", "resp")}
+    results = client.put_many(items)
+    assert [(r.index_id, r.matrix_type, r.success) for r in results] == \
+        [(i, t, True) for i, t in items]
+    client.put(unique_id + 500, "prompt", torch.ones(3))
+    keys = [*items, (unique_id + 999, "prompt"), ("bad", "prompt")]
+    got = client.get_many(keys)
+    assert [r.code for r in got] == ["OK"] * len(items) + ["NOT_FOUND", "INVALID_ARGUMENT"]
+    assert all(torch.equal(r.tensor, items[k]) for r, k in zip(got, items))
+    assert torch.equal(client.get(unique_id + 500, "prompt"), torch.ones(3))
+    # every type of an id on one node, the node placement names, and each node used
+    for name in cluster.names:
+        held = {(m.index_id, m.matrix_type) for m in client.node(name).list()
+                if m.index_id in ids}
+        assert held and all(cluster.node_of(i) == name for i, _ in held)
+        assert all((i, "resp") in held for i, t in held)
+    listed = [(m.index_id, m.matrix_type) for m in client.list() if m.index_id in ids]
+    assert listed == sorted(items)
+    assert client.metadata(ids[3])["types"] == ["prompt", "resp"]
+    assert client.delete(ids[3]) == ["prompt", "resp"]
+    assert set(client.health()) == set(cluster.names)
+    copy = pickle.loads(pickle.dumps(client))  # a DataLoader worker's
+    assert torch.equal(copy.get(ids[4], "resp"), items[(ids[4], "resp")])
+
+
+def test_a_node_that_is_down_fails_only_its_own_ids(unique_id):
+    with ExitStack() as stack:
+        servers = [stack.enter_context(torch_tq.start_server(storage="memory", qps=0))
+                   for _ in range(3)]
+        cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(servers)})
+        client = cluster.client(transport="grpc", connect_timeout=0, retry_deadline=0)
+        ids = [unique_id + i for i in range(60)]
+        assert all(r.success for r in client.put_many({(i, "x"): torch.ones(2) for i in ids}))
+        servers[1].kill()
+        got = client.get_many([(i, "x") for i in ids])
+        for r in got:
+            if cluster.node_of(r.index_id) == "n1":
+                assert r.code == "UNAVAILABLE" and r.message.startswith("node n1: ")
+            else:
+                assert r.success and torch.equal(r.tensor, torch.ones(2))
+        results = client.put_many({(i, "y"): torch.zeros(1) for i in ids})
+        assert {r.success for r in results if cluster.node_of(r.index_id) != "n1"} == {True}
+        assert {r.code for r in results if cluster.node_of(r.index_id) == "n1"} == \
+            {"UNAVAILABLE"}
+        health = client.health()
+        assert health["n1"]["status"] == "UNAVAILABLE"
+        assert health["n0"]["status"] == health["n2"]["status"] == "SERVING"
+        with pytest.raises(torch_tq.Unavailable, match="node n1"):
+            client.list()
+
+
+def test_the_sink_and_the_dataset_take_a_cluster(three, unique_id):
+    from torch_tq import TensorSink, TQDataset
+
+    cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(three)})
+    ids = [unique_id + i for i in range(24)]
+    with TensorSink(cluster, client_options={"transport": "grpc"}) as sink:
+        for i in ids:
+            sink.write(i, {"prompt": torch.full((4,), float(i % 97)), "reward": torch.ones(1)})
+        assert sink.finish() == ["prompt", "reward"]
+    client = cluster.client(transport="grpc")
+    assert {name: bool(client.node(name).list()) for name in cluster.names} == \
+        dict.fromkeys(cluster.names, True)
+    ds = TQDataset(cluster, ["prompt", "reward"], index_ids=ids,
+                   client_options={"transport": "grpc"})
+    got = {int(item["index_id"]): item["prompt"] for item in ds.loader(batch_size=None,
+                                                                      num_workers=1)}
+    assert sorted(got) == ids
+    assert all(torch.equal(got[i], torch.full((4,), float(i % 97))) for i in ids)
+    with pytest.raises(InvalidArgument, match="consumer groups across nodes"):
+        TQDataset(cluster, ["prompt"], group="g")
+    assert client.reopen(["prompt"]) == ["reward"]
