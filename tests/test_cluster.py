@@ -152,3 +152,43 @@ def test_the_sink_and_the_dataset_take_a_cluster(three, unique_id):
     with pytest.raises(InvalidArgument, match="consumer groups across nodes"):
         TQDataset(cluster, ["prompt"], group="g")
     assert client.reopen(["prompt"]) == ["reward"]
+
+
+@pytest.mark.parametrize("transport", ["grpc", "auto"])
+def test_a_node_refuses_ids_it_does_not_own(transport, unique_id):
+    """Each node knows the cluster: a client with a stale map (here: one node short)
+    cannot store an id on a node that does not own it, on any path."""
+    names = ["n0", "n1", "n2"]
+    with ExitStack() as stack:
+        servers = [stack.enter_context(torch_tq.start_server(
+            storage="memory", qps=0, node_name=name, cluster_nodes=names, cluster_epoch=7))
+            for name in names]
+        nodes = dict(zip(names, (srv.location for srv in servers)))
+        cluster = Cluster(nodes)
+        client = cluster.client(transport=transport)
+        ids = [unique_id + i for i in range(60)]
+        items = {(i, t): torch.randn(64) for i in ids for t in ("a", "b")}
+        assert all(r.success for r in client.put_many(items))
+        health = client.health()
+        assert health["n1"]["node"] == {"name": "n1", "nodes": names, "epoch": 7,
+                                        "placement_key": 1}
+        stale = Cluster({"n0": nodes["n0"], "n1": nodes["n1"]}).client(transport=transport)
+        moved = [i for i in ids if Cluster({"n0": "h:1", "n1": "h:2"}).node_of(i) !=
+                 cluster.node_of(i)]
+        assert moved  # the ids n2 owns, which the stale map sends to n0 or n1
+        big = torch.randn(1 << 18)  # 1 MiB: a put of its own on every transport
+        results = stale.put_many({(i, "c"): big if k % 2 else torch.ones(4)
+                                  for k, i in enumerate(ids)})
+        for r in results:
+            if r.index_id in moved:
+                assert r.code == "FAILED_PRECONDITION", r
+                assert f"belongs to node {cluster.node_of(r.index_id)}" in r.message
+                assert "cluster epoch 7" in r.message
+            else:
+                assert r.success, r
+        with pytest.raises(torch_tq.WrongNode):
+            stale.put(moved[0], "c", big)
+        # nothing of the refused puts was stored anywhere
+        assert not [m for m in client.list() if m.index_id in moved and m.matrix_type == "c"]
+    with pytest.raises(InvalidArgument, match="not one of"):
+        torch_tq.start_server(storage="memory", node_name="n9", cluster_nodes=names)

@@ -15,6 +15,7 @@ from torch_tq.errors import (
     TQError,
     Unauthenticated,
     Unavailable,
+    WrongNode,
 )
 
 # Loaded on first use: a client process never imports the server, and TQDataset/TensorSink
@@ -62,6 +63,7 @@ __all__ = [
     "TQError",
     "Unauthenticated",
     "Unavailable",
+    "WrongNode",
     "__version__",
     "serve",
     "start_server",

@@ -83,6 +83,14 @@ class PermissionDenied(TQError, PermissionError):
     code = "PERMISSION_DENIED"
 
 
+class WrongNode(TQError, LookupError):
+    """A node of a cluster was asked to store an index_id another node owns (the client's
+    map of the cluster is not the node's: a node was added, removed or renamed); nothing
+    was stored. The message names the owner and the node's cluster epoch."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class ForkedProcessError(TQError, RuntimeError):
     """This process was forked from one that had already used gRPC (a Flight client or
     server), so a new connection here could hang (RELIABILITY.md section 9). Start such
@@ -94,5 +102,5 @@ class ForkedProcessError(TQError, RuntimeError):
 
 ERROR_CLASSES: dict[str, type[TQError]] = {
     cls.code: cls for cls in (NotFound, InvalidArgument, Unavailable, InternalError,
-                              Unauthenticated, PermissionDenied)
+                              Unauthenticated, PermissionDenied, WrongNode)
 }

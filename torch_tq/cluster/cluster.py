@@ -10,7 +10,7 @@ from typing import Any
 
 from torch_tq.client.client import Client
 from torch_tq.client.locations import split_locations
-from torch_tq.cluster import placement
+from torch_tq.protocol import placement
 from torch_tq.cluster.client import ClusterClient
 from torch_tq.errors import InvalidArgument
 from torch_tq.model import validate_index_id

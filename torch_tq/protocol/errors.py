@@ -20,6 +20,7 @@ from torch_tq.errors import (
     TQError,
     Unauthenticated,
     Unavailable,
+    WrongNode,
 )
 from torch_tq.protocol.bodies import dumps
 
@@ -64,7 +65,7 @@ def to_wire_error(err: TQError) -> Exception:
     extra = dumps({"code": err.code, "message": err.message})
     if isinstance(err, NotFound):
         return _WireNotFound(text)
-    if isinstance(err, InvalidArgument):
+    if isinstance(err, (InvalidArgument, WrongNode)):  # Arrow has no FAILED_PRECONDITION
         return _WireInvalid(text)
     if isinstance(err, Unavailable):
         return flight.FlightUnavailableError(text, extra_info=extra)
@@ -80,7 +81,7 @@ def unimplemented(what: str) -> Exception:
 
 
 _CODE_RE = re.compile(r"(NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR|UNAUTHENTICATED|"
-                      r"PERMISSION_DENIED): (.*)", re.DOTALL)
+                      r"PERMISSION_DENIED|FAILED_PRECONDITION): (.*)", re.DOTALL)
 
 
 def _strip_detail(text: str) -> str:

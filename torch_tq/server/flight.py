@@ -98,6 +98,7 @@ class TQFlightServer(flight.FlightServerBase):
             state_dir = os.path.join(store.backend.root, "queue")
         self.queue = Queue(store, state_dir, durable=store.backend.durable)
         self.same_host = SameHostService(store, same_host)
+        self.membership = None  # a cluster node's name and epoch (server.membership)
         self.stopping = threading.Event()
         check_fork_safe()
         note_grpc_use()
@@ -292,6 +293,7 @@ class TQFlightServer(flight.FlightServerBase):
             "bytes": self.store.total_bytes(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "groups": self.queue.groups(),
+            **({"node": self.membership.describe()} if self.membership is not None else {}),
         })
 
     @guard

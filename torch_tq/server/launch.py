@@ -20,7 +20,7 @@ from torch_tq.errors import ERROR_CLASSES, Unavailable
 
 _LISTENING = re.compile(r"listening on (grpc(?:\+tls)?://\S+)")
 _ERROR = re.compile(r"error: (NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR|"
-                    r"UNAUTHENTICATED|PERMISSION_DENIED): (.*)")
+                    r"UNAUTHENTICATED|PERMISSION_DENIED|FAILED_PRECONDITION): (.*)")
 
 
 ALLOCATOR_ENV = "ARROW_DEFAULT_MEMORY_POOL"
@@ -153,6 +153,8 @@ def start_server(
             continue
         if isinstance(value, bool):  # a switch: --name / --no-name
             cmd.append(("--" if value else "--no-") + name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):  # cluster_nodes=["n0", "n1"]
+            cmd += ["--" + name.replace("_", "-"), ",".join(map(str, value))]
         else:
             cmd += ["--" + name.replace("_", "-"), str(value)]
     child_env = dict(os.environ)

@@ -29,6 +29,7 @@ from torch_tq.protocol import commands as protocol
 from torch_tq.server.flight import TQFlightServer
 from torch_tq.server.launch import ALLOCATOR_ENV, allocator_for
 from torch_tq.server.limits import Limits, limits_from
+from torch_tq.server.membership import membership_from
 from torch_tq.server.security import security_from
 from torch_tq.store.errors import first_line
 from torch_tq.store.engine import Store
@@ -62,6 +63,10 @@ def make_server(
     tls_client_ca: str | None = None,
     insecure: bool | None = None,
     session_ttl_s: float | None = None,
+    node_name: str | None = None,
+    cluster_nodes=None,
+    placement_key: int | None = None,
+    cluster_epoch: int | None = None,
     **limit_options,
 ) -> TQFlightServer:
     """Builds a running server (it serves from construction on); see :func:`serve`."""
@@ -79,6 +84,7 @@ def make_server(
         raise InvalidArgument("pass either limits= or individual limit options, not both")
     security = security_from(host, auth_tokens, tls_cert, tls_key, tls_client_ca, insecure,
                              session_ttl_s)
+    membership = membership_from(node_name, cluster_nodes, placement_key, cluster_epoch)
     tune_malloc()
     cap_arenas()
     compression = protocol.validate_compression(resolve(compression, "COMPRESSION", None))
@@ -97,11 +103,14 @@ def make_server(
     except OSError as e:
         raise InvalidArgument(f"data directory {data_dir or '(the default)'} cannot be used: "
                               f"{e.strerror or e}") from None
+    store.admits = membership.admits if membership is not None else None
     try:
         ucx_enabled = resolve(ucx, "UCX", True, parse_bool)
         try:
-            return TQFlightServer(_location(host, port, security.scheme), store, limits,
-                                  ucx_enabled, same_host, security=security)
+            server = TQFlightServer(_location(host, port, security.scheme), store, limits,
+                                    ucx_enabled, same_host, security=security)
+            server.membership = membership
+            return server
         except pa.ArrowException as e:  # gRPC could not bind: Arrow says no more than that
             raise Unavailable(f"cannot listen on {_location(host, port)} (is the port in use, "
                               f"or the address not this host's, or the TLS key not the "
@@ -132,6 +141,10 @@ def serve(
     tls_client_ca: str | None = None,
     insecure: bool | None = None,
     session_ttl_s: float | None = None,
+    node_name: str | None = None,
+    cluster_nodes=None,
+    placement_key: int | None = None,
+    cluster_epoch: int | None = None,
     _watch_stdin: bool = False,
     **limit_options,
 ) -> None:
@@ -172,6 +185,11 @@ def serve(
             otherwise; ``TORCH_TQ_INSECURE``).
         session_ttl_s: how long a session token from Flight's basic-auth handshake lasts
             (default 3600; ``TORCH_TQ_SESSION_TTL``).
+        node_name, cluster_nodes, placement_key, cluster_epoch: this node's name among
+            every node's (a list, or comma-separated), the cluster's ``placement_key`` and
+            membership epoch (``TORCH_TQ_NODE_NAME``, ``TORCH_TQ_CLUSTER_NODES``, ...): the
+            node then refuses to store an index_id another node owns (``WrongNode``,
+            FAILED_PRECONDITION). See docs/cluster.md.
         limits: a :class:`torch_tq.Limits`, or its fields as keywords (``qps=1000``,
             ``qps_burst``, ``streams_per_client=100``, ``max_calls=1000``,
             ``max_batch_items=1000``, ``max_batch_bytes``; 0 switches one off;
@@ -193,7 +211,8 @@ def serve(
         max_matrix_bytes=max_matrix_bytes, compression=compression, ucx=ucx,
         same_host=same_host, limits=limits, max_memory=max_memory, auth_tokens=auth_tokens,
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, insecure=insecure,
-        session_ttl_s=session_ttl_s, **limit_options,
+        session_ttl_s=session_ttl_s, node_name=node_name, cluster_nodes=cluster_nodes,
+        placement_key=placement_key, cluster_epoch=cluster_epoch, **limit_options,
     )
     _check_allocator(server.store.storage)
     # what start-up made (modules, torch's and pyarrow's objects: ~70,000) is kept for good;

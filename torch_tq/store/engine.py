@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -106,6 +107,7 @@ class Store(Catalog):
         self.storage = storage
         self.compression = compression
         self.chunk_bytes = chunk_bytes
+        self.admits: Callable[[Key], None] | None = None  # raises for a key not to be stored
         self.max_matrix_bytes = max_matrix_bytes
         self.max_memory = (max_memory if max_memory is not None else default_max_memory()) \
             if storage == "memory" else None
@@ -179,6 +181,8 @@ class Store(Catalog):
             InvalidArgument: over the per-matrix limit.
             Unavailable: no room for it.
         """
+        if self.admits is not None:
+            self.admits(key)
         reserved = 0
         if expected_numel is not None:
             nbytes = expected_numel * dtype.itemsize
@@ -244,6 +248,8 @@ class Store(Catalog):
             InvalidArgument: the file is not a complete, valid matrix of ``key``.
             Unavailable / InternalError: it could not be published.
         """
+        if self.admits is not None:
+            self.admits(key)
         if not isinstance(self.backend, FileBackend) and not getattr(
                 self.backend, "shared_root", None):
             raise InvalidArgument("this store takes no same-host uploads")

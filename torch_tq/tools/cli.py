@@ -3,7 +3,8 @@ around one: ``ls``, ``info``, ``rm``, ``stats``, ``export``/``import`` (safetens
 
 Exit codes: 0 success; 1 NOT_FOUND; 2 bad usage or INVALID_ARGUMENT; 3 UNAVAILABLE (the
 server is unreachable, over a limit, or full); 4 INTERNAL_ERROR; 5 UNAUTHENTICATED (no valid
-``--token``); 6 PERMISSION_DENIED (the token's role does not allow it); 130 interrupted.
+``--token``); 6 PERMISSION_DENIED (the token's role does not allow it); 7 FAILED_PRECONDITION
+(a cluster node that does not own the id); 130 interrupted.
 ``--json`` prints what scripts read; errors go to stderr as ``torch-tq: CODE: message``."""
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         tls_client_ca=args.tls_client_ca,
         insecure=args.insecure,
         session_ttl_s=args.session_ttl_s,
+        node_name=args.node_name,
+        cluster_nodes=args.cluster_nodes,
+        placement_key=args.placement_key,
+        cluster_epoch=args.cluster_epoch,
         **{name: getattr(args, name) for name in LIMIT_OPTIONS},
         shutdown_grace=args.shutdown_grace,
         _watch_stdin=args.watch_stdin,
@@ -127,7 +132,7 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 EXIT_CODES = {"NOT_FOUND": 1, "INVALID_ARGUMENT": 2, "UNAVAILABLE": 3, "INTERNAL_ERROR": 4,
-              "UNAUTHENTICATED": 5, "PERMISSION_DENIED": 6}
+              "UNAUTHENTICATED": 5, "PERMISSION_DENIED": 6, "FAILED_PRECONDITION": 7}
 
 
 def _client(args: argparse.Namespace):
@@ -353,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "otherwise)")
     sec.add_argument("--session-ttl-s", type=float, default=None,
                      help="seconds a basic-auth handshake's session token lasts (3600)")
+    cl = s.add_argument_group("cluster (docs/cluster.md)")
+    cl.add_argument("--node-name", default=None, help="this node's name in its cluster")
+    cl.add_argument("--cluster-nodes", default=None, metavar="N0,N1,...",
+                    help="every node's name: this node refuses ids another one owns")
+    cl.add_argument("--placement-key", type=int, default=None,
+                    help="the cluster's placement_key (default 1)")
+    cl.add_argument("--cluster-epoch", type=int, default=None,
+                    help="the membership's epoch, for messages (default 0)")
     lim = s.add_argument_group("limits (0 switches one off)")
     lim.add_argument("--qps", type=float, default=None, help="calls/s per client over TCP (1000)")
     lim.add_argument("--qps-ucx", type=float, default=None, help="calls/s per client over UCX (10000)")
