@@ -192,3 +192,38 @@ def test_a_node_refuses_ids_it_does_not_own(transport, unique_id):
         assert not [m for m in client.list() if m.index_id in moved and m.matrix_type == "c"]
     with pytest.raises(InvalidArgument, match="not one of"):
         torch_tq.start_server(storage="memory", node_name="n9", cluster_nodes=names)
+
+
+def test_the_cli_works_over_every_node(three, unique_id):
+    import json
+    import subprocess
+    import sys
+
+    cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(three)})
+    client = cluster.client(transport="grpc")
+    ids = [unique_id + i for i in range(12)]
+    assert all(r.success for r in client.put_many({(i, "cli"): torch.ones(2) for i in ids}))
+    spec = ",".join(f"{name}={loc}" for name, loc in cluster.nodes.items())
+    cli = [sys.executable, "-m", "torch_tq"]
+
+    def run(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(cli + list(args) + ["--nodes", spec], capture_output=True,
+                              text=True)
+
+    done = run("ls", "--type", "cli", "--json")
+    assert done.returncode == 0, done.stderr
+    assert sorted(r["index_id"] for r in json.loads(done.stdout)
+                  if r["index_id"] in ids) == ids
+    done = run("stats", "--json")
+    stats = json.loads(done.stdout)
+    assert set(stats["nodes"]) == set(cluster.names) and stats["nodes_serving"] == 3
+    assert stats["matrices"] == sum(s["matrices"] for s in stats["nodes"].values())
+    done = run("info", str(ids[0]), "--json")
+    assert json.loads(done.stdout)["types"] == ["cli"]
+    assert run("rm", str(ids[0])).returncode == 0
+    assert run("info", str(ids[0])).returncode == 1  # NOT_FOUND: gone from its node
+    done = run("group", "status", "g-cli", "--json")
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)["nodes"]) == set(cluster.names)
+    done = run("export", "/tmp/never.safetensors", "--ids", str(ids[1]))
+    assert done.returncode == 2 and "not built yet" in done.stderr

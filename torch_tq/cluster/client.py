@@ -196,6 +196,20 @@ class ClusterClient:
             return sorted(set.intersection(*(set(a) for a in answers.values())))
         return None
 
+    def group_status(self, group: str) -> dict[str, Any]:
+        """A consumer group over every node: its counts added up, ``drained`` and
+        ``finished`` only when every node says so, and each node's own under ``nodes``
+        (a node that cannot be reached: its error, and the group is not drained)."""
+        per_node = self._each("group_status", group)
+        merged: dict[str, Any] = {"group": group, "nodes": per_node}
+        for status in per_node.values():
+            for key, value in status.items():
+                if isinstance(value, int) and not isinstance(value, bool):
+                    merged[key] = merged.get(key, 0) + value
+        for key in ("drained", "finished"):
+            merged[key] = all(status.get(key) is True for status in per_node.values())
+        return merged
+
     def health(self) -> dict[str, dict[str, Any]]:
         """Each node's Health, by name; a node that cannot be reached has ``status``
         ``"UNAVAILABLE"`` and the error's ``code`` and ``message``."""
@@ -205,12 +219,12 @@ class ClusterClient:
         """Each node's Stats, by name (as :meth:`health` for a node that failed)."""
         return self._each("server_stats")
 
-    def _each(self, method: str) -> dict[str, dict[str, Any]]:
+    def _each(self, method: str, *args) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
 
         def run(name: str, _) -> None:
             try:
-                out[name] = getattr(self.node(name), method)()
+                out[name] = getattr(self.node(name), method)(*args)
             except TQError as e:
                 out[name] = {"success": False, "status": "UNAVAILABLE" if isinstance(
                     e, Unavailable) else "FAILED", "code": e.code, "message": e.message}

@@ -22,7 +22,7 @@ import time
 from torch_tq._config import DEFAULT_SHUTDOWN_GRACE_S, parse_size
 from torch_tq._version import __version__
 from torch_tq.tools.bench import human_size
-from torch_tq.errors import TQError
+from torch_tq.errors import InvalidArgument, TQError
 from torch_tq.server.limits import LIMIT_OPTIONS
 
 
@@ -135,13 +135,23 @@ EXIT_CODES = {"NOT_FOUND": 1, "INVALID_ARGUMENT": 2, "UNAVAILABLE": 3, "INTERNAL
               "UNAUTHENTICATED": 5, "PERMISSION_DENIED": 6, "FAILED_PRECONDITION": 7}
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, across_nodes: bool = True):
     from torch_tq.client.client import Client
 
-    return Client(args.location, timeout=args.timeout, transport="grpc", token=args.token,
-                  tls_root_certs=args.tls_root_certs,
-                  retry_deadline=0 if args.no_retry else args.timeout,
-                  connect_timeout=0 if args.no_retry else args.timeout)
+    options = {"timeout": args.timeout, "transport": "grpc", "token": args.token,
+               "tls_root_certs": args.tls_root_certs,
+               "retry_deadline": 0 if args.no_retry else args.timeout,
+               "connect_timeout": 0 if args.no_retry else args.timeout}
+    if getattr(args, "nodes", None):
+        from torch_tq.cluster.cluster import Cluster
+
+        if args.location:
+            raise InvalidArgument("give --location (one node) or --nodes (a cluster), not both")
+        if not across_nodes:
+            raise InvalidArgument(f"{args.command} across nodes is not built yet: give one "
+                                  "node's --location")
+        return Cluster.from_env(args.nodes).client(**options)
+    return Client(args.location, **options)
 
 
 def _emit(args: argparse.Namespace, data, text: str) -> None:
@@ -164,6 +174,8 @@ def _group(args: argparse.Namespace, argv: list[str]) -> int:
 def _stats(args: argparse.Namespace, argv: list[str]) -> int:
     with _client(args) as client:
         stats = client.server_stats()
+    if getattr(args, "nodes", None):  # {node: its Stats}: the totals, then each node
+        stats = {"nodes": stats, **_totals(stats)}
     lines = []
     for key, value in stats.items():  # one line a figure; nested ones as compact JSON
         if key in ("success", "message"):
@@ -171,6 +183,20 @@ def _stats(args: argparse.Namespace, argv: list[str]) -> int:
         lines.append(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     _emit(args, stats, "\n".join(lines))
     return 0
+
+
+def _totals(per_node: dict) -> dict:
+    """What adds up across nodes: matrices, bytes, bytes in and out, calls and errors."""
+    totals: dict = {"nodes_serving": sum(1 for s in per_node.values()
+                                         if s.get("status") == "SERVING")}
+    for stats in per_node.values():
+        for key in ("matrices", "bytes", "bytes_in", "bytes_out"):
+            if isinstance(stats.get(key), int):
+                totals[key] = totals.get(key, 0) + stats[key]
+        for key in ("calls", "errors"):
+            for name, n in (stats.get(key) or {}).items():
+                totals.setdefault(key, {})[name] = totals.get(key, {}).get(name, 0) + n
+    return totals
 
 
 def _ls(args: argparse.Namespace, argv: list[str]) -> int:
@@ -225,7 +251,7 @@ def _progress(args: argparse.Namespace, total: int | None, what: str):
 def _export(args: argparse.Namespace, argv: list[str]) -> int:
     ids = [int(i) for i in args.ids.split(",") if i.strip()]
     types = args.types.split(",") if args.types else None
-    with _client(args) as client:
+    with _client(args, across_nodes=False) as client:
         total = sum(m.nbytes for i in ids for m in client.list(i)
                     if types is None or m.matrix_type in types)
         bar = _progress(args, total, "export")
@@ -246,7 +272,7 @@ def _import(args: argparse.Namespace, argv: list[str]) -> int:
 
     plan, _ = safetensors_io.plan_import(args.path, args.index_id)  # checked before connecting
     total = sum(spec["data_offsets"][1] - spec["data_offsets"][0] for _, _, spec in plan)
-    with _client(args) as client:
+    with _client(args, across_nodes=False) as client:
         bar = _progress(args, total, "import")
         try:
             keys = client.import_safetensors(args.path, args.index_id,
@@ -399,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--location", default=None,
                        help="grpc://HOST:PORT (default TORCH_TQ_LOCATION or grpc://127.0.0.1:8080)")
+        p.add_argument("--nodes", default=None, metavar="N0=LOC,N1=LOC",
+                       help="a cluster instead of --location (the TORCH_TQ_NODES form): "
+                            "ls, stats, info, rm and group over every node")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
         p.add_argument("--token", default=None,
                        help="bearer token of an authenticating server (default TORCH_TQ_TOKEN)")
