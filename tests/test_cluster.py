@@ -227,3 +227,46 @@ def test_the_cli_works_over_every_node(three, unique_id):
     assert set(json.loads(done.stdout)["nodes"]) == set(cluster.names)
     done = run("export", "/tmp/never.safetensors", "--ids", str(ids[1]))
     assert done.returncode == 2 and "not built yet" in done.stderr
+
+
+def test_slurm_and_kubernetes_name_the_same_nodes_as_their_manifests():
+    import os
+    import shlex
+
+    import yaml
+
+    from torch_tq.cluster.deploy import expand_hostlist
+    from torch_tq.tools.cli import build_parser
+
+    assert expand_hostlist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07",
+                                                        "login1"]
+    assert expand_hostlist("r[1-2]n[8-9]") == ["r1n8", "r1n9", "r2n8", "r2n9"]
+    for bad in ("gpu[1-", "gpu]1[", "gpu[3-1]", "gpu[a-b]", ""):
+        with pytest.raises(InvalidArgument):
+            expand_hostlist(bad)
+    slurm = Cluster.from_slurm(9000, nodelist="gpu[01-02]")
+    assert slurm.nodes == {"gpu01": "grpc://gpu01:9000", "gpu02": "grpc://gpu02:9000"}
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy")
+    with open(os.path.join(root, "kubernetes", "torch-tq.yaml")) as f:
+        service, sts = list(yaml.safe_load_all(f))
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    assert sts["kind"] == "StatefulSet" and sts["spec"]["serviceName"] == service["metadata"][
+        "name"]
+    cluster = Cluster.from_statefulset(sts["metadata"]["name"], sts["spec"]["replicas"],
+                                       sts["metadata"]["namespace"], port=8080)
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TORCH_TQ_CLUSTER_NODES"].split(",") == cluster.names  # in step
+    assert cluster.nodes["torch-tq-1"] == "grpc://torch-tq-1.torch-tq.rl.svc.cluster.local:8080"
+    args = build_parser().parse_args(container["args"])  # the server's own parser takes them
+    assert args.host == "0.0.0.0" and args.auth_tokens  # reachable: so authenticated
+    with open(os.path.join(root, "slurm", "torch-tq.sbatch")) as f:
+        script = f.read()
+    srun = script[script.index("exec torch-tq"):].split("'", 1)[0].replace("\\\n", " ")
+    words = shlex.split(srun.replace('"$NODES"', "n0,n1").replace("exec torch-tq ", ""))
+    words = [w.replace("$SLURMD_NODENAME", "n0").replace("$USER", "u").replace("$HOME", "/h")
+             for w in words]
+    assert words[-1] == "--cluster-nodes"  # then every node's name, "$NODES"
+    args = build_parser().parse_args(words + ["n0,n1"])
+    assert args.node_name == "n0" and args.auth_tokens

@@ -11,6 +11,7 @@ from typing import Any
 from torch_tq.client.client import Client
 from torch_tq.client.locations import split_locations
 from torch_tq.protocol import placement
+from torch_tq.cluster import deploy
 from torch_tq.cluster.client import ClusterClient
 from torch_tq.errors import InvalidArgument
 from torch_tq.model import validate_index_id
@@ -81,6 +82,23 @@ class Cluster:
             locs = [loc.strip() for loc in locations.split("|")]
             nodes[name] = locs if len(locs) > 1 else locs[0]
         return cls(nodes, **kwargs)
+
+    @classmethod
+    def from_slurm(cls, port: int = 8080, nodelist: str | None = None, *,
+                   scheme: str = "grpc", **kwargs) -> Cluster:
+        """One node per host of the SLURM job (``$SLURM_JOB_NODELIST``, e.g.
+        ``gpu[01-04]``), named by its host name, serving on ``port``."""
+        return cls(deploy.slurm_nodes(port, nodelist, scheme), **kwargs)
+
+    @classmethod
+    def from_statefulset(cls, name: str, replicas: int, namespace: str = "default",
+                         port: int = 8080, *, service: str | None = None,
+                         scheme: str = "grpc", **kwargs) -> Cluster:
+        """The pods of a Kubernetes StatefulSet behind a headless Service
+        (``deploy/kubernetes/torch-tq.yaml``): nodes ``<name>-0 .. <name>-<replicas-1>``
+        at their stable DNS names."""
+        return cls(deploy.statefulset_nodes(name, replicas, namespace, port, service, scheme),
+                   **kwargs)
 
     @property
     def names(self) -> list[str]:
