@@ -270,3 +270,64 @@ def test_slurm_and_kubernetes_name_the_same_nodes_as_their_manifests():
     assert words[-1] == "--cluster-nodes"  # then every node's name, "$NODES"
     args = build_parser().parse_args(words + ["n0,n1"])
     assert args.node_name == "n0" and args.auth_tokens
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Ray's own test cluster: a head and three raylets that offer {"storage": 1}, on
+    loopback only."""
+    import os
+    import sys
+
+    # Ray's addresses: 127.0.0.1 (read when Ray loads, here and in its processes)
+    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    loaded = "ray" in sys.modules
+    ray = pytest.importorskip("ray", reason="the Ray tests need ray (pip install "
+                                            "'torch_tq[ray]')")
+    from ray.cluster_utils import Cluster as RayTestCluster
+
+    if loaded:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    cluster = RayTestCluster(initialize_head=True,
+                             head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
+    try:
+        for _ in range(3):
+            cluster.add_node(num_cpus=1, resources={"storage": 1},
+                             node_ip_address="127.0.0.1")
+        ray.init(address=cluster.address)
+        yield ray
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved
+
+
+def test_ray_starts_one_node_per_ray_node_and_stops_them(ray_cluster, tmp_path):
+    cluster = torch_tq.ray.start_nodes(3, storage="disk", data_dir=str(tmp_path),
+                                       host="127.0.0.1")
+    try:
+        assert cluster.names == ["tq-0", "tq-1", "tq-2"]
+        ray_nodes = ray_cluster.get([a.node_id.remote() for a in cluster.actors.values()])
+        assert len(set(ray_nodes)) == 3  # pinned to three distinct Ray nodes
+        client = cluster.client(transport="grpc")
+        items = {(i, "x"): torch.full((3,), float(i)) for i in range(40)}
+        assert all(r.success for r in client.put_many(items))
+        got = client.get_many(list(items))
+        assert all(torch.equal(r.tensor, items[(r.index_id, "x")]) for r in got)
+        assert {name: h["node"]["name"] for name, h in client.health().items()} == \
+            {name: name for name in cluster.names}
+        assert sorted(p.name for p in tmp_path.iterdir()) == cluster.names  # a dir each
+        plain = pickle.loads(pickle.dumps(cluster))  # what a worker gets: no actors
+        assert type(plain) is Cluster and plain == cluster
+        with pytest.raises(torch_tq.Unavailable, match="only 3 Ray nodes"):
+            torch_tq.ray.start_nodes(4, storage="memory", host="127.0.0.1")
+    finally:
+        cluster.stop()
+    dead = cluster.client(transport="grpc", connect_timeout=0, retry_deadline=0)
+    assert {h["status"] for h in dead.health().values()} == {"UNAVAILABLE"}

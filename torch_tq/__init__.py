@@ -32,6 +32,10 @@ _LAZY = {
 
 
 def __getattr__(name: str):
+    if name == "ray":  # torch_tq.ray.start_nodes: Ray loads only when it is used
+        import importlib
+
+        return importlib.import_module("torch_tq.ray")
     if name in _LAZY:
         import importlib
 
