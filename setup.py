@@ -59,6 +59,7 @@ setup(
         "ucx": ["ucxx-cu12>=0.52"],
         "progress": ["tqdm>=4"],
         "ray": ["ray>=2.9"],
+        "metrics": ["prometheus-client>=0.17"],
         "notebooks": ["nbformat>=5", "nbclient>=0.7", "ipykernel>=6", "matplotlib>=3.6"],
         "test": ["pytest>=7", "hypothesis>=6", "pandas>=2", "torchdata>=0.9", "cramjam>=2.7",
                  "safetensors>=0.4", "build>=1"],

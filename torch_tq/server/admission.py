@@ -131,7 +131,7 @@ def guard(method):
 
     @functools.wraps(method)
     def wrapper(self, context, *args, **kwargs):
-        self.stats.begin(method.__name__)
+        started = self.stats.begin(method.__name__)
         error = None
         try:
             admit(self, context, method.__name__, args)
@@ -140,7 +140,7 @@ def guard(method):
             error = e
             raise wire(e, method.__name__) from None
         finally:
-            self.stats.end(error)
+            self.stats.end(error, method.__name__, started)
 
     return wrapper
 

@@ -19,6 +19,7 @@ from torch_tq._malloc import ARENAS_ENV, server_arenas_env
 from torch_tq.errors import ERROR_CLASSES, Unavailable
 
 _LISTENING = re.compile(r"listening on (grpc(?:\+tls)?://\S+)")
+_METRICS = re.compile(r"metrics on (http://\S+)")
 _ERROR = re.compile(r"error: (NOT_FOUND|INVALID_ARGUMENT|UNAVAILABLE|INTERNAL_ERROR|"
                     r"UNAUTHENTICATED|PERMISSION_DENIED|FAILED_PRECONDITION): (.*)")
 
@@ -49,11 +50,14 @@ class ServerHandle:
         port: the port it listens on.
         pid: the server process id.
         data_dir: its data directory (``None``: the default or a temporary memory store).
+        metrics_url: where its Prometheus metrics are (``metrics_port=``), else None.
     """
 
-    def __init__(self, proc: subprocess.Popen, location: str, data_dir: str | None) -> None:
+    def __init__(self, proc: subprocess.Popen, location: str, data_dir: str | None,
+                 metrics_url: str | None = None) -> None:
         self._proc = proc
         self.location = location
+        self.metrics_url = metrics_url
         self.port = int(location.rsplit(":", 1)[1])
         self.pid = proc.pid
         self.data_dir = data_dir
@@ -170,6 +174,7 @@ def start_server(
     )
     lines: list[str] = []
     found: list[str] = []
+    metrics_url: list[str] = []
     ready = threading.Event()
 
     stdout = proc.stdout  # a pipe: stdout=PIPE above
@@ -180,6 +185,9 @@ def start_server(
             line = raw.decode("utf-8", "replace").rstrip()
             if not found:
                 lines.append(line)
+                metrics = _METRICS.search(line)
+                if metrics:
+                    metrics_url.append(metrics.group(1))
                 match = _LISTENING.search(line)
                 if match:
                     found.append(match.group(1))
@@ -203,4 +211,4 @@ def start_server(
         raise Unavailable(
             f"torch_tq server did not start (exit code {proc.returncode}); output:\n{tail}"
         )
-    return ServerHandle(proc, found[0], data_dir)
+    return ServerHandle(proc, found[0], data_dir, metrics_url[0] if metrics_url else None)

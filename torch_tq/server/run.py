@@ -145,6 +145,7 @@ def serve(
     cluster_nodes=None,
     placement_key: int | None = None,
     cluster_epoch: int | None = None,
+    metrics_port: int | None = None,
     _watch_stdin: bool = False,
     **limit_options,
 ) -> None:
@@ -190,6 +191,8 @@ def serve(
             membership epoch (``TORCH_TQ_NODE_NAME``, ``TORCH_TQ_CLUSTER_NODES``, ...): the
             node then refuses to store an index_id another node owns (``WrongNode``,
             FAILED_PRECONDITION). See docs/cluster.md.
+        metrics_port: serve Prometheus metrics on ``http://HOST:PORT/metrics`` (0: a free
+            port; ``TORCH_TQ_METRICS_PORT``; needs prometheus-client). Default: none.
         limits: a :class:`torch_tq.Limits`, or its fields as keywords (``qps=1000``,
             ``qps_burst``, ``streams_per_client=100``, ``max_calls=1000``,
             ``max_batch_items=1000``, ``max_batch_bytes``; 0 switches one off;
@@ -231,6 +234,16 @@ def serve(
     if _watch_stdin:
         threading.Thread(target=_wait_stdin_eof, args=(stop,), daemon=True).start()
     host_used = resolve(host, "HOST", DEFAULT_HOST)
+    metrics_port = resolve(metrics_port, "METRICS_PORT", None, int)
+    if metrics_port is not None:
+        from torch_tq.server.metrics import start_metrics
+
+        membership = server.membership
+        node = membership.node if membership is not None else \
+            _location(host_used, server.port, server.security.scheme)
+        http = start_metrics(server, host_used, metrics_port, node)
+        print(f"metrics on http://{_location(host_used, http.server_port).split('://')[1]}"
+              "/metrics", flush=True)
     print(f"listening on {_location(host_used, server.port, server.security.scheme)}",
           flush=True)
     log.info("torch_tq %s serving: %s; %s", __version__, server.store.describe(),

@@ -72,6 +72,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         cluster_nodes=args.cluster_nodes,
         placement_key=args.placement_key,
         cluster_epoch=args.cluster_epoch,
+        metrics_port=args.metrics_port,
         **{name: getattr(args, name) for name in LIMIT_OPTIONS},
         shutdown_grace=args.shutdown_grace,
         _watch_stdin=args.watch_stdin,
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the cluster's placement_key (default 1)")
     cl.add_argument("--cluster-epoch", type=int, default=None,
                     help="the membership's epoch, for messages (default 0)")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (0: any free; needs "
+                        "prometheus-client)")
     lim = s.add_argument_group("limits (0 switches one off)")
     lim.add_argument("--qps", type=float, default=None, help="calls/s per client over TCP (1000)")
     lim.add_argument("--qps-ucx", type=float, default=None, help="calls/s per client over UCX (10000)")
