@@ -84,6 +84,8 @@ def test_a_cluster_client_places_each_id_on_its_node(three, unique_id):
     results = client.put_many(items)
     assert [(r.index_id, r.matrix_type, r.success) for r in results] == \
         [(i, t, True) for i, t in items]
+    odd = client.put_many({5: torch.ones(1), (unique_id + 501, "prompt"): torch.ones(1)})
+    assert [r.code for r in odd] == ["INVALID_ARGUMENT", "OK"]
     client.put(unique_id + 500, "prompt", torch.ones(3))
     keys = [*items, (unique_id + 999, "prompt"), ("bad", "prompt")]
     got = client.get_many(keys)

@@ -94,8 +94,11 @@ class ClusterClient:
         """:meth:`Client.put_many`, split per node and run on every node at once; one
         result per item, in order (the items of a node that cannot be reached fail with
         ``UNAVAILABLE``, the others are stored)."""
-        entries = list(items.items()) if isinstance(items, Mapping) else list(items)
-        triples = [(*e[0], e[1]) if isinstance(items, Mapping) else e for e in entries]
+        if isinstance(items, Mapping):
+            triples = [(*key, value) if isinstance(key, tuple) and len(key) == 2 else key
+                       for key, value in items.items()]  # a bad key fails its item alone
+        else:
+            triples = list(items)
         return self._fan_out(triples, 3, "put_many", kwargs)
 
     def get_many(self, items: Iterable[tuple[int, str]], **kwargs) -> list[ItemResult]:
