@@ -151,8 +151,8 @@ def test_the_sink_and_the_dataset_take_a_cluster(three, unique_id):
                                                                       num_workers=1)}
     assert sorted(got) == ids
     assert all(torch.equal(got[i], torch.full((4,), float(i % 97))) for i in ids)
-    with pytest.raises(InvalidArgument, match="consumer groups across nodes"):
-        TQDataset(cluster, ["prompt"], group="g")
+    with pytest.raises(InvalidArgument, match="rounds across the nodes"):
+        TQDataset(cluster, ["prompt"], group="g", rounds=True, rank=0, world_size=2)
     assert client.reopen(["prompt"]) == ["reward"]
 
 
@@ -333,3 +333,88 @@ def test_ray_starts_one_node_per_ray_node_and_stops_them(ray_cluster, tmp_path):
         cluster.stop()
     dead = cluster.client(transport="grpc", connect_timeout=0, retry_deadline=0)
     assert {h["status"] for h in dead.health().values()} == {"UNAVAILABLE"}
+
+
+def test_a_consumer_group_spans_the_nodes(three, unique_id):
+    """Each node runs the group for its ids; consumers lease from all of them, every id
+    goes to exactly one consumer, and the group is drained only when every node is."""
+    import threading
+
+    from torch_tq import TQDataset
+
+    cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(three)})
+    producer = cluster.client(transport="grpc")
+    types = [f"p{unique_id % 10**6}", f"r{unique_id % 10**6}"]
+    ids = [unique_id + i for i in range(90)]
+    group = f"g-{unique_id}"
+    assert all(r.success for r in producer.put_many(
+        {(i, t): torch.full((2,), float(i % 1000)) for i in ids for t in types}))
+    producer.finish(types)
+    got: list[list[int]] = [[], []]
+
+    def consume(k: int) -> None:
+        client = cluster.client(transport="grpc")
+        acks: list[int] = []
+        while True:
+            lease = client.consume(group, types, max_items=7, timeout=1, ack=acks)
+            acks = list(lease.index_ids)
+            got[k].extend(lease.index_ids)
+            assert len(lease.index_ids) <= 7
+            if lease.drained:
+                break
+        if acks:
+            client.ack(group, acks)
+
+    threads = [threading.Thread(target=consume, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(got[0] + got[1]) == ids  # every id exactly once
+    assert got[0] and got[1]
+    status = producer.group_status(group)
+    assert status["consumed"] == len(ids) and status["drained"] and status["finished"]
+    assert set(status["nodes"]) == set(cluster.names)
+    # the streaming dataset over the cluster reads a second group to its end
+    ds = TQDataset(cluster, types, group=group + "-ds", client_options={"transport": "grpc"},
+                   batch_items=8)
+    seen = [int(item["index_id"]) for item in ds.loader(batch_size=None)]
+    assert sorted(seen) == ids
+
+
+def test_a_group_is_not_drained_while_a_node_is_down_and_resumes_after(unique_id, tmp_path):
+    with ExitStack() as stack:
+        servers = [stack.enter_context(torch_tq.start_server(
+            storage="disk", data_dir=str(tmp_path / f"n{i}"), qps=0)) for i in range(3)]
+        cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(servers)})
+        client = cluster.client(transport="grpc", connect_timeout=0, retry_deadline=0)
+        ids = [unique_id + i for i in range(30)]
+        assert all(r.success for r in client.put_many({(i, "x"): torch.ones(1) for i in ids}))
+        client.finish(["x"])
+        servers[2].kill()
+        live = [i for i in ids if cluster.node_of(i) != "n2"]
+        seen: list[int] = []
+        for _ in range(40):
+            lease = client.consume("g", ["x"], max_items=10, timeout=0.2)
+            assert not lease.drained  # n2's ids may still come
+            seen.extend(lease.index_ids)
+            if lease.index_ids:
+                client.ack("g", lease.index_ids)
+            if sorted(seen) == sorted(live):
+                break
+        assert sorted(seen) == sorted(live)  # the live nodes delivered theirs meanwhile
+        lease = client.consume("g", ["x"], max_items=10, timeout=0.2)
+        assert not lease.index_ids and not lease.drained
+        # the disk node comes back where it was: its ids arrive, each once, then the end
+        port = servers[2].port
+        stack.enter_context(torch_tq.start_server(storage="disk", data_dir=str(tmp_path / "n2"),
+                                                  qps=0, port=port))
+        for _ in range(40):
+            lease = client.consume("g", ["x"], max_items=10, timeout=0.5)
+            seen.extend(lease.index_ids)
+            if lease.index_ids:
+                client.ack("g", lease.index_ids)
+            if lease.drained:
+                break
+        assert lease.drained
+        assert sorted(seen) == ids  # every id exactly once, across the restart

@@ -37,6 +37,10 @@ _CONNECT_FAILURES = ("failed to connect", "connection refused", "dns resolution 
                      "name resolution", "no route to host")
 
 
+_RECONNECT = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.min_reconnect_backoff_ms": 100,
+              "grpc.max_reconnect_backoff_ms": 2000}
+
+
 def connect_failed(e: Unavailable) -> bool:
     """Whether the call never reached a server (nothing was done: safe to make again)."""
     text = e.message.lower()
@@ -163,10 +167,10 @@ class Connection:
         note_grpc_use()
         tune_malloc()
         tls = self.credentials.client_options()
-        if generic_options:
-            return flight.FlightClient(self.location, generic_options=list(generic_options.items()),
-                                       **tls)
-        return flight.FlightClient(self.location, **tls)
+        # a server that restarts (a cluster node, a pod) is reached again within a second
+        # or two: gRPC's reconnect backoff otherwise grows to two minutes after failures
+        options = {**_RECONNECT, **generic_options}
+        return flight.FlightClient(self.location, generic_options=list(options.items()), **tls)
 
     @contextlib.contextmanager
     def pooled(self) -> Iterator[flight.FlightClient]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from torch_tq.client.batches import key_of
 from torch_tq.client.client import Client
 from torch_tq.client.results import ItemResult, MatrixInfo
+from torch_tq.cluster.groups import ClusterGroupCalls, parallel
 from torch_tq.errors import InvalidArgument, TQError, Unavailable
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from torch_tq.cluster.cluster import Cluster
 
 
-class ClusterClient:
+class ClusterClient(ClusterGroupCalls):
     """The methods of :class:`torch_tq.Client`, over the nodes of a cluster
     (:meth:`Cluster.client`). One ``Client`` per node, made on first use with the same
     options; pickles as its recipe (cluster and options)."""
@@ -33,6 +34,10 @@ class ClusterClient:
                 raise InvalidArgument(f"{forbidden} is the cluster's to set, per node")
         self._clients: dict[str, Client] = {}
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # group calls, one in flight per node
+        self._busy: dict[str, Future] = {}
+        self._turn = 0  # which node a consume takes from first: each in turn
+        self._down: set[str] = set()  # nodes a group call found unreachable (said once)
 
     # ------------------------------------------------------------------ nodes
 
@@ -56,6 +61,9 @@ class ClusterClient:
     def close(self) -> None:
         with self._lock:
             clients, self._clients = list(self._clients.values()), {}
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         for client in clients:
             client.close()
 
@@ -67,6 +75,12 @@ class ClusterClient:
 
     def __reduce__(self):
         return (ClusterClient, (self.cluster, self.client_options))
+
+    def _per_node(self, index_ids: Iterable[int]) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for index_id in index_ids:
+            out.setdefault(self.cluster.node_of(index_id), []).append(index_id)
+        return out
 
     def __repr__(self) -> str:
         return f"ClusterClient({self.cluster.names})"
@@ -134,7 +148,7 @@ class ClusterClient:
                     row = row._replace(message=f"node {name}: {row.message}")  # which one
                 results[i] = row
 
-        _parallel([(name, positions) for name, positions in per_node.items()], run)
+        parallel([(name, positions) for name, positions in per_node.items()], run)
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ catalog
@@ -156,62 +170,12 @@ class ClusterClient:
             except TQError as e:
                 failed[name] = e
 
-        _parallel([(name, None) for name in self.cluster.names], run)
+        parallel([(name, None) for name in self.cluster.names], run)
         if failed:
             name, e = next(iter(sorted(failed.items())))
             raise type(e)(f"node {name}: {e.message}")
         return sorted((m for infos in found.values() for m in infos),
                       key=lambda m: (m.index_id, m.matrix_type))
-
-    def finish(self, types: list[str]) -> list[str]:
-        """Marks ``types`` finished on every node; returns the types every node has
-        finished.
-
-        Raises:
-            Unavailable: a node cannot be reached (the others have the mark: call again).
-        """
-        return self._everywhere("finish", list(types))
-
-    def reopen(self, types: list[str]) -> list[str]:
-        """Clears the finished mark of ``types`` on every node (as :meth:`finish`)."""
-        return self._everywhere("reopen", list(types))
-
-    def delete_group(self, group: str) -> None:
-        """Forgets ``group`` on every node (as :meth:`finish`)."""
-        self._everywhere("delete_group", group)
-
-    def _everywhere(self, method: str, arg) -> list[str] | None:
-        answers: dict[str, Any] = {}
-        failed: dict[str, TQError] = {}
-
-        def run(name: str, _) -> None:
-            try:
-                answers[name] = getattr(self.node(name), method)(arg)
-            except TQError as e:
-                failed[name] = e
-
-        _parallel([(name, None) for name in self.cluster.names], run)
-        if failed:
-            name, e = sorted(failed.items())[0]
-            raise type(e)(f"node {name}: {e.message} ({len(failed)} of "
-                          f"{len(self.cluster.names)} nodes failed; call again)")
-        if all(isinstance(a, list) for a in answers.values()):
-            return sorted(set.intersection(*(set(a) for a in answers.values())))
-        return None
-
-    def group_status(self, group: str) -> dict[str, Any]:
-        """A consumer group over every node: its counts added up, ``drained`` and
-        ``finished`` only when every node says so, and each node's own under ``nodes``
-        (a node that cannot be reached: its error, and the group is not drained)."""
-        per_node = self._each("group_status", group)
-        merged: dict[str, Any] = {"group": group, "nodes": per_node}
-        for status in per_node.values():
-            for key, value in status.items():
-                if isinstance(value, int) and not isinstance(value, bool):
-                    merged[key] = merged.get(key, 0) + value
-        for key in ("drained", "finished"):
-            merged[key] = all(status.get(key) is True for status in per_node.values())
-        return merged
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Each node's Health, by name; a node that cannot be reached has ``status``
@@ -232,16 +196,5 @@ class ClusterClient:
                 out[name] = {"success": False, "status": "UNAVAILABLE" if isinstance(
                     e, Unavailable) else "FAILED", "code": e.code, "message": e.message}
 
-        _parallel([(name, None) for name in self.cluster.names], run)
+        parallel([(name, None) for name in self.cluster.names], run)
         return {name: out[name] for name in self.cluster.names}
-
-
-def _parallel(tasks: list[tuple[str, Any]], run) -> None:
-    """``run(name, arg)`` for every task, one thread per node (what each waits on is its
-    node's network)."""
-    if len(tasks) == 1:
-        run(*tasks[0])
-        return
-    with ThreadPoolExecutor(max(1, len(tasks)), "torch_tq-cluster") as pool:
-        for future in [pool.submit(run, *task) for task in tasks]:
-            future.result()

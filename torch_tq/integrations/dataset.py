@@ -110,8 +110,8 @@ class TQDataset(FixedSet, Items, torch.utils.data.IterableDataset):
 
     Args:
         location: the server (``grpc://HOST:PORT``); default as for :class:`Client`. Or a
-            :class:`torch_tq.Cluster`: each item is read from the node that owns it (fixed
-            mode, ``index_ids=``; consumer groups across nodes are not built yet).
+            :class:`torch_tq.Cluster`: each item is read from the node that owns it, a group
+            leased from every node (not yet with ``rounds``).
         types: the matrix types to read for each index_id.
         index_ids: fixed mode: the index_ids to read.
         group: streaming mode: the consumer group name.
@@ -222,9 +222,8 @@ class TQDataset(FixedSet, Items, torch.utils.data.IterableDataset):
             raise InvalidArgument("group_by= and balance_by= apply to rounds (rounds=True)")
         if (group_by or balance_by) and self.group is None:
             raise InvalidArgument("group_by= and balance_by= are for streaming mode (group=)")
-        if isinstance(location, Cluster) and group is not None:
-            raise InvalidArgument("TQDataset over a Cluster reads index_ids= for now: consumer "
-                                  "groups across nodes are not built yet")
+        if isinstance(location, Cluster) and group is not None and rounds:
+            raise InvalidArgument("rounds across the nodes of a Cluster are not built yet")
         self.location = location
         self.rank = rank
         self.world_size = world_size
