@@ -38,6 +38,8 @@ class ClusterClient(ClusterGroupCalls):
         self._busy: dict[str, Future] = {}
         self._turn = 0  # which node a consume takes from first: each in turn
         self._down: set[str] = set()  # nodes a group call found unreachable (said once)
+        # acks a node could not take yet: (group, node, delete) -> index_ids
+        self._unsent: dict[tuple[str, str, bool], list[int]] = {}
 
     # ------------------------------------------------------------------ nodes
 

@@ -22,7 +22,7 @@ _GRACE_S = 0.25
 class ClusterGroupCalls:
     """Mixed into :class:`~torch_tq.cluster.client.ClusterClient` (which supplies
     ``cluster``, ``node``, ``_per_node``, ``_lock``, ``_pool``, ``_busy``, ``_turn``,
-    ``_down``)."""
+    ``_down``, ``_unsent``)."""
 
     def consume(self, group: str, types: list[str] | None = None, *, max_items: int = 1,
                 timeout: float = 0.0, lease: float = 60.0, ack: Iterable[int] = (),
@@ -30,7 +30,7 @@ class ClusterGroupCalls:
         """:meth:`Client.consume` over every node: each node runs the group for the ids it
         owns; this leases up to ``max_items`` of them, from every node in turn, and waits
         up to ``timeout`` on all nodes at once when none has any ready. ``ack`` goes to
-        each id's node. ``drained`` and ``finished`` only when every node says so: a node
+        each id's node first (kept and sent again while that node is down). ``drained`` and ``finished`` only when every node says so: a node
         that cannot be reached keeps the group open (its ids may still come), while the
         others go on delivering.
 
@@ -44,15 +44,11 @@ class ClusterGroupCalls:
         start = self._turn % len(names)
         self._turn += 1
         order = names[start:] + names[:start]
-        acks = self._per_node(ack)
-        for name in [n for n in acks if self._is_busy(n)]:
-            # a node still busy with an earlier call (slow or down): its acks go now, on
-            # their own; if it cannot take them the caller keeps them (nothing leased yet)
-            self.node(name).ack(group, acks.pop(name), delete=delete)
-        common = {"types": types, "lease": lease, "delete": delete}
+        self._send_acks(group, list(ack), delete)
+        common = {"types": types, "lease": lease}
         # every node at once, without waiting: what is ready anywhere
         futures = self._submit_all(order, lambda name: lambda c: c.consume(
-            group, max_items=max_items, timeout=0, ack=acks.get(name, ()), **common))
+            group, max_items=max_items, timeout=0, **common))
         answers = self._gather(futures, group, until=time.monotonic() + 2.0)
         deadline = time.monotonic() + max(0.0, timeout)
         if not any(a is not None and a.index_ids for a in answers.values()) and timeout > 0:
@@ -63,6 +59,35 @@ class ClusterGroupCalls:
             answers = {**answers, **self._gather(futures, group, until=deadline + 5,
                                                  first=True)}
         return self._merge(group, order, answers, max_items)
+
+    def _send_acks(self, group: str, ack: list[int], delete: bool) -> None:
+        """Acks on each id's node before anything is leased. A node that cannot be reached
+        keeps its acks here, sent again with every later consume until it takes them (an
+        ack is idempotent): its being down must not stop the consumers of the others."""
+        with self._lock:
+            for name, ids in self._per_node(ack).items():
+                self._unsent.setdefault((group, name, delete), []).extend(ids)
+            todo = [(key, ids) for key, ids in self._unsent.items() if key[0] == group]
+        if not todo:
+            return
+
+        def run(key, ids) -> None:
+            _, name, deleting = key
+            try:
+                self.node(name).ack(group, ids, delete=deleting)
+            except Unavailable as e:
+                log.debug("acks of group %s wait for node %s: %s", group, name, e.message)
+                return
+            with self._lock:
+                left = self._unsent.get(key, [])
+                sent = set(ids)
+                rest = [i for i in left if i not in sent]
+                if rest:
+                    self._unsent[key] = rest
+                else:
+                    self._unsent.pop(key, None)
+
+        parallel(todo, run)
 
     def _is_busy(self, name: str) -> bool:
         busy = self._busy.get(name)
