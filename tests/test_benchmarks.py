@@ -232,3 +232,19 @@ def test_security_benchmark_tiny():
                                   / figures["medians"]["plaintext big get s"], rel=1e-6)
     assert re.search(r"^ratio tokens/none small put: [0-9.]+x time \(target <= 1.05\)$",
                      proc.stdout, re.M), proc.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and tc need root")
+def test_cluster_benchmark_tiny():
+    proc = _run("cluster.py", "--nodes", "1,2", "--mb", "2", "--runs", "1", "--rate", "100mbit",
+                "--json")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("{"))
+    figures = json.loads(line)
+    for n in ("1", "2"):
+        assert figures["figures"][n]["put_MBps"] > 0 and figures["figures"][n]["get_MBps"] > 0
+    assert figures["ratios"]["2"]["put"] == pytest.approx(
+        figures["figures"]["2"]["put_MBps"] / figures["figures"]["1"]["put_MBps"])
+    assert re.search(r"^ratio 2 nodes get: [0-9.]+x 1 node\(s\) \(target >= 1.6\)$",
+                     proc.stdout, re.M), proc.stdout
+    leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "tqc" not in leftover  # every namespace removed
