@@ -67,7 +67,8 @@ class ClusterGroupCalls:
         with self._lock:
             for name, ids in self._per_node(ack).items():
                 self._unsent.setdefault((group, name, delete), []).extend(ids)
-            todo = [(key, ids) for key, ids in self._unsent.items() if key[0] == group]
+            # copies: another consume of this client may add to the lists meanwhile
+            todo = [(key, list(ids)) for key, ids in self._unsent.items() if key[0] == group]
         if not todo:
             return
 
