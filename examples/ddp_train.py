@@ -11,7 +11,9 @@ says how many). ``--mode fixed`` reads a fixed range of index_ids, dealt as
 ``DistributedSampler`` deals them.
 
 Without ``--location``, rank 0 starts a server of its own (a memory store) and tells the
-other ranks where it is. ``--report DIR`` writes what each rank read to ``DIR/rank<N>.json``.
+other ranks where it is. ``--nodes n0=grpc://h0:8080,n1=grpc://h1:8080`` (the form of
+``TORCH_TQ_NODES``) reads from a cluster of several nodes instead: each node deals the ids it
+owns in rounds of its own, and the ranks still end at the same step. ``--report DIR`` writes what each rank read to ``DIR/rank<N>.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def features(i: int) -> torch.Tensor:
     return torch.randn(FEATURES, generator=torch.Generator().manual_seed(i))
 
 
-def produce(location: str, ids: range) -> None:
+def produce(location: str | torch_tq.Cluster, ids: range) -> None:
     """The rollout: writes each item, then marks the types finished."""
     with torch_tq.TensorSink(location) as sink:
         for i in ids:
@@ -47,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--location", help="a running server (default: rank 0 starts one)")
+    parser.add_argument("--nodes", help="a cluster of running servers, as TORCH_TQ_NODES")
     parser.add_argument("--mode", choices=["stream", "fixed"], default="stream")
     parser.add_argument("--items", type=int, default=201)
     parser.add_argument("--first-id", type=int, default=0)
@@ -59,7 +62,9 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     server = None
-    if args.location is None:
+    if args.nodes:
+        location = torch_tq.Cluster.from_env(args.nodes)
+    elif args.location is None:
         if rank == 0:
             server = torch_tq.start_server(storage="memory")
         where = [server.location if server else None]

@@ -151,8 +151,6 @@ def test_the_sink_and_the_dataset_take_a_cluster(three, unique_id):
                                                                       num_workers=1)}
     assert sorted(got) == ids
     assert all(torch.equal(got[i], torch.full((4,), float(i % 97))) for i in ids)
-    with pytest.raises(InvalidArgument, match="rounds across the nodes"):
-        TQDataset(cluster, ["prompt"], group="g", rounds=True, rank=0, world_size=2)
     assert client.reopen(["prompt"]) == ["reward"]
 
 
@@ -452,3 +450,104 @@ def test_acks_for_a_node_that_is_down_wait_for_it(unique_id, tmp_path):
                 break
         assert lease.drained and sorted(seen) == ids  # each once: the acks landed first
         assert client.group_status("g")["consumed"] == len(ids)
+
+
+def _rounds_run(cluster, types, group, world_size, dp_size, batch, jitter=0.0, produce=None):
+    """Every rank of a job reads ``group`` through TQDataset in a thread of its own (each
+    with its own cluster client), while ``produce()`` (if given) writes in another: the
+    batches each rank received, in order."""
+    import random
+    import threading
+    import time
+
+    from torch_tq import TQDataset
+
+    got: list[list[list[int]]] = [[] for _ in range(world_size)]
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        rng = random.Random(r)
+        if jitter:
+            time.sleep(0.5 * (r % 2))  # the peers do not start together
+        try:
+            ds = TQDataset(cluster, types, group=group, rank=r, world_size=world_size,
+                           dp_size=dp_size, batch_size=batch, poll=0.5, lease=30,
+                           client_options={"transport": "grpc"})
+            for b in ds.loader(batch_size=batch):
+                got[r].append(sorted(int(i) for i in b["index_id"]))
+                if jitter:
+                    time.sleep(rng.random() * jitter)
+        except BaseException as e:  # re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
+    if produce is not None:
+        threads.append(threading.Thread(target=produce))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a rank hangs"
+    if errors:
+        raise errors[0]
+    return got
+
+
+def test_rounds_across_nodes_give_every_rank_the_same_steps(three, unique_id):
+    """Each node deals its own ids in rounds: every dp rank gets one share of every round
+    of every node, so all ranks take the same number of steps (DDP's collectives would hang
+    otherwise), each batch from one node, every id at most once."""
+    cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(three)})
+    producer = cluster.client(transport="grpc")
+    types = [f"rp{unique_id % 10**6}"]
+    ids = [unique_id + i for i in range(101)]
+    assert all(r.success for r in producer.put_many(
+        {(i, types[0]): torch.tensor([i % 1000]) for i in ids}))
+    producer.finish(types)
+    got = _rounds_run(cluster, types, f"g-{unique_id}", world_size=2, dp_size=2, batch=4,
+                      jitter=0.02)
+    assert len(got[0]) == len(got[1]) > 0  # equal steps
+    delivered = [i for batches in got for b in batches for i in b]
+    assert len(delivered) == len(set(delivered))  # nothing twice
+    assert all(len(b) == 4 and len({cluster.node_of(i) for i in b}) == 1
+               for batches in got for b in batches)
+    # what fills no round stays, less than a round (2 shares of 4) per node
+    status = producer.group_status(f"g-{unique_id}")
+    left = len(ids) - len(delivered)
+    assert status["ready"] == left and left < 8 * len(cluster.names)
+    assert status["consumed"] == len(delivered)
+    for name, per_node in status["nodes"].items():
+        assert per_node["ready"] < 8, (name, per_node)
+        assert per_node["rounds"]["dealt"] * 8 == sum(
+            1 for i in delivered if cluster.node_of(i) == name)
+
+
+def test_peers_of_one_dp_rank_read_the_same_batches_across_nodes(three, unique_id):
+    """Four ranks as two dp ranks of two (tensor-parallel peers): the peers of a dp rank
+    read the same batches in the same order although the shares come from three nodes and
+    the peers run at different speeds; every id goes to exactly one dp rank."""
+    cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(three)})
+    producer = cluster.client(transport="grpc")
+    types = [f"tp{unique_id % 10**6}"]
+    ids = [unique_id + i for i in range(90)]
+
+    def produce() -> None:  # while the ranks read: which node fills a round first varies
+        import random
+        import time
+
+        order = random.Random(7).sample(ids, len(ids))
+        for k in range(0, len(order), 5):
+            assert all(r.success for r in producer.put_many(
+                {(i, types[0]): torch.tensor([i % 1000]) for i in order[k:k + 5]}))
+            time.sleep(0.02)
+        producer.finish(types)
+
+    got = _rounds_run(cluster, types, f"g-{unique_id}", world_size=4, dp_size=2, batch=3,
+                      jitter=0.1, produce=produce)
+    assert got[0] == got[1] and got[2] == got[3]  # peers in step
+    assert len(got[0]) == len(got[2]) > 0
+    nodes_seen = {cluster.node_of(b[0]) for b in got[0]}
+    assert len(nodes_seen) == 3  # the shares did come from every node
+    delivered = [i for batches in (got[0], got[2]) for b in batches for i in b]
+    assert len(delivered) == len(set(delivered))
+    assert producer.group_status(f"g-{unique_id}")["consumed"] == len(delivered)

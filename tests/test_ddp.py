@@ -22,9 +22,10 @@ ITEMS, BATCH = 21, 2  # odd: a stream of 21 fills 5 rounds of 2 ranks x 2 and le
 
 def torchrun(location, tmp_path, *args, timeout=150):
     report = tmp_path / "report"
+    where = ["--nodes", location] if "=" in location else ["--location", location]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-           os.path.join(ROOT, "examples", "ddp_train.py"), "--location", location,
+           os.path.join(ROOT, "examples", "ddp_train.py"), *where,
            "--items", str(ITEMS), "--batch-size", str(BATCH), "--report", str(report), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -51,6 +52,30 @@ def test_streaming_ddp_job_ends_every_rank_at_the_same_step(tmp_path, workers):
             assert (status["consumed"], status["ready"], status["leased"]) == (20, 1, 0)
             rest = c.consume("g", max_items=10)
             assert rest.index_ids == sorted(set(range(ITEMS)) - set(dealt))
+
+
+def test_streaming_ddp_job_over_a_cluster_ends_every_rank_at_the_same_step(tmp_path):
+    """The same job over a cluster of three nodes: each node deals its own rounds; the
+    ranks still take the same number of steps, and no id reaches two ranks."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        servers = [stack.enter_context(torch_tq.start_server(storage="memory"))
+                   for _ in range(3)]
+        nodes = ",".join(f"n{i}={srv.location}" for i, srv in enumerate(servers))
+        ranks, proc = torchrun(nodes, tmp_path, "--mode", "stream", "--workers", "0",
+                               "--group", "g", "--items", "40")
+        steps = [r["steps"] for r in ranks]
+        assert steps[0] == steps[1] > 0, steps
+        dealt = ranks[0]["ids"] + ranks[1]["ids"]
+        assert len(set(dealt)) == len(dealt) == 4 * steps[0]
+        cluster = torch_tq.Cluster.from_env(nodes)
+        client = cluster.client()
+        # per node, what fills no round (less than 2 ranks x 2) stays in the group
+        left = client.group_status("g")
+        assert left["consumed"] == len(dealt) and left["ready"] == 40 - len(dealt)
+        assert all(status["ready"] < 4 for status in left["nodes"].values())
+        client.close()
 
 
 @pytest.mark.parametrize("workers", [0, 2])

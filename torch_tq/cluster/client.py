@@ -13,6 +13,7 @@ from torch_tq.client.batches import key_of
 from torch_tq.client.client import Client
 from torch_tq.client.results import ItemResult, MatrixInfo
 from torch_tq.cluster.groups import ClusterGroupCalls, parallel
+from torch_tq.cluster.rounds import ClusterRounds
 from torch_tq.errors import InvalidArgument, TQError, Unavailable
 
 if TYPE_CHECKING:
@@ -38,8 +39,9 @@ class ClusterClient(ClusterGroupCalls):
         self._busy: dict[str, Future] = {}
         self._turn = 0  # which node a consume takes from first: each in turn
         self._down: set[str] = set()  # nodes a group call found unreachable (said once)
-        # acks a node could not take yet: (group, node, delete) -> index_ids
-        self._unsent: dict[tuple[str, str, bool], list[int]] = {}
+        # acks a node could not take yet: (group, node, delete, rank) -> index_ids
+        self._unsent: dict[tuple[str, str, bool, int | None], list[int]] = {}
+        self._rounds = ClusterRounds(self)  # shares taken from several nodes at once
 
     # ------------------------------------------------------------------ nodes
 

@@ -11,7 +11,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from torch_tq.client.results import Lease
-from torch_tq.errors import InvalidArgument, TQError, Unavailable
+from torch_tq.errors import TQError, Unavailable
 
 log = logging.getLogger(__name__)
 # how long a consume waits for the other nodes once one has answered with ids (a node that
@@ -22,7 +22,7 @@ _GRACE_S = 0.25
 class ClusterGroupCalls:
     """Mixed into :class:`~torch_tq.cluster.client.ClusterClient` (which supplies
     ``cluster``, ``node``, ``_per_node``, ``_lock``, ``_pool``, ``_busy``, ``_turn``,
-    ``_down``, ``_unsent``)."""
+    ``_down``, ``_unsent``, ``_rounds``)."""
 
     def consume(self, group: str, types: list[str] | None = None, *, max_items: int = 1,
                 timeout: float = 0.0, lease: float = 60.0, ack: Iterable[int] = (),
@@ -30,21 +30,22 @@ class ClusterGroupCalls:
         """:meth:`Client.consume` over every node: each node runs the group for the ids it
         owns; this leases up to ``max_items`` of them, from every node in turn, and waits
         up to ``timeout`` on all nodes at once when none has any ready. ``ack`` goes to
-        each id's node first (kept and sent again while that node is down). ``drained`` and ``finished`` only when every node says so: a node
+        each id's node first (kept and sent again while that node is down). ``drained`` and
+        ``finished`` only when every node says so: a node
         that cannot be reached keeps the group open (its ids may still come), while the
         others go on delivering.
 
-        Raises:
-            InvalidArgument: ``rounds`` (dealing rounds across nodes is not built yet).
+        With ``rounds``, each node deals its own ids in rounds and the shares come one per
+        call (:mod:`torch_tq.cluster.rounds`).
         """
+        self._send_acks(group, list(ack), delete,
+                        rank=None if rounds is None else rounds.get("rank"))
         if rounds is not None:
-            raise InvalidArgument("rounds across the nodes of a cluster are not built yet: "
-                                  "consume without rounds, or from one node")
+            return self._rounds.consume(group, types, timeout, lease, rounds)
         names = self.cluster.names
         start = self._turn % len(names)
         self._turn += 1
         order = names[start:] + names[:start]
-        self._send_acks(group, list(ack), delete)
         common = {"types": types, "lease": lease}
         # every node at once, without waiting: what is ready anywhere
         futures = self._submit_all(order, lambda name: lambda c: c.consume(
@@ -60,22 +61,23 @@ class ClusterGroupCalls:
                                                  first=True)}
         return self._merge(group, order, answers, max_items)
 
-    def _send_acks(self, group: str, ack: list[int], delete: bool) -> None:
+    def _send_acks(self, group: str, ack: list[int], delete: bool,
+                   rank: int | None = None) -> None:
         """Acks on each id's node before anything is leased. A node that cannot be reached
         keeps its acks here, sent again with every later consume until it takes them (an
         ack is idempotent): its being down must not stop the consumers of the others."""
         with self._lock:
             for name, ids in self._per_node(ack).items():
-                self._unsent.setdefault((group, name, delete), []).extend(ids)
+                self._unsent.setdefault((group, name, delete, rank), []).extend(ids)
             # copies: another consume of this client may add to the lists meanwhile
             todo = [(key, list(ids)) for key, ids in self._unsent.items() if key[0] == group]
         if not todo:
             return
 
         def run(key, ids) -> None:
-            _, name, deleting = key
+            _, name, deleting, by = key
             try:
-                self.node(name).ack(group, ids, delete=deleting)
+                self.node(name).ack(group, ids, delete=deleting, rank=by)
             except Unavailable as e:
                 log.debug("acks of group %s wait for node %s: %s", group, name, e.message)
                 return
@@ -109,10 +111,12 @@ class ClusterGroupCalls:
         return futures
 
     def _gather(self, futures: dict[str, Future], group: str, until: float,
-                first: bool = False) -> dict[str, Lease | None]:
+                first: bool = False, late=None) -> dict[str, Lease | None]:
         """Each node's lease by ``until`` (None: it is down, or did not answer in time;
-        whatever it leases later goes back to it). With ``first``, once one node has
-        answered with ids the others get a moment (:data:`_GRACE_S`), no more."""
+        whatever it leases later goes to ``late(name, group, future)``, by default back to
+        it). With ``first``, once one node has answered with ids the others get a moment
+        (:data:`_GRACE_S`), no more."""
+        late = late or self._give_back
         pending = set(futures.values())
         deadline = until
         while pending:
@@ -125,8 +129,7 @@ class ClusterGroupCalls:
         out: dict[str, Lease | None] = {}
         for name, future in futures.items():
             if not future.done():
-                future.add_done_callback(
-                    lambda f, name=name: self._give_back(name, group, f))
+                future.add_done_callback(lambda f, name=name: late(name, group, f))
                 out[name] = None
                 continue
             error = future.exception()
@@ -197,9 +200,18 @@ class ClusterGroupCalls:
 
     def renew(self, group: str, index_ids: Iterable[int], lease: float = 60.0, *,
               dp_rank: int | None = None) -> list[int]:
-        """:meth:`Client.renew` on each id's node."""
-        return [i for answer in self._on_owners(
-            index_ids, lambda c, ids: c.renew(group, ids, lease, dp_rank=dp_rank))
+        """:meth:`Client.renew` on each id's node (with ``dp_rank``, rounds: on every node,
+        which also renews the shares dealt to that dp rank there, and the shares that wait
+        in this client)."""
+        ids = list(index_ids)
+        if dp_rank is None:
+            return [i for answer in self._on_owners(
+                ids, lambda c, ids: c.renew(group, ids, lease)) for i in answer]
+        per_node = {name: [] for name in self.cluster.names}
+        for name, some in self._per_node(ids + self._rounds.held_ids(group)).items():
+            per_node[name] = some
+        return [i for answer in self._on_nodes(
+            per_node, lambda c, ids: c.renew(group, ids, lease, dp_rank=dp_rank))
             for i in answer]
 
     def release(self, group: str, index_ids: Iterable[int]) -> list[int]:
@@ -208,6 +220,9 @@ class ClusterGroupCalls:
                 for i in answer]
 
     def _on_owners(self, index_ids: Iterable[int], call) -> list:
+        return self._on_nodes(self._per_node(index_ids), call)
+
+    def _on_nodes(self, per_node: dict[str, list[int]], call) -> list:
         answers: list = []
         failed: dict[str, TQError] = {}
 
@@ -217,7 +232,7 @@ class ClusterGroupCalls:
             except TQError as e:
                 failed[name] = e
 
-        parallel(list(self._per_node(index_ids).items()), run)
+        parallel(list(per_node.items()), run)
         if failed:
             name, e = sorted(failed.items())[0]
             raise type(e)(f"node {name}: {e.message}")

@@ -25,7 +25,7 @@ import torch.utils.data
 from torch_tq.protocol import commands as protocol
 from torch_tq.protocol.groups import validate_group
 from torch_tq.client.client import Client
-from torch_tq.cluster.cluster import Cluster, client_for
+from torch_tq.cluster.cluster import client_for
 from torch_tq._fork import preload_in_forkserver
 from torch_tq.errors import InvalidArgument
 from torch_tq.integrations.fixed import FixedSet
@@ -111,7 +111,8 @@ class TQDataset(FixedSet, Items, torch.utils.data.IterableDataset):
     Args:
         location: the server (``grpc://HOST:PORT``); default as for :class:`Client`. Or a
             :class:`torch_tq.Cluster`: each item is read from the node that owns it, a group
-            leased from every node (not yet with ``rounds``).
+            leased from every node (with ``rounds``, each node deals its own rounds:
+            :mod:`torch_tq.cluster.rounds`).
         types: the matrix types to read for each index_id.
         index_ids: fixed mode: the index_ids to read.
         group: streaming mode: the consumer group name.
@@ -222,8 +223,6 @@ class TQDataset(FixedSet, Items, torch.utils.data.IterableDataset):
             raise InvalidArgument("group_by= and balance_by= apply to rounds (rounds=True)")
         if (group_by or balance_by) and self.group is None:
             raise InvalidArgument("group_by= and balance_by= are for streaming mode (group=)")
-        if isinstance(location, Cluster) and group is not None and rounds:
-            raise InvalidArgument("rounds across the nodes of a Cluster are not built yet")
         self.location = location
         self.rank = rank
         self.world_size = world_size
