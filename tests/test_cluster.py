@@ -152,6 +152,11 @@ def test_the_sink_and_the_dataset_take_a_cluster(three, unique_id):
     assert sorted(got) == ids
     assert all(torch.equal(got[i], torch.full((4,), float(i % 97))) for i in ids)
     assert client.reopen(["prompt"]) == ["reward"]
+    # rounds with group_by need each group's ids on one node
+    with pytest.raises(InvalidArgument, match="placement_key=4"):
+        TQDataset(cluster, ["prompt"], group="g", group_by=4, rank=0, world_size=2)
+    TQDataset(Cluster(cluster.nodes, placement_key=8), ["prompt"], group="g", group_by=4,
+              rank=0, world_size=2)
 
 
 @pytest.mark.parametrize("transport", ["grpc", "auto"])
@@ -452,7 +457,8 @@ def test_acks_for_a_node_that_is_down_wait_for_it(unique_id, tmp_path):
         assert client.group_status("g")["consumed"] == len(ids)
 
 
-def _rounds_run(cluster, types, group, world_size, dp_size, batch, jitter=0.0, produce=None):
+def _rounds_run(cluster, types, group, world_size, dp_size, batch, jitter=0.0, produce=None,
+                **options):
     """Every rank of a job reads ``group`` through TQDataset in a thread of its own (each
     with its own cluster client), while ``produce()`` (if given) writes in another: the
     batches each rank received, in order."""
@@ -472,7 +478,7 @@ def _rounds_run(cluster, types, group, world_size, dp_size, batch, jitter=0.0, p
         try:
             ds = TQDataset(cluster, types, group=group, rank=r, world_size=world_size,
                            dp_size=dp_size, batch_size=batch, poll=0.5, lease=30,
-                           client_options={"transport": "grpc"})
+                           client_options={"transport": "grpc"}, **options)
             for b in ds.loader(batch_size=batch):
                 got[r].append(sorted(int(i) for i in b["index_id"]))
                 if jitter:
@@ -520,6 +526,24 @@ def test_rounds_across_nodes_give_every_rank_the_same_steps(three, unique_id):
         assert per_node["ready"] < 8, (name, per_node)
         assert per_node["rounds"]["dealt"] * 8 == sum(
             1 for i in delivered if cluster.node_of(i) == name)
+
+
+def test_grpo_groups_stay_whole_across_nodes(three, unique_id):
+    """``placement_key=4`` keeps a prompt's 4 responses on one node, where ``group_by=4``
+    deals them as one: every batch is whole groups."""
+    cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(three)}, placement_key=4)
+    producer = cluster.client(transport="grpc")
+    types = [f"gr{unique_id % 10**6}"]
+    base = unique_id - unique_id % 4
+    ids = [base + i for i in range(96)]
+    assert all(r.success for r in producer.put_many(
+        {(i, types[0]): torch.tensor([i % 1000]) for i in ids}))
+    producer.finish(types)
+    got = _rounds_run(cluster, types, f"g-{unique_id}", world_size=2, dp_size=2, batch=8,
+                      group_by=4)
+    assert len(got[0]) == len(got[1]) > 0
+    for b in got[0] + got[1]:
+        assert sorted(collections.Counter(i // 4 for i in b).values()) == [4, 4]  # 2 whole
 
 
 def test_peers_of_one_dp_rank_read_the_same_batches_across_nodes(three, unique_id):

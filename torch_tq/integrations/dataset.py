@@ -25,7 +25,7 @@ import torch.utils.data
 from torch_tq.protocol import commands as protocol
 from torch_tq.protocol.groups import validate_group
 from torch_tq.client.client import Client
-from torch_tq.cluster.cluster import client_for
+from torch_tq.cluster.cluster import Cluster, client_for
 from torch_tq._fork import preload_in_forkserver
 from torch_tq.errors import InvalidArgument
 from torch_tq.integrations.fixed import FixedSet
@@ -39,6 +39,18 @@ def _dist_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _check_groups_stay_on_a_node(location: Any, group_by: int | None) -> None:
+    """Rounds with ``group_by=n`` over a cluster: each node deals whole groups of ``n``, so
+    the ids ``i // n`` must share a node (a ``placement_key`` that is a multiple of ``n``);
+    a group split over nodes would never be complete on any of them, and never dealt."""
+    if isinstance(location, Cluster) and group_by and location.placement_key % group_by:
+        raise InvalidArgument(
+            f"group_by={group_by} over a cluster with placement_key="
+            f"{location.placement_key}: a group's ids would be spread over nodes, and no node "
+            f"could deal it whole; make the cluster with placement_key={group_by} (or a "
+            "multiple of it)")
 
 
 def _ranks(rank, world_size, dp_rank, dp_size) -> tuple[int, int, int, int]:
@@ -232,6 +244,7 @@ class TQDataset(FixedSet, Items, torch.utils.data.IterableDataset):
         self.group_by = group_by
         self.balance_by = balance_by
         self.rounds = bool(rounds) and self.group is not None
+        _check_groups_stay_on_a_node(location, group_by if self.rounds else None)
         if (self.rounds and group_by and self.batch_size and unit == "matrix"
                 and self.batch_size % group_by):
             raise InvalidArgument(
