@@ -149,7 +149,16 @@ def export_safetensors(client: Client, path: str | os.PathLike, index_ids: Itera
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     path = os.fspath(path)
-    grpc = GrpcTransport(client.connection)  # streams batch by batch, nothing assembled
+    # streams batch by batch, nothing assembled; over a cluster, from each id's own node
+    owner = getattr(client, "owner", None)
+    streams: dict[int, GrpcTransport] = {}
+
+    def stream_of(index_id: int) -> GrpcTransport:
+        source = owner(index_id) if owner is not None else client
+        if id(source) not in streams:
+            streams[id(source)] = GrpcTransport(source.connection)
+        return streams[id(source)]
+
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                        f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -158,7 +167,8 @@ def export_safetensors(client: Client, path: str | os.PathLike, index_ids: Itera
             f.write(raw)
             for m in entries:
                 written = 0
-                for piece in grpc.stream_values(protocol.Key(m.index_id, m.matrix_type),
+                for piece in stream_of(m.index_id).stream_values(
+                        protocol.Key(m.index_id, m.matrix_type),
                                                 m.dtype, m.shape):
                     f.write(piece)
                     written += len(piece)

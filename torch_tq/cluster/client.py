@@ -155,6 +155,25 @@ class ClusterClient(ClusterGroupCalls):
         parallel([(name, positions) for name, positions in per_node.items()], run)
         return results  # type: ignore[return-value]
 
+    # ------------------------------------------------------------------ safetensors
+
+    def export_safetensors(self, path, index_ids, types=None, *,
+                           progress=None) -> dict[str, Any]:
+        """:meth:`Client.export_safetensors` over the nodes: each matrix streamed from the
+        node that owns it, into one file."""
+        from torch_tq.client import safetensors_io
+
+        ids = [index_ids] if isinstance(index_ids, int) else list(index_ids)
+        return safetensors_io.export_safetensors(self, path, ids, types, progress)
+
+    def import_safetensors(self, path, index_id: int | None = None, *,
+                           progress=None) -> list[tuple[int, str]]:
+        """:meth:`Client.import_safetensors` over the nodes: each tensor stored on the
+        node that owns its index_id."""
+        from torch_tq.client import safetensors_io
+
+        return safetensors_io.import_safetensors(self, path, index_id, progress)
+
     # ------------------------------------------------------------------ catalog
 
     def list(self, index_id: int | None = None) -> list[MatrixInfo]:

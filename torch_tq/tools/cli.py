@@ -136,7 +136,7 @@ EXIT_CODES = {"NOT_FOUND": 1, "INVALID_ARGUMENT": 2, "UNAVAILABLE": 3, "INTERNAL
               "UNAUTHENTICATED": 5, "PERMISSION_DENIED": 6, "FAILED_PRECONDITION": 7}
 
 
-def _client(args: argparse.Namespace, across_nodes: bool = True):
+def _client(args: argparse.Namespace):
     from torch_tq.client.client import Client
 
     options = {"timeout": args.timeout, "transport": "grpc", "token": args.token,
@@ -148,9 +148,6 @@ def _client(args: argparse.Namespace, across_nodes: bool = True):
 
         if args.location:
             raise InvalidArgument("give --location (one node) or --nodes (a cluster), not both")
-        if not across_nodes:
-            raise InvalidArgument(f"{args.command} across nodes is not built yet: give one "
-                                  "node's --location")
         return Cluster.from_env(args.nodes).client(**options)
     return Client(args.location, **options)
 
@@ -252,7 +249,7 @@ def _progress(args: argparse.Namespace, total: int | None, what: str):
 def _export(args: argparse.Namespace, argv: list[str]) -> int:
     ids = [int(i) for i in args.ids.split(",") if i.strip()]
     types = args.types.split(",") if args.types else None
-    with _client(args, across_nodes=False) as client:
+    with _client(args) as client:
         total = sum(m.nbytes for i in ids for m in client.list(i)
                     if types is None or m.matrix_type in types)
         bar = _progress(args, total, "export")
@@ -273,7 +270,7 @@ def _import(args: argparse.Namespace, argv: list[str]) -> int:
 
     plan, _ = safetensors_io.plan_import(args.path, args.index_id)  # checked before connecting
     total = sum(spec["data_offsets"][1] - spec["data_offsets"][0] for _, _, spec in plan)
-    with _client(args, across_nodes=False) as client:
+    with _client(args) as client:
         bar = _progress(args, total, "import")
         try:
             keys = client.import_safetensors(args.path, args.index_id,
