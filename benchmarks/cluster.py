@@ -13,80 +13,17 @@ ways. Needs root and ``ip``/``tc``; every namespace is removed at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 
+from netns import network, start_node
+
 HERE = os.path.abspath(__file__)
 ITEM_BYTES = 256 << 10
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-def _tc(ns: str, dev: str, rate: str) -> None:
-    subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                    "rate", rate, "burst", "256kb", "latency", "400ms"], check=True,
-                   capture_output=True)
-
-
-@contextlib.contextmanager
-def network(nodes: int, rate: str):
-    """``nodes`` node namespaces and one client namespace on a bridge; yields (node
-    addresses, prefix to run on node i, prefix to run on the clients' host)."""
-    tag = f"{os.getpid() % 10000}"
-    octet = os.getpid() % 200 + 20
-    bridge_ns, client_ns = f"tqcb{tag}", f"tqcc{tag}"
-    node_ns = [f"tqcn{tag}x{i}" for i in range(nodes)]
-    made: list[str] = []
-    try:
-        for ns in (bridge_ns, client_ns, *node_ns):
-            _ip("netns", "add", ns)
-            made.append(ns)
-        _ip("-n", bridge_ns, "link", "add", "br0", "type", "bridge", "forward_delay", "0")
-        _ip("-n", bridge_ns, "link", "set", "br0", "up")
-        addresses = []
-        for k, ns in enumerate([client_ns, *node_ns]):
-            inner, outer = f"e{tag}i{k}", f"e{tag}o{k}"
-            addr = f"10.{octet}.88.{100 if k == 0 else k}"
-            _ip("link", "add", inner, "type", "veth", "peer", "name", outer)
-            _ip("link", "set", inner, "netns", ns)
-            _ip("link", "set", outer, "netns", bridge_ns)
-            _ip("-n", bridge_ns, "link", "set", outer, "master", "br0")
-            _ip("-n", bridge_ns, "link", "set", outer, "up")
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", inner)
-            _ip("-n", ns, "link", "set", inner, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-            if k:  # a node: its link shaped both ways
-                _tc(ns, inner, rate)
-                _tc(bridge_ns, outer, rate)
-                addresses.append(addr)
-        yield (addresses, [["ip", "netns", "exec", ns] for ns in node_ns],
-               ["ip", "netns", "exec", client_ns])
-    finally:
-        for ns in reversed(made):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def start_node(prefix: list[str], host: str, name: str, names: list[str]):
-    # --insecure: a network inside namespaces of this run's own, no one else on it
-    cmd = prefix + [sys.executable, "-m", "torch_tq", "--log-level", "WARNING", "serve",
-                    "--host", host, "--port", "8080", "--insecure", "--storage", "memory",
-                    "--no-same-host", "--no-ucx", "--qps", "0", "--node-name", name,
-                    "--cluster-nodes", ",".join(names), "--watch-stdin"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        match = re.search(r"listening on (grpc://\S+)", line)
-        if match:
-            return proc, match.group(1)
-    raise RuntimeError(f"node {name} did not start")
 
 
 def client_role(nodes_spec: str, first_id: int, items: int, barrier_path: str) -> None:
@@ -115,7 +52,8 @@ def client_role(nodes_spec: str, first_id: int, items: int, barrier_path: str) -
 
 def measure(n: int, rate: str, total_mb: int, run: int) -> dict:
     items_per_client = max(1, (total_mb << 20) // ITEM_BYTES // n)
-    with network(n, rate) as (addresses, node_prefixes, client_prefix):
+    with network(n, rate) as net:
+        addresses, node_prefixes, client_prefix = net.addresses, net.nodes, net.client
         names = [f"n{i}" for i in range(n)]
         nodes = [start_node(p, a, name, names)
                  for p, a, name in zip(node_prefixes, addresses, names)]

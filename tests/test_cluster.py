@@ -243,7 +243,8 @@ def test_safetensors_export_and_import_across_nodes(three, unique_id, tmp_path):
 
     cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(three)})
     client = cluster.client(transport="grpc")
-    ids = [unique_id + i for i in range(9)]
+    ids = sorted(i for name in cluster.names for i in [  # three of every node's
+        i for i in range(unique_id, unique_id + 200) if cluster.node_of(i) == name][:3])
     values = {(i, t): torch.arange(6, dtype=torch.float32).reshape(2, 3) * (i % 100 + k)
               for i in ids for k, t in enumerate(("a", "b"))}
     assert all(r.success for r in client.put_many(values))

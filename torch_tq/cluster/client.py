@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from torch_tq.client.batches import key_of
 from torch_tq.client.client import Client
 from torch_tq.client.results import ItemResult, MatrixInfo
-from torch_tq.cluster.groups import ClusterGroupCalls, parallel
+from torch_tq.cluster.groups import ClusterGroupCalls
+from torch_tq.cluster.parallel import parallel
 from torch_tq.cluster.rounds import ClusterRounds
 from torch_tq.errors import InvalidArgument, TQError, Unavailable
 
@@ -41,6 +42,7 @@ class ClusterClient(ClusterGroupCalls):
         self._down: set[str] = set()  # nodes a group call found unreachable (said once)
         # acks a node could not take yet: (group, node, delete, rank) -> index_ids
         self._unsent: dict[tuple[str, str, bool, int | None], list[int]] = {}
+        self._acking: dict[tuple, Future] = {}  # acks in flight, by _unsent's key
         self._rounds = ClusterRounds(self)  # shares taken from several nodes at once
 
     # ------------------------------------------------------------------ nodes

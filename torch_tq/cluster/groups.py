@@ -11,6 +11,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from torch_tq.client.results import Lease
+from torch_tq.cluster.acks import ClusterAcks
+from torch_tq.cluster.parallel import parallel
 from torch_tq.errors import TQError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -19,10 +21,10 @@ log = logging.getLogger(__name__)
 _GRACE_S = 0.25
 
 
-class ClusterGroupCalls:
+class ClusterGroupCalls(ClusterAcks):
     """Mixed into :class:`~torch_tq.cluster.client.ClusterClient` (which supplies
     ``cluster``, ``node``, ``_per_node``, ``_lock``, ``_pool``, ``_busy``, ``_turn``,
-    ``_down``, ``_unsent``, ``_rounds``)."""
+    ``_down``, ``_unsent``, ``_acking``, ``_rounds``)."""
 
     def consume(self, group: str, types: list[str] | None = None, *, max_items: int = 1,
                 timeout: float = 0.0, lease: float = 60.0, ack: Iterable[int] = (),
@@ -48,65 +50,41 @@ class ClusterGroupCalls:
         order = names[start:] + names[:start]
         common = {"types": types, "lease": lease}
         # every node at once, without waiting: what is ready anywhere
-        futures = self._submit_all(order, lambda name: lambda c: c.consume(
+        futures = self._submit_all(group, order, lambda name: lambda c: c.consume(
             group, max_items=max_items, timeout=0, **common))
         answers = self._gather(futures, group, until=time.monotonic() + 2.0)
         deadline = time.monotonic() + max(0.0, timeout)
         if not any(a is not None and a.index_ids for a in answers.values()) and timeout > 0:
             # nothing ready: wait on every node at once; the first with ids answers
             wait_s = max(0.0, deadline - time.monotonic())
-            futures = self._submit_all(order, lambda name: lambda c: c.consume(
+            futures = self._submit_all(group, order, lambda name: lambda c: c.consume(
                 group, max_items=max_items, timeout=wait_s, **common))
             answers = {**answers, **self._gather(futures, group, until=deadline + 5,
                                                  first=True)}
         return self._merge(group, order, answers, max_items)
 
-    def _send_acks(self, group: str, ack: list[int], delete: bool,
-                   rank: int | None = None) -> None:
-        """Acks on each id's node before anything is leased. A node that cannot be reached
-        keeps its acks here, sent again with every later consume until it takes them (an
-        ack is idempotent): its being down must not stop the consumers of the others."""
-        with self._lock:
-            for name, ids in self._per_node(ack).items():
-                self._unsent.setdefault((group, name, delete, rank), []).extend(ids)
-            # copies: another consume of this client may add to the lists meanwhile
-            todo = [(key, list(ids)) for key, ids in self._unsent.items() if key[0] == group]
-        if not todo:
-            return
-
-        def run(key, ids) -> None:
-            _, name, deleting, by = key
-            try:
-                self.node(name).ack(group, ids, delete=deleting, rank=by)
-            except Unavailable as e:
-                log.debug("acks of group %s wait for node %s: %s", group, name, e.message)
-                return
-            with self._lock:
-                left = self._unsent.get(key, [])
-                sent = set(ids)
-                rest = [i for i in left if i not in sent]
-                if rest:
-                    self._unsent[key] = rest
-                else:
-                    self._unsent.pop(key, None)
-
-        parallel(todo, run)
+    def _pool_of_calls(self) -> ThreadPoolExecutor:
+        """The threads group calls run on (``self._lock`` held)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(3 * len(self.cluster.names) + 2,
+                                            "torch_tq-cluster-groups")
+        return self._pool
 
     def _is_busy(self, name: str) -> bool:
         busy = self._busy.get(name)
         return busy is not None and not busy.done()
 
-    def _submit_all(self, order: list[str], make) -> dict[str, Future]:
+    def _submit_all(self, group: str, order: list[str], make) -> dict[str, Future]:
         """``make(name)(client)`` on every node not busy with an earlier call, at once (a
-        busy node answers nothing this time: the group stays undrained)."""
+        busy node answers nothing this time: the group stays undrained). Nor on a node
+        that has not taken this client's acks of the group yet: a node back from a restart
+        or a partition would lease again what was delivered but not acked there."""
         with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(2 * len(self.cluster.names) + 2,
-                                                "torch_tq-cluster-groups")
-            pool = self._pool
+            pool = self._pool_of_calls()
+        owed = self._owes_acks(group)
         futures = {}
         for name in order:
-            if not self._is_busy(name):
+            if not self._is_busy(name) and name not in owed:
                 futures[name] = self._busy[name] = pool.submit(make(name), self.node(name))
         return futures
 
@@ -183,20 +161,6 @@ class ClusterGroupCalls:
                      min(expiries) if expiries else None,
                      reachable and all(a.finished for a in leases),
                      reachable and not taken and all(a.drained for a in leases))
-
-    def ack(self, group: str, index_ids: Iterable[int], *, delete: bool = False,
-            rank: int | None = None) -> dict[str, Any]:
-        """:meth:`Client.ack` on each id's node; the answers added up."""
-        answers = self._on_owners(
-            index_ids, lambda c, ids: c.ack(group, ids, delete=delete, rank=rank))
-        merged: dict[str, Any] = {}
-        for answer in answers:
-            for key, value in answer.items():
-                if isinstance(value, list):
-                    merged[key] = merged.get(key, []) + value
-                elif isinstance(value, int) and not isinstance(value, bool):
-                    merged[key] = merged.get(key, 0) + value
-        return merged
 
     def renew(self, group: str, index_ids: Iterable[int], lease: float = 60.0, *,
               dp_rank: int | None = None) -> list[int]:
@@ -287,14 +251,3 @@ class ClusterGroupCalls:
         for key in ("drained", "finished"):
             merged[key] = all(status.get(key) is True for status in per_node.values())
         return merged
-
-
-def parallel(tasks: list[tuple[str, Any]], run) -> None:
-    """``run(name, arg)`` for every task, one thread per node (what each waits on is its
-    node's network)."""
-    if len(tasks) == 1:
-        run(*tasks[0])
-        return
-    with ThreadPoolExecutor(max(1, len(tasks)), "torch_tq-cluster") as pool:
-        for future in [pool.submit(run, *task) for task in tasks]:
-            future.result()

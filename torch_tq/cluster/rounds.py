@@ -68,7 +68,7 @@ class ClusterRounds:
             if not future.cancelled() and future.exception() is None:
                 self._keep(group, name, future.result())
 
-        futures = c._submit_all(order, lambda name: lambda cl: cl.consume(
+        futures = c._submit_all(group, order, lambda name: lambda cl: cl.consume(
             group, timeout=0, **common))
         answers = c._gather(futures, group, until=time.monotonic() + 2.0, late=keep)
         for name in order:
@@ -76,7 +76,7 @@ class ClusterRounds:
                 self._keep(group, name, answers[name])
         if not self._waiting(group) and timeout > 0:
             deadline = time.monotonic() + timeout
-            futures = c._submit_all(order, lambda name: lambda cl: cl.consume(
+            futures = c._submit_all(group, order, lambda name: lambda cl: cl.consume(
                 group, timeout=timeout, **common))
             later = c._gather(futures, group, until=deadline + 5, first=True, late=keep)
             for name in order:
@@ -110,6 +110,9 @@ class ClusterRounds:
         deadline = time.monotonic() + max(0.0, timeout)
         while cycle.names:
             name = cycle.names[cycle.position % len(cycle.names)]
+            if name in c._owes_acks(group):  # its acks first (sent with the next consume)
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                return Lease([], None, None, False, False)
             try:
                 share = c.node(name).consume(group, types, timeout=max(
                     0.0, deadline - time.monotonic()), lease=lease, rounds=dict(rounds))

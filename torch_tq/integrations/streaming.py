@@ -72,7 +72,12 @@ class Stream:
             # has nothing to ask for, send them before their leases could run out.
             late = time.monotonic() - self._first_unacked > min(1.0, self.ds.lease / 4)
         if late:
-            self.flush()
+            try:
+                self.flush()
+            except TQError as e:  # kept for the next lease request, or the next flush
+                log.warning("acks of group %s wait: %s", self.ds.group, e)
+                with self._lock:
+                    self._first_unacked = time.monotonic()
 
     def _take_acks(self) -> list[int]:
         with self._lock:
@@ -190,9 +195,15 @@ class Stream:
 
     def flush(self) -> None:
         acks = self._take_acks()
-        if acks:
+        if not acks:
+            return
+        try:
             self.client.ack(self.ds.group, acks, delete=self.ds.delete_after_ack,
                             rank=self.ds.rank if self.ds.rounds else None)
+        except TQError:
+            with self._lock:  # kept: they go with the next lease request
+                self._to_ack[:0] = acks
+            raise
 
     def close(self) -> None:
         """Acknowledges what was handed on and gives back what was leased but not."""
