@@ -481,6 +481,8 @@ def test_acks_for_a_node_that_is_down_wait_for_it(unique_id, tmp_path):
         assert any(cluster.node_of(i) == "n1" for i in first.index_ids)
         port = servers[1].port
         servers[1].kill()
+        on_n1 = [i for i in first.index_ids if cluster.node_of(i) == "n1"]
+        assert client.ack("g", on_n1)["unsent"] == on_n1  # kept, not lost, not raised
         seen, acks = list(first.index_ids), list(first.index_ids)
         for _ in range(10):  # n0's ids keep coming; n1's acks wait
             lease = client.consume("g", ["x"], max_items=6, timeout=0.2, ack=acks)

@@ -26,8 +26,9 @@ class ClusterAcks:
             rank: int | None = None) -> dict[str, Any]:
         """:meth:`Client.ack` on each id's node; the answers added up. The acks of a node
         that cannot be reached (or still owes an answer to earlier ones) are kept in this
-        client and sent first with its next :meth:`consume` of the group, nothing being
-        leased from that node before; they are listed under ``unsent``."""
+        client, tried again in the background, and sent first with its next
+        :meth:`consume` of the group, nothing being leased from that node before; those
+        still waiting are listed under ``unsent``."""
         per_node = self._per_node(index_ids)
         owed = self._owes_acks(group) | self._down
         kept: list[int] = []
@@ -62,8 +63,13 @@ class ClusterAcks:
                     merged[key] = merged.get(key, []) + value
                 elif isinstance(value, int) and not isinstance(value, bool):
                     merged[key] = merged.get(key, 0) + value
-        if kept:
-            merged["unsent"] = kept
+        if kept:  # one more try now, in the background, as a consume makes it
+            self._send_acks(group, [], delete, rank)
+            with self._lock:
+                waiting = {i for key, ids in self._unsent.items() if key[0] == group
+                           for i in ids}
+            if waiting & set(kept):
+                merged["unsent"] = [i for i in kept if i in waiting]
         return merged
 
     def _send_acks(self, group: str, ack: list[int], delete: bool,
