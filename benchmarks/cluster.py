@@ -50,8 +50,30 @@ def client_role(nodes_spec: str, first_id: int, items: int, barrier_path: str) -
     print(json.dumps({"put": [t0, t1], "get": [t1, t2], "ok": ok}), flush=True)
 
 
+def items(n: int, total_mb: int) -> int:
+    """Items per client (client ``k`` writes ids ``k * 10**7 ...``)."""
+    return max(1, (total_mb << 20) // ITEM_BYTES // n)
+
+
+def busiest(n: int, total_mb: int) -> int:
+    """How many of a run's ids the busiest of ``n`` nodes owns."""
+    import collections
+
+    import torch_tq
+
+    cluster = torch_tq.Cluster({f"n{i}": f"grpc://127.0.0.1:{9000 + i}" for i in range(n)})
+    per = items(n, total_mb)
+    return max(collections.Counter(cluster.node_of(k * 10_000_000 + i)
+                                   for k in range(n) for i in range(per)).values())
+
+
+def ceiling(n: int, total_mb: int) -> float:
+    """The most ``n`` equal links can give over one, with these ids' placement."""
+    return items(n, total_mb) * n / busiest(n, total_mb)
+
+
 def measure(n: int, rate: str, total_mb: int, run: int) -> dict:
-    items_per_client = max(1, (total_mb << 20) // ITEM_BYTES // n)
+    items_per_client = items(n, total_mb)
     with network(n, rate) as net:
         addresses, node_prefixes, client_prefix = net.addresses, net.nodes, net.client
         names = [f"n{i}" for i in range(n)]
@@ -120,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         for op in ("put", "get"):
             print(f"ratio {n} nodes {op}: {ratios[n][op]:.2f}x {counts[0]} node(s) "
                   f"(target >= {0.8 * n / counts[0]:.1f})")
+    for n in counts:
+        print(f"  {n} node(s): placement allows at most {ceiling(n, args.mb):.2f}x one node "
+              "(a run lasts as long as its busiest node; these ids put "
+              f"{busiest(n, args.mb)} of {items(n, args.mb) * n} on it)")
     return 0
 
 
