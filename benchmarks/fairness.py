@@ -21,12 +21,13 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import threading
 import time
+
+from netns import listening
 
 HERE = os.path.abspath(__file__)
 
@@ -153,13 +154,7 @@ def start_server(prefix: list[str], host: str, args) -> tuple[subprocess.Popen, 
                     "--storage", "memory", "--no-same-host", "--no-ucx", "--qps", "0",
                     "--max-calls", str(args.max_calls), "--streams-per-client", "100000",
                     "--slot-wait-s", str(args.slot_wait_s), "--watch-stdin"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        match = re.search(r"listening on (grpc://\S+)", line)
-        if match:
-            return proc, match.group(1)
-    raise RuntimeError("the server did not start")
+    return listening(cmd, "the server")
 
 
 def run_role(prefix: list[str], *role_args: str) -> subprocess.Popen:

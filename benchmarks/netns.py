@@ -105,10 +105,15 @@ def start_node(prefix: list[str], host: str, name: str, names: list[str],
                     "--cluster-nodes", ",".join(names), "--watch-stdin", *options]
     if "--storage" not in options:
         cmd += ["--storage", "memory"]
+    return listening(cmd, f"node {name}")
+
+
+def listening(cmd: list[str], what: str) -> tuple[subprocess.Popen, str]:
+    """Starts the server command ``cmd``; returns it and its location once it listens."""
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
         match = re.search(r"listening on (grpc://\S+)", line)
         if match:
             return proc, match.group(1)
-    raise RuntimeError(f"node {name} did not start")
+    raise RuntimeError(f"{what} did not start")

@@ -544,17 +544,23 @@ def _rounds_run(cluster, types, group, world_size, dp_size, batch, jitter=0.0, p
     return got
 
 
+def _written(cluster, matrix_type: str, ids: list[int]):
+    """``ids`` written (one small matrix each) and their type finished: the producer."""
+    producer = cluster.client(transport="grpc")
+    assert all(r.success for r in producer.put_many(
+        {(i, matrix_type): torch.tensor([i % 1000]) for i in ids}))
+    producer.finish([matrix_type])
+    return producer
+
+
 def test_rounds_across_nodes_give_every_rank_the_same_steps(three, unique_id):
     """Each node deals its own ids in rounds: every dp rank gets one share of every round
     of every node, so all ranks take the same number of steps (DDP's collectives would hang
     otherwise), each batch from one node, every id at most once."""
     cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(three)})
-    producer = cluster.client(transport="grpc")
     types = [f"rp{unique_id % 10**6}"]
     ids = [unique_id + i for i in range(101)]
-    assert all(r.success for r in producer.put_many(
-        {(i, types[0]): torch.tensor([i % 1000]) for i in ids}))
-    producer.finish(types)
+    producer = _written(cluster, types[0], ids)
     got = _rounds_run(cluster, types, f"g-{unique_id}", world_size=2, dp_size=2, batch=4,
                       jitter=0.02)
     assert len(got[0]) == len(got[1]) > 0  # equal steps
@@ -577,13 +583,9 @@ def test_grpo_groups_stay_whole_across_nodes(three, unique_id):
     """``placement_key=4`` keeps a prompt's 4 responses on one node, where ``group_by=4``
     deals them as one: every batch is whole groups."""
     cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(three)}, placement_key=4)
-    producer = cluster.client(transport="grpc")
     types = [f"gr{unique_id % 10**6}"]
     base = unique_id - unique_id % 4
-    ids = [base + i for i in range(96)]
-    assert all(r.success for r in producer.put_many(
-        {(i, types[0]): torch.tensor([i % 1000]) for i in ids}))
-    producer.finish(types)
+    _written(cluster, types[0], [base + i for i in range(96)])
     got = _rounds_run(cluster, types, f"g-{unique_id}", world_size=2, dp_size=2, batch=8,
                       group_by=4)
     assert len(got[0]) == len(got[1]) > 0
