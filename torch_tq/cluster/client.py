@@ -43,6 +43,9 @@ class ClusterClient(ClusterGroupCalls):
         # acks a node could not take yet: (group, node, delete, rank) -> index_ids
         self._unsent: dict[tuple[str, str, bool, int | None], list[int]] = {}
         self._acking: dict[tuple, Future] = {}  # acks in flight, by _unsent's key
+        # (group, node) -> until when the node may hold leases whose answer was lost
+        self._unseen: dict[tuple[str, str], float] = {}
+        self._lease_s: dict[str, float] = {}  # each group's lease term, as last asked
         self._rounds = ClusterRounds(self)  # shares taken from several nodes at once
 
     # ------------------------------------------------------------------ nodes

@@ -42,6 +42,7 @@ class ClusterGroupCalls(ClusterAcks):
         """
         self._send_acks(group, list(ack), delete,
                         rank=None if rounds is None else rounds.get("rank"))
+        self._lease_s[group] = lease
         if rounds is not None:
             return self._rounds.consume(group, types, timeout, lease, rounds)
         names = self.cluster.names
@@ -117,6 +118,7 @@ class ClusterGroupCalls(ClusterAcks):
                     self._down.discard(name)
                     log.warning("consumer group %s: node %s is back", group, name)
             elif isinstance(error, Unavailable):  # down: the others go on
+                self._maybe_lost(group, name, error)
                 # a fresh channel for the next call: one that failed to connect may not
                 # notice the node is back for a long while (seen after Ray ran in-process)
                 self.node(name).close()
@@ -132,7 +134,10 @@ class ClusterGroupCalls(ClusterAcks):
 
     def _give_back(self, name: str, group: str, future: Future) -> None:
         """A lease that came after its consume had returned: back to its node."""
-        if future.cancelled() or future.exception() is not None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self._maybe_lost(group, name, future.exception())
             return
         ids = future.result().index_ids
         if ids:
@@ -140,6 +145,26 @@ class ClusterGroupCalls(ClusterAcks):
                 self.node(name).release(group, ids)
             except TQError as e:  # its leases run out instead
                 log.debug("could not give back %s on node %s: %s", ids, name, e)
+                self._may_hold_until(group, name)
+
+    def _maybe_lost(self, group: str, name: str, error: BaseException) -> None:
+        """A consume on ``name`` timed out: the node may have leased ids whose answer never
+        came (a partition drops replies, and the node, alive, holds the leases as fresh)."""
+        if isinstance(error, Unavailable) and "timed out" in error.message:
+            self._may_hold_until(group, name)
+
+    def _may_hold_until(self, group: str, name: str) -> None:
+        """Node ``name`` may hold leases of ``group`` that this client never saw: they come
+        back when they run out, so until then the node's "drained" does not count."""
+        until = time.monotonic() + self._lease_s.get(group, 60.0)
+        with self._lock:
+            self._unseen[(group, name)] = max(until, self._unseen.get((group, name), 0.0))
+
+    def _holds_unseen(self, group: str, names: list[str]) -> bool:
+        """Whether any of ``names`` may still hold leases this client never saw."""
+        now = time.monotonic()
+        with self._lock:
+            return any(self._unseen.get((group, name), 0.0) > now for name in names)
 
     def _merge(self, group: str, order: list[str], answers: dict[str, Lease | None],
                max_items: int) -> Lease:
@@ -160,7 +185,8 @@ class ClusterGroupCalls(ClusterAcks):
         return Lease(taken, next((a.lease for a in leases if a.index_ids), None),
                      min(expiries) if expiries else None,
                      reachable and all(a.finished for a in leases),
-                     reachable and not taken and all(a.drained for a in leases))
+                     reachable and not taken and all(a.drained for a in leases)
+                     and not self._holds_unseen(group, order))
 
     def renew(self, group: str, index_ids: Iterable[int], lease: float = 60.0, *,
               dp_rank: int | None = None) -> list[int]:

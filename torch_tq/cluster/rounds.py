@@ -65,7 +65,11 @@ class ClusterRounds:
         common = {"types": types, "lease": lease, "rounds": dict(rounds)}
 
         def keep(name: str, _group: str, future) -> None:  # a share that came late
-            if not future.cancelled() and future.exception() is None:
+            if future.cancelled():
+                return
+            if future.exception() is not None:
+                c._maybe_lost(group, name, future.exception())
+            else:
                 self._keep(group, name, future.result())
 
         futures = c._submit_all(group, order, lambda name: lambda cl: cl.consume(
@@ -89,7 +93,8 @@ class ClusterRounds:
         leases = [a for a in answers.values() if a is not None]
         reachable = len(leases) == len(order) and not any(c._is_busy(n) for n in order)
         return Lease([], None, None, reachable and all(a.finished for a in leases),
-                     reachable and all(a.drained for a in leases),
+                     reachable and all(a.drained for a in leases)
+                     and not c._holds_unseen(group, order),
                      left=sum(a.left or 0 for a in leases))
 
     def _keep(self, group: str, name: str, share: Lease) -> None:
@@ -117,6 +122,7 @@ class ClusterRounds:
                 share = c.node(name).consume(group, types, timeout=max(
                     0.0, deadline - time.monotonic()), lease=lease, rounds=dict(rounds))
             except Unavailable as e:
+                c._maybe_lost(group, name, e)
                 c.node(name).close()  # a fresh channel for the next try
                 log.warning("consumer group %s: waiting for node %s, whose turn it is in "
                             "the peers' order (%s)", group, name, e.message)
@@ -125,8 +131,8 @@ class ClusterRounds:
             if share.index_ids:
                 cycle.position += 1
                 return share
-            if not share.drained:
-                return share  # nothing yet: its turn stays
+            if not share.drained or c._holds_unseen(group, [name]):
+                return share._replace(drained=False)  # nothing yet: its turn stays
             # drained: it leaves the cycle (at this same step for every peer)
             cycle.left += share.left or 0
             del cycle.names[cycle.position % len(cycle.names)]
