@@ -622,3 +622,44 @@ def test_peers_of_one_dp_rank_read_the_same_batches_across_nodes(three, unique_i
     delivered = [i for batches in (got[0], got[2]) for b in batches for i in b]
     assert len(delivered) == len(set(delivered))
     assert producer.group_status(f"g-{unique_id}")["consumed"] == len(delivered)
+
+
+def test_a_node_that_timed_out_is_not_believed_drained_for_a_lease_term(unique_id):
+    """A consume that times out on a node (stopped here with SIGSTOP; cut off by a partition
+    in tests/test_multihost.py) may have been served with a reply that never came: the node
+    then holds leases this client never saw. So its "drained" counts only once a lease term
+    has passed and such leases have run out."""
+    import os
+    import signal
+    import time
+
+    with ExitStack() as stack:
+        servers = [stack.enter_context(torch_tq.start_server(storage="memory", qps=0))
+                   for _ in range(2)]
+        cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(servers)})
+        client = cluster.client(transport="grpc", timeout=1, connect_timeout=0,
+                                retry_deadline=0)
+        ids = [unique_id + i for i in range(10)]
+        assert all(r.success for r in client.put_many({(i, "x"): torch.ones(1) for i in ids}))
+        client.finish(["x"])
+        seen: list[int] = []
+        lease = client.consume("g", ["x"], max_items=100, timeout=1, lease=4)
+        while not lease.drained:
+            seen += lease.index_ids
+            lease = client.consume("g", ["x"], max_items=100, timeout=0.2, lease=4,
+                                   ack=lease.index_ids)
+        assert sorted(seen) == ids
+        os.kill(servers[1].pid, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            lease = client.consume("g", ["x"], max_items=100, lease=4)  # n1 times out
+            assert not lease.drained
+        finally:
+            os.kill(servers[1].pid, signal.SIGCONT)
+        while True:
+            lease = client.consume("g", ["x"], max_items=100, timeout=0.2, lease=4)
+            assert not lease.index_ids
+            if lease.drained:
+                break
+            assert time.monotonic() - stopped < 15
+        assert time.monotonic() - stopped >= 4  # not before the lease term had passed

@@ -55,7 +55,7 @@ try:
 except torch_tq.WrongNode as e:
     print(json.dumps({"stale": e.code}), flush=True)
 sys.stdin.readline()  # the test says when to start
-ds = TQDataset(cluster, TYPES := ["prompt", "reward"], group="g", poll=0.5, lease=20,
+ds = TQDataset(cluster, ["prompt", "reward"], group="g", poll=0.5, lease=8,
                client_options=options)
 for item in ds.loader(batch_size=None):
     i = int(item["index_id"])
