@@ -178,7 +178,11 @@ class ClusterGroupCalls(ClusterAcks):
                     taken.append(queues[name].pop(0))
         for name, rest in queues.items():
             if rest:
-                self.node(name).release(group, rest)
+                try:
+                    self.node(name).release(group, rest)
+                except TQError as e:  # gone meanwhile: the leases run out there instead
+                    log.debug("could not give back %s on node %s: %s", rest, name, e)
+                    self._may_hold_until(group, name)
         leases = [a for a in answers.values() if a is not None]
         reachable = len(leases) == len(order)  # every node answered this time
         expiries = [a.expires_at for a in leases if a.index_ids and a.expires_at is not None]

@@ -11,7 +11,10 @@ import torch
 import torch.utils.data
 
 from torch_tq.client.client import Client
-from torch_tq.errors import ERROR_CLASSES, InvalidArgument, NotFound, TQError
+from torch_tq.errors import ERROR_CLASSES, InvalidArgument, NotFound, TQError, Unavailable
+
+# _fetch_many's mark for an item whose node (of a cluster) went away after its lease
+UNREACHABLE: dict[str, Any] = {}
 
 
 class Items:
@@ -31,7 +34,8 @@ class Items:
 
     def _fetch_many(self, client: Client, index_ids: list[int]) -> list[dict[str, Any] | None]:
         """:meth:`_fetch` of many index_ids in as few calls as :meth:`Client.get_many`
-        makes (one per batch of items, in parallel streams); ``None`` for an index_id that
+        makes (one per batch of items, in parallel streams); :data:`UNREACHABLE` for one
+        whose cluster node cannot be reached, ``None`` for an index_id that
         is gone (some type not found). Onto a device or into pinned memory, item by item:
         :meth:`Client.get` receives straight into pooled page-locked blocks."""
         if self.device is not None or self.pin_memory:
@@ -41,6 +45,10 @@ class Items:
                     out.append(self._fetch(client, index_id))
                 except NotFound:
                     out.append(None)
+                except Unavailable:
+                    if not self._on_nodes():
+                        raise
+                    out.append(UNREACHABLE)
             return out
         types = list(self.types)
         results = client.get_many([(i, t) for i in index_ids for t in types],
@@ -54,12 +62,22 @@ class Items:
                 elif r.code == NotFound.code:
                     item = None
                     break
+                elif r.code == Unavailable.code and self._on_nodes():
+                    item = UNREACHABLE
+                    break
                 else:
                     raise ERROR_CLASSES.get(r.code, TQError)(r.message)
-            if item is not None:
+            if item is not None and item is not UNREACHABLE:
                 item["index_id"] = index_id
             out.append(item)
         return out
+
+    def _on_nodes(self) -> bool:
+        """Whether this dataset reads a cluster: there, one node being away fails only its
+        own items (see :data:`UNREACHABLE`); from one server it fails the read."""
+        from torch_tq.cluster.cluster import Cluster
+
+        return isinstance(self.location, Cluster)
 
     def _rows(self, item: dict[str, Any], skip: int) -> Iterator[tuple[int, dict[str, Any]]]:
         lengths = {t: (item[t].shape[0] if item[t].dim() else None) for t in self.types}

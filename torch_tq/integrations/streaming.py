@@ -15,6 +15,7 @@ import torch.utils.data
 
 from torch_tq.client.client import Client
 from torch_tq.errors import TQError
+from torch_tq.integrations.items import UNREACHABLE
 
 if TYPE_CHECKING:
     from torch_tq.integrations.dataset import TQDataset
@@ -177,6 +178,15 @@ class Stream:
             # items), not a call per matrix
             for index_id, item in zip(lease.index_ids, ds._fetch_many(self.client,
                                                                       lease.index_ids)):
+                if item is UNREACHABLE:
+                    # its node went away after the lease: the lease dies with the node (or
+                    # runs out behind a partition) and the id comes again; not renewed here
+                    log.warning("index_id %d of group %s: its node cannot be reached since "
+                                "its lease; it comes again once the node is back", index_id,
+                                ds.group)
+                    with self._lock:
+                        self._unhanded.pop(index_id, None)
+                    continue
                 if item is None:
                     # deleted since it was leased: nothing to deliver
                     log.warning("index_id %d of group %s vanished after its lease", index_id, ds.group)
