@@ -428,15 +428,34 @@ def test_a_consumer_group_spans_the_nodes(three, unique_id):
     assert sorted(seen) == ids
 
 
+def _disk_cluster(stack: ExitStack, tmp_path, nodes: int, ids: list[int]):
+    """``nodes`` disk nodes, a client that fails at once on a node that is down, and ``ids``
+    written (one matrix ``x`` each) and finished."""
+    servers = [stack.enter_context(torch_tq.start_server(
+        storage="disk", data_dir=str(tmp_path / f"n{i}"), qps=0)) for i in range(nodes)]
+    cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(servers)})
+    client = cluster.client(transport="grpc", connect_timeout=0, retry_deadline=0)
+    assert all(r.success for r in client.put_many({(i, "x"): torch.ones(1) for i in ids}))
+    client.finish(["x"])
+    return servers, cluster, client
+
+
+def _consume_to_the_end(client, seen: list[int], acks: list[int], max_items: int):
+    """Consumes group ``g`` (acks riding on the next call) until it is drained, or 40
+    tries: the last lease."""
+    for _ in range(40):
+        lease = client.consume("g", ["x"], max_items=max_items, timeout=0.5, ack=acks)
+        seen.extend(lease.index_ids)
+        acks = list(lease.index_ids)
+        if lease.drained:
+            break
+    return lease
+
+
 def test_a_group_is_not_drained_while_a_node_is_down_and_resumes_after(unique_id, tmp_path):
     with ExitStack() as stack:
-        servers = [stack.enter_context(torch_tq.start_server(
-            storage="disk", data_dir=str(tmp_path / f"n{i}"), qps=0)) for i in range(3)]
-        cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(servers)})
-        client = cluster.client(transport="grpc", connect_timeout=0, retry_deadline=0)
         ids = [unique_id + i for i in range(30)]
-        assert all(r.success for r in client.put_many({(i, "x"): torch.ones(1) for i in ids}))
-        client.finish(["x"])
+        servers, cluster, client = _disk_cluster(stack, tmp_path, 3, ids)
         servers[2].kill()
         live = [i for i in ids if cluster.node_of(i) != "n2"]
         seen: list[int] = []
@@ -455,12 +474,7 @@ def test_a_group_is_not_drained_while_a_node_is_down_and_resumes_after(unique_id
         port = servers[2].port
         stack.enter_context(torch_tq.start_server(storage="disk", data_dir=str(tmp_path / "n2"),
                                                   qps=0, port=port))
-        for _ in range(40):
-            lease = client.consume("g", ["x"], max_items=10, timeout=0.5, ack=acks)
-            seen.extend(lease.index_ids)
-            acks = list(lease.index_ids)
-            if lease.drained:
-                break
+        lease = _consume_to_the_end(client, seen, acks, max_items=10)
         assert lease.drained
         assert sorted(seen) == ids  # every id exactly once, across the restart
 
@@ -470,13 +484,8 @@ def test_acks_for_a_node_that_is_down_wait_for_it(unique_id, tmp_path):
     the consumer goes on with the other nodes, and once the node is back the acks land
     before anything is leased again, so nothing is delivered twice."""
     with ExitStack() as stack:
-        servers = [stack.enter_context(torch_tq.start_server(
-            storage="disk", data_dir=str(tmp_path / f"n{i}"), qps=0)) for i in range(2)]
-        cluster = Cluster({f"n{i}": srv.location for i, srv in enumerate(servers)})
-        client = cluster.client(transport="grpc", connect_timeout=0, retry_deadline=0)
         ids = [unique_id + i for i in range(20)]
-        assert all(r.success for r in client.put_many({(i, "x"): torch.ones(1) for i in ids}))
-        client.finish(["x"])
+        servers, cluster, client = _disk_cluster(stack, tmp_path, 2, ids)
         first = client.consume("g", ["x"], max_items=6, timeout=1)
         assert any(cluster.node_of(i) == "n1" for i in first.index_ids)
         port = servers[1].port
@@ -492,12 +501,7 @@ def test_acks_for_a_node_that_is_down_wait_for_it(unique_id, tmp_path):
                                        *(i for i in ids if cluster.node_of(i) == "n0")})
         stack.enter_context(torch_tq.start_server(storage="disk", data_dir=str(tmp_path / "n1"),
                                                   qps=0, port=port))
-        for _ in range(40):
-            lease = client.consume("g", ["x"], max_items=6, timeout=0.5, ack=acks)
-            seen.extend(lease.index_ids)
-            acks = list(lease.index_ids)
-            if lease.drained:
-                break
+        lease = _consume_to_the_end(client, seen, acks, max_items=6)
         assert lease.drained and sorted(seen) == ids  # each once: the acks landed first
         assert client.group_status("g")["consumed"] == len(ids)
 

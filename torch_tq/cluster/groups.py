@@ -24,7 +24,7 @@ _GRACE_S = 0.25
 class ClusterGroupCalls(ClusterAcks):
     """Mixed into :class:`~torch_tq.cluster.client.ClusterClient` (which supplies
     ``cluster``, ``node``, ``_per_node``, ``_lock``, ``_pool``, ``_busy``, ``_turn``,
-    ``_down``, ``_unsent``, ``_acking``, ``_rounds``)."""
+    ``_down``, ``_unsent``, ``_acking``, ``_unseen``, ``_lease_s``, ``_rounds``)."""
 
     def consume(self, group: str, types: list[str] | None = None, *, max_items: int = 1,
                 timeout: float = 0.0, lease: float = 60.0, ack: Iterable[int] = (),
